@@ -1,0 +1,26 @@
+"""sgattn: kernel-accelerated SG-Former attention.
+
+Functional ops (``attention_with_importance``, ``hybrid_scale_attention``,
+``self_guided_attention``, ``reallocate_tokens``) dispatch to the first
+backend that can run their inputs; ``use_backend(name)`` or the
+``SGATTN_BACKEND`` environment variable (read at import) forces one.
+"""
+from . import nn, reference
+from .backends import BackendError, available_backends, use_backend
+from .nn import patch_model
+from .ops import attention_with_importance, hybrid_scale_attention, reallocate_tokens, self_guided_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention_with_importance",
+    "hybrid_scale_attention",
+    "self_guided_attention",
+    "reallocate_tokens",
+    "use_backend",
+    "available_backends",
+    "patch_model",
+    "BackendError",
+    "nn",
+    "reference",
+]
