@@ -1,0 +1,174 @@
+"""Triton kernels of the token-reallocation family (SPEC 2b steps 2-4).
+
+Forward ``_aggregate_fwd``: grid (M, G*B, C tiles); one program makes one
+merged token (all parts and both orderings in one launch): it gathers the r_p
+sorted source rows of its group in blocks of BLOCK_R, weights them, sums in
+fp32 and adds the part's bias. Members past the end of a short last group are
+masked (they count as zeros).
+
+Backward ``_aggregate_bwd``: grid (N tiles, B); one program owns a block of
+source tokens. Each token sits in exactly one group per ordering (the index
+is a permutation), found through the inverse permutation, so
+dx[n] = sum_g w[slot_g(n)] * dout[g, row_g(n)] is written once, summing the
+orderings in a fixed order: no atomics. The same pass writes
+t[g, b, pos] = <dout[g, row], x[n]> per sorted position, from which
+d weight and d bias are fixed-order PyTorch reductions.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .. import reference
+
+
+@triton.jit
+def _part_params(j, O1, O2, S1, S2, N, R0, R1, R2):
+    """Part of merged token j: (part, first sorted position of part, part end,
+    group size r, index of j inside its part). Two-part plans set O2 = M and
+    S2 = N, so that nothing falls in a third part."""
+    in2 = j >= O1
+    in3 = j >= O2
+    part = tl.where(in3, 2, tl.where(in2, 1, 0))
+    start = tl.where(in3, S2, tl.where(in2, S1, 0))
+    end = tl.where(in3, N, tl.where(in2, S2, S1))
+    r = tl.where(in3, R2, tl.where(in2, R1, R0))
+    jj = j - tl.where(in3, O2, tl.where(in2, O1, 0))
+    return part, start, end, r, jj
+
+
+@triton.jit
+def _aggregate_fwd(X, IDX, W, BIAS, OUT, sxb, sxn, sxc,
+                   B, N, C, MT, O1, O2, S1, S2, R0, R1, R2,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    j = tl.program_id(0)
+    gb = tl.program_id(1).to(tl.int64)
+    b = gb % B
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    part, start, end, r, jj = _part_params(j, O1, O2, S1, S2, N, R0, R1, R2)
+    w_off = tl.where(part == 2, R0 + R1, tl.where(part == 1, R0, 0))
+    first = start + jj * r
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for i0 in range(0, r, BLOCK_R):
+        ii = i0 + tl.arange(0, BLOCK_R)
+        pos = first + ii
+        ok = (ii < r) & (pos < end)
+        src = tl.load(IDX + gb * N + pos, mask=ok, other=0)
+        w = tl.load(W + w_off + ii, mask=ok, other=0.0).to(tl.float32)
+        xt = tl.load(X + b * sxb + src[:, None] * sxn + offs_c[None, :] * sxc,
+                     mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(xt * w[:, None], 0)
+    acc += tl.load(BIAS + part).to(tl.float32)
+    tl.store(OUT + (gb * MT + j) * C + offs_c, acc.to(OUT.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _member(INV, W, gb, N, offs_t, t_ok, O1, O2, S1, S2, R0, R1, R2):
+    """For source tokens offs_t in ordering gb: (sorted position, merged row, weight)."""
+    pos = tl.load(INV + gb * N + offs_t, mask=t_ok, other=0)
+    in2 = pos >= S1
+    in3 = pos >= S2
+    start = tl.where(in3, S2, tl.where(in2, S1, 0))
+    r = tl.where(in3, R2, tl.where(in2, R1, R0))
+    first_row = tl.where(in3, O2, tl.where(in2, O1, 0))
+    w_off = tl.where(in3, R0 + R1, tl.where(in2, R0, 0))
+    rel = pos - start
+    row = first_row + rel // r
+    w = tl.load(W + w_off + rel % r, mask=t_ok, other=0.0).to(tl.float32)
+    return pos, row, w
+
+
+@triton.jit
+def _aggregate_bwd(X, INV, W, DOUT, DX, T, sxb, sxn, sxc, sog, sob, son, soc,
+                   B, N, C, MT, O1, O2, S1, S2, R0, R1, R2,
+                   TWO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < N
+    tok = offs_t.to(tl.int64)
+    pos0, row0, w0 = _member(INV, W, b, N, offs_t, t_ok, O1, O2, S1, S2, R0, R1, R2)
+    t0 = tl.zeros([BLOCK_T], tl.float32)
+    if TWO:
+        pos1, row1, w1 = _member(INV, W, B + b, N, offs_t, t_ok, O1, O2, S1, S2, R0, R1, R2)
+        t1 = tl.zeros([BLOCK_T], tl.float32)
+    d0_base = DOUT + b * sob + row0.to(tl.int64)[:, None] * son
+    if TWO:
+        d1_base = DOUT + sog + b * sob + row1.to(tl.int64)[:, None] * son
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        m2 = t_ok[:, None] & (offs_c[None, :] < C)
+        xt = tl.load(X + b * sxb + tok[:, None] * sxn + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
+        d0 = tl.load(d0_base + offs_c[None, :] * soc, mask=m2, other=0.0).to(tl.float32)
+        dx = w0[:, None] * d0
+        t0 += tl.sum(d0 * xt, 1)
+        if TWO:
+            d1 = tl.load(d1_base + offs_c[None, :] * soc, mask=m2, other=0.0).to(tl.float32)
+            dx += w1[:, None] * d1
+            t1 += tl.sum(d1 * xt, 1)
+        tl.store(DX + (b * N + tok[:, None]) * C + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=m2)
+    tl.store(T + b * N + pos0, t0, mask=t_ok)
+    if TWO:
+        tl.store(T + (B + b) * N + pos1, t1, mask=t_ok)
+
+
+def plan(N: int, group_sizes):
+    """Kernel scalars of a reallocation plan: part starts S, merged-row starts O,
+    group sizes R (padded to 3 parts), and the total merged length."""
+    parts = reference.reallocation_parts(N, len(group_sizes))
+    groups = [-(-n // r) for n, r in zip(parts, group_sizes)]
+    R = list(group_sizes) + [1] * (3 - len(group_sizes))
+    S1 = parts[0]
+    S2 = parts[0] + parts[1] if len(parts) == 3 else N
+    O1 = groups[0]
+    O2 = groups[0] + groups[1] if len(groups) == 3 else sum(groups)  # 2 parts: no third
+    return dict(O1=O1, O2=O2, S1=S1, S2=S2, R0=R[0], R1=R[1], R2=R[2]), parts, groups
+
+
+def aggregate_forward(x, index, w_cat, b_cat, group_sizes):
+    """x [B, N, C], index [G, B, N] int64, w_cat [sum r_p], b_cat [P] -> [G, B, M, C]."""
+    import torch
+    G, B, N = index.shape
+    C = x.shape[2]
+    p, _, groups = plan(N, group_sizes)
+    MT = sum(groups)
+    out = torch.empty(G, B, MT, C, device=x.device, dtype=x.dtype)
+    idx = index.contiguous()
+    BLOCK_C = min(128, triton.next_power_of_2(C))
+    BLOCK_R = min(64, triton.next_power_of_2(max(group_sizes)))
+    _aggregate_fwd[(MT, G * B, triton.cdiv(C, BLOCK_C))](
+        x, idx, w_cat.contiguous(), b_cat.contiguous(), out, *x.stride(), B, N, C, MT, **p,
+        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    return out
+
+
+def aggregate_backward(dout, x, index, w_cat, group_sizes):
+    """(dx [B, N, C], d w_cat, d b_cat) in the parameters' dtype."""
+    import torch
+    G, B, N = index.shape
+    C = x.shape[2]
+    p, parts, groups = plan(N, group_sizes)
+    MT = sum(groups)
+    # inverse permutation: sorted position of every source token, per ordering
+    inv = torch.empty(G, B, N, device=index.device, dtype=torch.int64)
+    inv.scatter_(2, index, torch.arange(N, device=index.device).expand(G, B, N))
+    dx = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
+    t = torch.empty(G, B, N, device=x.device, dtype=torch.float32)
+    ds = dout.stride()
+    BLOCK_T = 32
+    BLOCK_C = min(64, triton.next_power_of_2(C))
+    _aggregate_bwd[(triton.cdiv(N, BLOCK_T), B)](
+        x, inv, w_cat.contiguous(), dout, dx, t, *x.stride(), *ds,
+        B, N, C, MT, **p, TWO=G == 2, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    dws, dbs = [], []
+    rows = dout.float().sum(dim=3)  # [G, B, MT]
+    start = row = 0
+    for n_p, g_p, r in zip(parts, groups, group_sizes):
+        tp = t[:, :, start:start + n_p]
+        if g_p * r != n_p:
+            tp = torch.nn.functional.pad(tp, (0, g_p * r - n_p))
+        dws.append(tp.reshape(G * B * g_p, r).sum(dim=0))
+        dbs.append(rows[:, :, row:row + g_p].sum().reshape(1))
+        start += n_p
+        row += g_p
+    return dx, torch.cat(dws).to(w_cat.dtype), torch.cat(dbs).to(w_cat.dtype)
