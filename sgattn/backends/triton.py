@@ -1,0 +1,106 @@
+"""The Triton backend: sgattn's kernels in ``sgattn/triton`` as torch.library
+custom ops (see ``sgattn.triton.ops``).
+
+It runs CUDA tensors on a GPU, or CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1 set before sgattn is imported; slow, for tests). fp16,
+bf16 and fp32 with fp32 accumulation; head dims 16..128; windows up to 16.
+Probability dropout is not implemented: ``unsupported`` says so and automatic
+dispatch falls back to a backend that does it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import Backend
+
+try:
+    from ..triton import ops as _ops
+    from ..triton.attention import INTERPRET as _INTERPRET
+    _IMPORT_ERROR = None
+except Exception as exc:  # triton missing or broken: report it, do not fail the import
+    _ops = None
+    _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 128)
+MAX_WINDOW = 16
+_UNSET = object()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self):
+        self._unavailable = _UNSET
+
+    def unavailable(self):
+        if self._unavailable is _UNSET:  # called on every op: decide once
+            if _IMPORT_ERROR is not None:
+                self._unavailable = f"triton is not importable ({_IMPORT_ERROR})"
+            elif not _INTERPRET and not torch.cuda.is_available():
+                self._unavailable = "no CUDA device (and TRITON_INTERPRET=1 was not set before import)"
+            else:
+                self._unavailable = None
+        return self._unavailable
+
+    def unsupported(self, op, tensors, **options):
+        want = "cpu" if _INTERPRET else "cuda"
+        for t in tensors:
+            if t.device.type != want:
+                where = "the Triton interpreter (TRITON_INTERPRET=1) runs CPU tensors" if _INTERPRET \
+                    else "Triton kernels run CUDA tensors"
+                return f"tensor on {t.device}: {where}"
+            if t.dtype not in DTYPES:
+                return f"dtype {t.dtype} is not supported (float16, bfloat16 or float32)"
+            if t.dim() == 4 and not HEAD_DIMS[0] <= t.shape[-1] <= HEAD_DIMS[1]:
+                return f"head dim {t.shape[-1]} is outside {HEAD_DIMS[0]}..{HEAD_DIMS[1]}"
+        window = options.get("window")
+        if window is not None and int(window) > MAX_WINDOW:
+            return f"window {window} is larger than {MAX_WINDOW}"
+        if options.get("dropout_p", 0.0) > 0:
+            return "probability dropout is not implemented"
+        return None
+
+    def attention(self, q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0, need_importance=True):
+        if dropout_p > 0:
+            raise NotImplementedError("triton backend: probability dropout is not implemented")
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        H, W = hw if window else (0, 0)
+        out, _, part = _ops.attention_fwd(q, k, v, scale, int(window or 0), int(H), int(W), need_importance)
+        if not need_importance:
+            return out, None
+        h, N = q.shape[1], q.shape[2]
+        # window partials are already means over their window's real queries
+        weight = 1.0 / h if window else 1.0 / (h * N)
+        return out, _ops.importance(part, weight, None, 0.0, 0, 0, 0, 0)
+
+    def aggregate_sorted(self, x, index, weights, biases):
+        grouped = index.dim() == 3
+        idx = index if grouped else index[None]
+        sizes = [int(w.numel()) for w in weights]
+        # one launch for all parts: parameters concatenated (cat is differentiable)
+        w_cat = torch.cat([w.reshape(-1) for w in weights])
+        b_cat = torch.cat([b.reshape(-1) for b in biases])
+        out = _ops.aggregate_fwd(x, idx, w_cat, b_cat, sizes)
+        return out if grouped else out[0]
+
+    def hybrid_scale_attention(self, q_global, k_global, v_global, q_local, k_local, v_local, *,
+                               hw, reduced_hw, window=7, scale=None, dropout_p=0.0):
+        if dropout_p > 0:
+            raise NotImplementedError("triton backend: probability dropout is not implemented")
+        scale = q_global.shape[-1] ** -0.5 if scale is None else float(scale)
+        H, W = hw
+        B, hg, N, _ = q_global.shape
+        hl = q_local.shape[1]
+        out_g, _, part_g = _ops.attention_fwd(q_global, k_global, v_global, scale, 0, 0, 0, True)
+        out_l, _, part_l = _ops.attention_fwd(q_local, k_local, v_local, scale, int(window), int(H), int(W), True)
+        # one small kernel: reduce both partials, upsample the global map, add
+        imp = _ops.importance(part_l, 1.0 / hl, part_g, 1.0 / (hg * N), int(H), int(W),
+                              int(reduced_hw[0]), int(reduced_hw[1]))
+        return torch.cat([out_g, out_l], dim=1), imp.reshape(B, H, W)
+
+
+BACKEND = TritonBackend()
