@@ -1,4 +1,123 @@
+"""sgattn: pure Python, plus optional native extensions.
+
+- ``sgattn._C`` (CPU ops, OpenMP): built whenever torch and a C++ compiler are
+  present. ``SGATTN_BUILD_CPU=0`` skips it, ``=1`` makes a failed build fatal.
+- ``sgattn._C_cuda`` (CUDA kernels from ``kernels/``): built when torch has
+  CUDA and nvcc is found. ``SGATTN_BUILD_CUDA=0/1`` forces either way. Needs
+  ``TORCH_CUDA_ARCH_LIST`` on a machine without a GPU (default "8.0;9.0").
+
+An extension that was only auto-detected and fails to build is skipped with a
+warning, so the install still succeeds as pure Python; ``sgattn.available_backends()``
+then says how to build it.
+"""
+import os
+import shutil
+import sys
+import sysconfig
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None  # auto
+
+
+def _warn(msg):
+    print(f"sgattn setup: {msg}", file=sys.stderr)
+
+
+def _have_cxx():
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    return shutil.which(cxx.split()[0]) is not None
+
+
+def _write_op_header(out_dir):
+    """Generate the op names/schemas header from sgattn/_ops_names.py (the single source)."""
+    namespace = {}
+    with open(os.path.join(HERE, "sgattn", "_ops_names.py")) as f:
+        exec(compile(f.read(), "_ops_names.py", "exec"), namespace)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "sgattn_op_schemas.h")
+    text = namespace["cpp_header"]()
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def _extensions():
+    want_cpu, want_cuda = _flag("SGATTN_BUILD_CPU"), _flag("SGATTN_BUILD_CUDA")
+    if want_cpu is False and want_cuda is not True:
+        return [], {}, set()
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # no torch at build time: pure Python install
+        if want_cpu or want_cuda:
+            raise RuntimeError(f"SGATTN_BUILD_CPU/CUDA=1 but torch cannot be imported: {exc}")
+        _warn(f"torch not importable ({exc}); installing without native extensions")
+        return [], {}, set()
+    if not _have_cxx():
+        if want_cpu or want_cuda:
+            raise RuntimeError("SGATTN_BUILD_CPU/CUDA=1 but no C++ compiler was found")
+        _warn("no C++ compiler found; installing without native extensions")
+        return [], {}, set()
+
+    gen = os.path.join(HERE, "build", "sgattn_generated")
+    _write_op_header(gen)
+    include_dirs = [gen, os.path.join(HERE, "kernels"), os.path.join(HERE, "csrc")]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    if _flag("SGATTN_CPU_NATIVE") is not False:
+        cxx_flags.append("-march=native")  # AVX2/AVX-512 for the vectorised loops; source builds only
+    exts, required = [], set()
+
+    # The CUDA extension needs the CPU one (it defines the op schemas).
+    if want_cpu is not False or want_cuda:
+        exts.append(cpp_extension.CppExtension(
+            "sgattn._C", ["csrc/cpu_ops.cpp"], include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]))
+        if want_cpu or want_cuda:
+            required.add("sgattn._C")
+
+    cuda_home = cpp_extension.CUDA_HOME
+    has_nvcc = cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    build_cuda = want_cuda if want_cuda is not None else (torch.version.cuda is not None and has_nvcc)
+    if build_cuda:
+        if torch.version.cuda is None or not has_nvcc:
+            raise RuntimeError("SGATTN_BUILD_CUDA=1 needs a CUDA build of torch and nvcc "
+                               f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cuda_home})")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # cublas/cusparse headers of the pip CUDA wheels (torch headers include them).
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        cu_inc = [p for p in (os.path.join(site, "nvidia", v, "include") for v in ("cu13", "cu12"))
+                  if os.path.isdir(p)]
+        exts.append(cpp_extension.CUDAExtension(
+            "sgattn._C_cuda", ["csrc/cuda_ops.cpp", "csrc/cuda_kernels.cu"],
+            include_dirs=include_dirs + cu_inc,
+            extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}))
+        if want_cuda:
+            required.add("sgattn._C_cuda")
+
+    class Build(cpp_extension.BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                if ext.name in required:
+                    raise
+                _warn(f"optional extension {ext.name} failed to build ({exc}); continuing without it")
+
+    return exts, {"build_ext": Build.with_options(use_ninja=shutil.which("ninja") is not None)}, required
+
+
+ext_modules, cmdclass, _ = _extensions()
 
 setup(
     name="sgattn",
@@ -9,4 +128,6 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["sgattn=sgattn.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

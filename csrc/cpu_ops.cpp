@@ -1,0 +1,469 @@
+// CPU (OpenMP) implementation of sgattn's native ops, registered with
+// TORCH_LIBRARY. Schemas and names come from the header setup.py generates
+// from sgattn/_ops_names.py. Light headers only (no torch/extension.h).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <Python.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "sgattn_common.h"
+#include "sgattn_op_schemas.h"
+
+namespace {
+
+using sgattn::ReallocPlan;
+using sgattn::WindowGeom;
+
+// Calls f(T{}) with T the C++ type of a floating dtype.
+template <typename F>
+void dispatch_floating(at::ScalarType st, bool allow_double, const char* op, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kDouble:
+      TORCH_CHECK(allow_double, op, ": float64 is not supported by the cpu backend");
+      f(double{});
+      break;
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", st);
+  }
+}
+
+// exp(x) for x <= 0 (softmax arguments) written so that GCC vectorises the
+// loops it sits in (std::exp stays scalar without -ffast-math). Cephes expf
+// polynomial, ~1 ulp; arguments below -87 flush to ~1e-38.
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  return y * std::bit_cast<float>(bits);
+}
+
+// S[R rows][nk] = Q[R rows][d] . Kt[d][nk]; rows share each loaded Kt row.
+template <int R>
+inline void scores_rows(const float* Q, int64_t d, const float* Kt, int64_t nk, float* S) {
+  for (int r = 0; r < R; ++r) std::fill(S + r * nk, S + (r + 1) * nk, 0.0f);
+  for (int64_t c = 0; c < d; ++c) {
+    const float* kc = Kt + c * nk;
+    float a[R];
+    for (int r = 0; r < R; ++r) a[r] = Q[r * d + c];
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) {
+      for (int r = 0; r < R; ++r) S[r * nk + j] += a[r] * kc[j];
+    }
+  }
+}
+
+// O[R rows][dv] = P[R rows][nk] . V[nk][dv].
+template <int R>
+inline void pv_rows(const float* P, int64_t nk, const float* V, int64_t dv, float* O) {
+  for (int r = 0; r < R; ++r) std::fill(O + r * dv, O + (r + 1) * dv, 0.0f);
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* vj = V + j * dv;
+    float p[R];
+    for (int r = 0; r < R; ++r) p[r] = P[r * nk + j];
+#pragma omp simd
+    for (int64_t c = 0; c < dv; ++c) {
+      for (int r = 0; r < R; ++r) O[r * dv + c] += p[r] * vj[c];
+    }
+  }
+}
+
+// One tile: nq queries (already multiplied by scale) against nk keys, exact
+// softmax over the whole key row (the S block is nq x nk, never N x M).
+// Writes O [nq][dv], lse [nq]; adds column sums of P to colsum if given.
+void tile_forward(const float* Q, int64_t nq, const float* Kt, const float* V, int64_t nk,
+                  int64_t d, int64_t dv, float* S, float* O, float* lse, float* colsum) {
+  int64_t i = 0;
+  for (; i + 4 <= nq; i += 4) scores_rows<4>(Q + i * d, d, Kt, nk, S + i * nk);
+  for (; i < nq; ++i) scores_rows<1>(Q + i * d, d, Kt, nk, S + i * nk);
+  for (i = 0; i < nq; ++i) {
+    float* s = S + i * nk;
+    float mx = s[0];
+    for (int64_t j = 1; j < nk; ++j) mx = std::max(mx, s[j]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < nk; ++j) {
+      s[j] = exp_nonpos(s[j] - mx);
+      sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) s[j] *= inv;
+    lse[i] = mx + std::log(sum);
+    if (colsum) {
+#pragma omp simd
+      for (int64_t j = 0; j < nk; ++j) colsum[j] += s[j];
+    }
+  }
+  for (i = 0; i + 4 <= nq; i += 4) pv_rows<4>(S + i * nk, nk, V, dv, O + i * dv);
+  for (; i < nq; ++i) pv_rows<1>(S + i * nk, nk, V, dv, O + i * dv);
+}
+
+// A [B, h, L, c] view given by pointer and element strides.
+template <typename T>
+struct View4 {
+  const T* p;
+  int64_t s0, s1, s2, s3;
+  View4(const at::Tensor& t)
+      : p(t.const_data_ptr<T>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+  const T* row(int64_t b, int64_t h, int64_t n) const { return p + b * s0 + h * s1 + n * s2; }
+};
+
+// Gathers rows `tok` of (b, h) as fp32: row-major [n][c] (times mul) or transposed [c][n].
+template <typename T>
+void gather_rows(const View4<T>& v, int64_t b, int64_t h, const int64_t* tok, int64_t n, int64_t c,
+                 float mul, float* dst, bool transpose) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* src = v.row(b, h, tok[i]);
+    for (int64_t e = 0; e < c; ++e) {
+      const float x = static_cast<float>(src[e * v.s3]) * mul;
+      if (transpose) dst[e * n + i] = x; else dst[i * c + e] = x;
+    }
+  }
+}
+
+template <typename T>
+void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_d,
+                       int64_t window, int64_t H, int64_t W, bool need_imp, at::Tensor& out,
+                       at::Tensor& lse, at::Tensor& imp) {
+  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), d = q.size(3);
+  const int64_t M = k.size(2), dv = v.size(3);
+  const float scale = static_cast<float>(scale_d);
+  const View4<T> Q(q), K(k), V(v);
+  T* o = out.data_ptr<T>();  // contiguous [B, h, N, dv]
+  float* l = lse.data_ptr<float>();  // contiguous [B, h, N]
+  const int nthreads = omp_get_max_threads();
+
+  // Writes one tile's rows back (out in T, lse fp32).
+  auto store = [&](int64_t b, int64_t hh, const int64_t* tok, int64_t nq, const float* O, const float* L) {
+    for (int64_t i = 0; i < nq; ++i) {
+      T* dst = o + ((b * h + hh) * N + tok[i]) * dv;
+      for (int64_t c = 0; c < dv; ++c) dst[c] = static_cast<T>(O[i * dv + c]);
+      l[(b * h + hh) * N + tok[i]] = L[i];
+    }
+  };
+
+  if (window == 0) {
+    // Tasks (b, query block); heads loop inside so a task owns its importance partial.
+    const int64_t want = std::max<int64_t>(1, (B * N) / (4 * nthreads));
+    const int64_t QB = std::clamp<int64_t>(want, 16, 64);
+    const int64_t nqb = (N + QB - 1) / QB;
+    std::vector<float> partial(need_imp ? B * nqb * M : 0);
+#pragma omp parallel
+    {
+      std::vector<float> Kt(d * M), Vf(M * dv), Qs(QB * d), S(QB * M), O(QB * dv), L(QB);
+      std::vector<int64_t> tok(std::max(M, QB));
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < B * nqb; ++task) {
+        const int64_t b = task / nqb, i0 = (task % nqb) * QB, nq = std::min(QB, N - i0);
+        float* colsum = need_imp ? partial.data() + task * M : nullptr;
+        for (int64_t hh = 0; hh < h; ++hh) {
+          for (int64_t j = 0; j < M; ++j) tok[j] = j;
+          gather_rows(K, b, hh, tok.data(), M, d, 1.0f, Kt.data(), true);
+          gather_rows(V, b, hh, tok.data(), M, dv, 1.0f, Vf.data(), false);
+          for (int64_t i = 0; i < nq; ++i) tok[i] = i0 + i;
+          gather_rows(Q, b, hh, tok.data(), nq, d, scale, Qs.data(), false);
+          tile_forward(Qs.data(), nq, Kt.data(), Vf.data(), M, d, dv, S.data(), O.data(), L.data(), colsum);
+          store(b, hh, tok.data(), nq, O.data(), L.data());
+        }
+      }
+    }
+    if (need_imp) {
+      // Fixed-order reduction of the per-block partials: deterministic.
+      float* dst = imp.data_ptr<float>();
+      const float inv = 1.0f / static_cast<float>(h * N);
+#pragma omp parallel for schedule(static)
+      for (int64_t bj = 0; bj < B * M; ++bj) {
+        const int64_t b = bj / M, j = bj % M;
+        float acc = 0.0f;
+        for (int64_t t = 0; t < nqb; ++t) acc += partial[(b * nqb + t) * M + j];
+        dst[bj] = acc * inv;
+      }
+    }
+    return;
+  }
+
+  // Window mode: tasks (b, window); only the real tokens of a window take part,
+  // which is exactly the reference's masking of padded queries and keys.
+  const WindowGeom geo(H, W, window);
+  const int64_t nW = geo.num_windows(), Lmax = geo.size();
+  float* dst = need_imp ? imp.data_ptr<float>() : nullptr;
+#pragma omp parallel
+  {
+    std::vector<float> Kt(d * Lmax), Vf(Lmax * dv), Qs(Lmax * d), S(Lmax * Lmax), O(Lmax * dv),
+        L(Lmax), colsum(Lmax);
+    std::vector<int64_t> tok(Lmax);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < B * nW; ++task) {
+      const int64_t b = task / nW, win = task % nW;
+      int64_t n = 0;
+      for (int64_t l = 0; l < Lmax; ++l) {
+        const int64_t t = geo.token(win, l);
+        if (t >= 0) tok[n++] = t;
+      }
+      std::fill(colsum.begin(), colsum.end(), 0.0f);
+      for (int64_t hh = 0; hh < h; ++hh) {
+        gather_rows(K, b, hh, tok.data(), n, d, 1.0f, Kt.data(), true);
+        gather_rows(V, b, hh, tok.data(), n, dv, 1.0f, Vf.data(), false);
+        gather_rows(Q, b, hh, tok.data(), n, d, scale, Qs.data(), false);
+        tile_forward(Qs.data(), n, Kt.data(), Vf.data(), n, d, dv, S.data(), O.data(), L.data(),
+                     need_imp ? colsum.data() : nullptr);
+        store(b, hh, tok.data(), n, O.data(), L.data());
+      }
+      if (need_imp) {
+        const float inv = 1.0f / static_cast<float>(h * n);
+        for (int64_t i = 0; i < n; ++i) dst[b * N + tok[i]] = colsum[i] * inv;
+      }
+    }
+  }
+}
+
+void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          int64_t window, int64_t H, int64_t W) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_fwd: q, k, v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "attention_fwd: q, k, v must share a dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "attention_fwd: k must be [B, h, M, d] matching q");
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2),
+              "attention_fwd: v must be [B, h, M, dv] matching k");
+  TORCH_CHECK(q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0 && v.size(3) > 0,
+              "attention_fwd: empty input");
+  TORCH_CHECK(window >= 0, "attention_fwd: window must be >= 0 (0: global)");
+  if (window > 0) {
+    TORCH_CHECK(k.size(2) == q.size(2), "attention_fwd: window mode needs M == N");
+    TORCH_CHECK(H > 0 && W > 0 && H * W == q.size(2), "attention_fwd: H*W must equal N");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, double scale,
+                                                             int64_t window, int64_t H, int64_t W,
+                                                             bool need_importance) {
+  check_attention_args(q, k, v, window, H, W);
+  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), dv = v.size(3);
+  auto out = at::empty({B, h, N, dv}, q.options());
+  auto lse = at::empty({B, h, N}, q.options().dtype(at::kFloat));
+  auto imp = need_importance ? at::empty({B, window ? N : M}, q.options().dtype(at::kFloat))
+                             : at::empty({0}, q.options().dtype(at::kFloat));
+  dispatch_floating(q.scalar_type(), false, "attention_fwd", [&](auto tag) {
+    using T = decltype(tag);
+    attention_fwd_cpu<T>(q, k, v, scale, window, H, W, need_importance, out, lse, imp);
+  });
+  return {out, lse, imp};
+}
+
+// ---------------------------------------------------------------- aggregation
+
+ReallocPlan make_plan(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights,
+                      c10::IntArrayRef group_sizes, const char* op) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must be [B, N, C]");
+  TORCH_CHECK(index.dim() == 3 && index.scalar_type() == at::kLong, op, ": index must be [G, B, N] int64");
+  TORCH_CHECK(index.size(1) == x.size(0) && index.size(2) == x.size(1), op,
+              ": index must be [G, B, N] matching x [B, N, C]");
+  const int P = static_cast<int>(group_sizes.size());
+  TORCH_CHECK(P == 2 || P == 3, op, ": 2 or 3 parts, got ", P);
+  int64_t total = 0;
+  for (auto r : group_sizes) {
+    TORCH_CHECK(r >= 1, op, ": group sizes must be >= 1");
+    total += r;
+  }
+  TORCH_CHECK(weights.dim() == 1 && weights.numel() == total, op,
+              ": weights must hold sum(group_sizes) = ", total, " values");
+  TORCH_CHECK(weights.scalar_type() == x.scalar_type(), op, ": weights must have x's dtype");
+  return ReallocPlan(x.size(1), P, group_sizes.data());
+}
+
+// Out-of-range rows would read or write out of bounds: refuse them up front.
+void check_index_range(const at::Tensor& idx, int64_t N, const char* op) {
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  const int64_t n = idx.numel();
+  bool ok = true;
+#pragma omp parallel for reduction(&& : ok) schedule(static)
+  for (int64_t i = 0; i < n; ++i) ok = ok && p[i] >= 0 && p[i] < N;
+  TORCH_CHECK(ok, op, ": index values must lie in [0, N) = [0, ", N, ")");
+}
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+void aggregate_fwd_cpu(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& w,
+                       const at::Tensor& bias, const ReallocPlan& plan, at::Tensor& out) {
+  using A = acc_t<T>;
+  const int64_t G = idx.size(0), B = x.size(0), N = x.size(1), C = x.size(2), M = plan.M;
+  const T* xp = x.const_data_ptr<T>();  // contiguous
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  const T* wp = w.const_data_ptr<T>();
+  const T* bp = bias.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+#pragma omp parallel
+  {
+    std::vector<A> acc(C);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < G * B * M; ++row) {
+      const int64_t gb = row / M, m = row % M, b = gb % B;
+      const int p = plan.part_of_row(m);
+      int64_t first, count;
+      plan.members(m, p, first, count);
+      std::fill(acc.begin(), acc.end(), static_cast<A>(bp[p]));
+      for (int64_t j = 0; j < count; ++j) {
+        const A wj = static_cast<A>(wp[plan.woff[p] + j]);
+        const T* src = xp + (b * N + ip[gb * N + first + j]) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) acc[c] += wj * static_cast<A>(src[c]);
+      }
+      T* dst = op + row * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<T>(acc[c]);
+    }
+  }
+}
+
+template <typename T>
+void aggregate_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& idx,
+                       const at::Tensor& w, const ReallocPlan& plan, at::Tensor& dx, at::Tensor& dw,
+                       at::Tensor& db) {
+  using A = acc_t<T>;
+  const int64_t G = idx.size(0), B = x.size(0), N = x.size(1), C = x.size(2), M = plan.M;
+  const int64_t R = w.numel(), P = plan.P;
+  const T* gp = grad.const_data_ptr<T>();  // contiguous [G, B, M, C]
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  const T* wp = w.const_data_ptr<T>();
+  T* dxp = dx.data_ptr<T>();
+  // Tasks (b, channel chunk) own their dx rows, so repeated index values (not
+  // produced by a sort, but accepted) accumulate without races.
+  const int64_t CH = 64, ncc = (C + CH - 1) / CH, ntask = B * ncc;
+  std::vector<double> partial(ntask * (R + P), 0.0);  // per-task dweights, dbiases
+#pragma omp parallel
+  {
+    std::vector<A> dxa;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < ntask; ++task) {
+      const int64_t b = task / ncc, c0 = (task % ncc) * CH, cn = std::min(CH, C - c0);
+      dxa.assign(N * cn, A(0));
+      double* pw = partial.data() + task * (R + P);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t* irow = ip + (g * B + b) * N;
+        const T* grow = gp + (g * B + b) * M * C + c0;
+        for (int64_t pos = 0; pos < N; ++pos) {
+          const int p = plan.part_of_pos(pos);
+          const int64_t off = pos - plan.start[p], m = plan.out[p] + off / plan.r[p];
+          const int64_t j = plan.woff[p] + off % plan.r[p];
+          const A wj = static_cast<A>(wp[j]);
+          const T* gr = grow + m * C;
+          const T* xr = xp + (b * N + irow[pos]) * C + c0;
+          A* dr = dxa.data() + irow[pos] * cn;
+          A dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t c = 0; c < cn; ++c) {
+            const A gv = static_cast<A>(gr[c]);
+            dr[c] += wj * gv;
+            dot += gv * static_cast<A>(xr[c]);
+          }
+          pw[j] += dot;
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          const T* gr = grow + m * C;
+          A s = 0;
+          for (int64_t c = 0; c < cn; ++c) s += static_cast<A>(gr[c]);
+          pw[R + plan.part_of_row(m)] += s;
+        }
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        T* dst = dxp + (b * N + n) * C + c0;
+        for (int64_t c = 0; c < cn; ++c) dst[c] = static_cast<T>(dxa[n * cn + c]);
+      }
+    }
+  }
+  // Fixed-order reduction of the task partials: deterministic.
+  T* dwp = dw.data_ptr<T>();
+  T* dbp = db.data_ptr<T>();
+  for (int64_t e = 0; e < R + P; ++e) {
+    double s = 0;
+    for (int64_t t = 0; t < ntask; ++t) s += partial[t * (R + P) + e];
+    if (e < R) dwp[e] = static_cast<T>(s); else dbp[e - R] = static_cast<T>(s);
+  }
+}
+
+at::Tensor aggregate_fwd(const at::Tensor& x_in, const at::Tensor& index, const at::Tensor& weights,
+                         const at::Tensor& biases, c10::IntArrayRef group_sizes) {
+  const char* op = "aggregate_fwd";
+  ReallocPlan plan = make_plan(x_in, index, weights, group_sizes, op);
+  TORCH_CHECK(biases.numel() == plan.P && biases.scalar_type() == x_in.scalar_type(), op,
+              ": biases must hold one value per part in x's dtype");
+  auto x = x_in.contiguous();
+  auto idx = index.contiguous();
+  check_index_range(idx, x.size(1), op);
+  auto w = weights.contiguous(), b = biases.contiguous();
+  auto out = at::empty({idx.size(0), x.size(0), plan.M, x.size(2)}, x.options());
+  dispatch_floating(x.scalar_type(), true, op, [&](auto tag) {
+    aggregate_fwd_cpu<decltype(tag)>(x, idx, w, b, plan, out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_bwd(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                             const at::Tensor& index, const at::Tensor& weights,
+                                                             c10::IntArrayRef group_sizes) {
+  const char* op = "aggregate_bwd";
+  ReallocPlan plan = make_plan(x_in, index, weights, group_sizes, op);
+  auto x = x_in.contiguous();
+  auto idx = index.contiguous();
+  auto grad = grad_in.contiguous();
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == idx.size(0) && grad.size(1) == x.size(0) &&
+                  grad.size(2) == plan.M && grad.size(3) == x.size(2) &&
+                  grad.scalar_type() == x.scalar_type(),
+              op, ": grad must be [G, B, M, C] in x's dtype");
+  check_index_range(idx, x.size(1), op);
+  auto w = weights.contiguous();
+  auto dx = at::empty_like(x);
+  auto dw = at::empty_like(w);
+  auto db = at::empty({plan.P}, x.options());
+  dispatch_floating(x.scalar_type(), true, op, [&](auto tag) {
+    aggregate_bwd_cpu<decltype(tag)>(grad, x, idx, w, plan, dx, dw, db);
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sgattn, m) {
+  m.def(SGATTN_SCHEMA_ATTENTION_FWD);
+  m.def(SGATTN_SCHEMA_AGGREGATE_FWD);
+  m.def(SGATTN_SCHEMA_AGGREGATE_BWD);
+}
+
+TORCH_LIBRARY_IMPL(sgattn, CPU, m) {
+  m.impl(SGATTN_OP_ATTENTION_FWD, &attention_fwd);
+  m.impl(SGATTN_OP_AGGREGATE_FWD, &aggregate_fwd);
+  m.impl(SGATTN_OP_AGGREGATE_BWD, &aggregate_bwd);
+}
+
+// An importable (empty) Python module: importing sgattn._C loads the library
+// above, which registers the ops with the dispatcher.
+static PyModuleDef sgattn_c_module = {PyModuleDef_HEAD_INIT, "_C",
+                                      "sgattn CPU ops, registered as torch.ops.sgattn.*", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&sgattn_c_module); }

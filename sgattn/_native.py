@@ -1,0 +1,166 @@
+"""Python side of sgattn's native ops (``torch.ops.sgattn.*``, see ``_ops_names``).
+
+Loads the extensions built by setup.py (``sgattn._C`` defines the schemas and
+the CPU kernels, ``sgattn._C_cuda`` adds CUDA kernels), registers fake (meta)
+kernels for ``torch.compile`` and the autograd formulas, and holds the
+recompute-based attention backward that both native backends use.
+
+Attention backward: the forward saves q, k, v, out and the row log-sum-exp
+``lse`` [B, h, N] (fp32); the backward recomputes P = exp(q k^T * scale - lse)
+one query chunk at a time (never the full N x M matrix) and applies the
+standard softmax-attention gradient with plain torch ops, so it runs on any
+device and traces under torch.compile.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import reference
+from ._ops_names import NAMESPACE, SCHEMAS, qualified
+
+BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the source tree "
+              "(needs torch and a C++ compiler at install time; see setup.py)")
+
+_loaded: dict[str, str | None] = {}
+_python_side_registered = False
+
+
+def load_extension(module: str) -> str | None:
+    """Import a native extension once; None on success, else why it is missing."""
+    if module not in _loaded:
+        try:
+            if module != "sgattn._C":
+                importlib.import_module("sgattn._C")  # defines the schemas the CUDA kernels implement
+            importlib.import_module(module)
+            _register_python_side()
+            _loaded[module] = None
+        except ImportError as exc:
+            _loaded[module] = f"extension {module} is not built ({exc}); {BUILD_HINT}"
+        except Exception as exc:  # e.g. an ABI mismatch with the installed torch
+            _loaded[module] = f"extension {module} failed to load ({type(exc).__name__}: {exc}); rebuild it: {BUILD_HINT}"
+    return _loaded[module]
+
+
+def op(name: str):
+    assert name in SCHEMAS, name
+    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def attention(q, k, v, *, scale=None, window=None, hw=None, need_importance=True):
+    """Backend-independent call of ``attention_fwd`` (the dispatcher key picks CPU or CUDA)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    H, W = (int(hw[0]), int(hw[1])) if window else (0, 0)
+    out, _, imp = op("attention_fwd")(q, k, v, float(scale), int(window or 0), H, W, bool(need_importance))
+    return out, (imp if need_importance else None)
+
+
+def aggregate_sorted(x, index, weights, biases):
+    """``reference.aggregate_sorted`` through ``aggregate_fwd`` (gradients via ``aggregate_bwd``)."""
+    grouped = index.dim() == 3
+    idx = index if grouped else index[None]
+    w = torch.cat([t.reshape(-1) for t in weights])
+    b = torch.cat([t.reshape(-1) for t in biases])
+    out = op("aggregate_fwd")(x, idx, w, b, [t.numel() for t in weights])
+    return out if grouped else out[0]
+
+
+# ------------------------------------------------------------------ backward
+
+def attention_backward(dout, q, k, v, out, lse, scale, window, hw):
+    """dq, dk, dv of softmax attention from the saved row log-sum-exp (see module doc)."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    D = (dout.to(ct) * out.to(ct)).sum(-1)  # [B, h, N]: rowsum(P * dP) = dout . out
+    lse = lse.to(ct)
+    if window:
+        return _window_backward(dout, q, k, v, lse, D, scale, window, hw, ct)
+    qc, kc, vc, do = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
+    B, h, N, _ = q.shape
+    M = k.shape[2]
+    chunk = max(1, reference.MAX_BLOCK_ELEMENTS // max(1, B * h * M))
+    dq = torch.empty_like(qc)
+    dk = torch.zeros_like(kc)
+    dv = torch.zeros_like(vc)
+    for s in range(0, N, chunk):
+        sl = slice(s, s + chunk)
+        p = torch.exp(torch.matmul(qc[:, :, sl], kc.transpose(-1, -2)) * scale - lse[:, :, sl, None])
+        dv += torch.matmul(p.transpose(-1, -2), do[:, :, sl])
+        ds = p * (torch.matmul(do[:, :, sl], vc.transpose(-1, -2)) - D[:, :, sl, None])
+        dq[:, :, sl] = torch.matmul(ds, kc) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, sl]) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _window_backward(dout, q, k, v, lse, D, scale, window, hw, ct):
+    part = lambda t: reference.window_partition(t, window, hw)  # noqa: E731
+    qw, kw, vw, dow = (part(t.to(ct)) for t in (q, k, v, dout))
+    lw, Dw = part(lse[..., None])[..., 0], part(D[..., None])[..., 0]  # [B, h, nW, L]
+    real = part(torch.ones(1, 1, q.shape[2], 1, dtype=ct, device=q.device))[0, 0, :, :, 0]  # [nW, L]
+    s = torch.matmul(qw, kw.transpose(-1, -2)) * scale - lw[..., None]
+    s = s.masked_fill(real[:, None, :] == 0, float("-inf"))  # padded keys
+    p = torch.exp(s) * real[:, :, None]  # padded queries contribute nothing
+    dvw = torch.matmul(p.transpose(-1, -2), dow)
+    ds = p * (torch.matmul(dow, vw.transpose(-1, -2)) - Dw[..., None])
+    dqw = torch.matmul(ds, kw) * scale
+    dkw = torch.matmul(ds.transpose(-1, -2), qw) * scale
+    rev = lambda t, like: reference.window_reverse(t, window, hw).to(like.dtype)  # noqa: E731
+    return rev(dqw, q), rev(dkw, k), rev(dvw, v)
+
+
+# --------------------------------------------------- fake kernels and autograd
+
+def _attention_fake(q, k, v, scale, window, H, W, need_importance):
+    B, h, N, _ = q.shape
+    out = q.new_empty(B, h, N, v.shape[3])
+    lse = q.new_empty(B, h, N, dtype=torch.float32)
+    shape = (B, N if window else k.shape[2]) if need_importance else (0,)
+    return out, lse, q.new_empty(shape, dtype=torch.float32)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, window, H, W, _ = inputs
+    out, lse, imp = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.window, ctx.hw = scale, window, (H, W)
+    ctx.mark_non_differentiable(lse, imp)
+
+
+def _attention_grad(ctx, dout, _dlse, _dimp):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.scale, ctx.window, ctx.hw)
+    return dq, dk, dv, None, None, None, None, None
+
+
+def _aggregate_fake(x, index, weights, biases, group_sizes):
+    G, B, N = index.shape
+    return x.new_empty(G, B, reference.reallocated_length(N, group_sizes), x.shape[2])
+
+
+def _aggregate_bwd_fake(grad, x, index, weights, group_sizes):
+    return torch.empty_like(x), torch.empty_like(weights), weights.new_empty(len(group_sizes))
+
+
+def _aggregate_setup(ctx, inputs, output):
+    x, index, weights, _, group_sizes = inputs
+    ctx.save_for_backward(x, index, weights)
+    ctx.group_sizes = list(group_sizes)
+
+
+def _aggregate_grad(ctx, grad):
+    x, index, weights = ctx.saved_tensors
+    dx, dw, db = op("aggregate_bwd")(grad, x, index, weights, ctx.group_sizes)
+    return dx, None, dw, db, None
+
+
+def _register_python_side():
+    global _python_side_registered
+    if _python_side_registered:
+        return
+    torch.library.register_fake(qualified("attention_fwd"))(_attention_fake)
+    torch.library.register_fake(qualified("aggregate_fwd"))(_aggregate_fake)
+    torch.library.register_fake(qualified("aggregate_bwd"))(_aggregate_bwd_fake)
+    torch.library.register_autograd(qualified("attention_fwd"), _attention_grad, setup_context=_attention_setup)
+    torch.library.register_autograd(qualified("aggregate_fwd"), _aggregate_grad, setup_context=_aggregate_setup)
+    _python_side_registered = True

@@ -1,0 +1,47 @@
+"""Backend "cpu": OpenMP C++ kernels (csrc/cpu_ops.cpp) for CPU tensors.
+
+Forward attention computes exact softmax rows one query block at a time
+(never the N x M matrix) and the importance in the same pass; the backward
+recomputes probabilities from the saved log-sum-exp (``sgattn._native``).
+Aggregation forward and backward are C++. float32, bfloat16 and float16
+inputs accumulate in fp32; float64 attention is left to the reference backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from . import Backend
+
+ATTENTION_OPS = ("attention_with_importance", "attention", "hybrid_scale_attention", "self_guided_attention")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    extension = "sgattn._C"
+
+    def unavailable(self):
+        return _native.load_extension(self.extension)  # cached after the first call
+
+    def unsupported(self, op, tensors, **options):
+        for t in tensors:
+            if t.device.type != "cpu":
+                return f"the cpu backend runs CPU tensors only, got a tensor on {t.device}"
+        dtype = tensors[0].dtype
+        if op in ATTENTION_OPS and dtype not in DTYPES:
+            return f"{dtype} attention is not implemented (float32, bfloat16, float16 are)"
+        if options.get("dropout_p", 0.0) > 0:
+            return "probability dropout is not implemented"
+        return None
+
+    def attention(self, q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0, need_importance=True):
+        if dropout_p > 0:
+            raise ValueError("the cpu backend does not implement probability dropout")
+        return _native.attention(q, k, v, scale=scale, window=window, hw=hw, need_importance=need_importance)
+
+    def aggregate_sorted(self, x, index, weights, biases):
+        return _native.aggregate_sorted(x, index, weights, biases)
+
+
+BACKEND = CpuBackend()
