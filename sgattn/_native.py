@@ -5,11 +5,14 @@ the CPU kernels, ``sgattn._C_cuda`` adds CUDA kernels), registers fake (meta)
 kernels for ``torch.compile`` and the autograd formulas, and holds the
 recompute-based attention backward that both native backends use.
 
-Attention backward: the forward saves q, k, v, out and the row log-sum-exp
-``lse`` [B, h, N] (fp32); the backward recomputes P = exp(q k^T * scale - lse)
-one query chunk at a time (never the full N x M matrix) and applies the
-standard softmax-attention gradient with plain torch ops, so it runs on any
-device and traces under torch.compile.
+Attention backward: the forward saves only q, k and v; the backward
+recomputes the probabilities one query chunk at a time (whole key rows, never
+the full N x M matrix; window mode per window) and applies the standard
+softmax-attention gradient with plain torch ops, so it runs on any device and
+traces under torch.compile. Recomputing the softmax of each row (rather than
+exp(s - lse) from the saved fp32 log-sum-exp, which shifts a whole row by the
+lse rounding) keeps the gradients as accurate as the reference's. The kernels
+still return lse [B, h, N] for a future fused backward.
 """
 from __future__ import annotations
 
@@ -69,13 +72,11 @@ def aggregate_sorted(x, index, weights, biases):
 
 # ------------------------------------------------------------------ backward
 
-def attention_backward(dout, q, k, v, out, lse, scale, window, hw):
-    """dq, dk, dv of softmax attention from the saved row log-sum-exp (see module doc)."""
+def attention_backward(dout, q, k, v, scale, window, hw):
+    """dq, dk, dv of softmax attention by recomputation (see module doc)."""
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    D = (dout.to(ct) * out.to(ct)).sum(-1)  # [B, h, N]: rowsum(P * dP) = dout . out
-    lse = lse.to(ct)
     if window:
-        return _window_backward(dout, q, k, v, lse, D, scale, window, hw, ct)
+        return _window_backward(dout, q, k, v, scale, window, hw, ct)
     qc, kc, vc, do = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
     B, h, N, _ = q.shape
     M = k.shape[2]
@@ -85,24 +86,25 @@ def attention_backward(dout, q, k, v, out, lse, scale, window, hw):
     dv = torch.zeros_like(vc)
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
-        p = torch.exp(torch.matmul(qc[:, :, sl], kc.transpose(-1, -2)) * scale - lse[:, :, sl, None])
+        p = torch.softmax(torch.matmul(qc[:, :, sl], kc.transpose(-1, -2)) * scale, dim=-1)
         dv += torch.matmul(p.transpose(-1, -2), do[:, :, sl])
-        ds = p * (torch.matmul(do[:, :, sl], vc.transpose(-1, -2)) - D[:, :, sl, None])
+        dp = torch.matmul(do[:, :, sl], vc.transpose(-1, -2))
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
         dq[:, :, sl] = torch.matmul(ds, kc) * scale
         dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, sl]) * scale
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _window_backward(dout, q, k, v, lse, D, scale, window, hw, ct):
+def _window_backward(dout, q, k, v, scale, window, hw, ct):
     part = lambda t: reference.window_partition(t, window, hw)  # noqa: E731
     qw, kw, vw, dow = (part(t.to(ct)) for t in (q, k, v, dout))
-    lw, Dw = part(lse[..., None])[..., 0], part(D[..., None])[..., 0]  # [B, h, nW, L]
     real = part(torch.ones(1, 1, q.shape[2], 1, dtype=ct, device=q.device))[0, 0, :, :, 0]  # [nW, L]
-    s = torch.matmul(qw, kw.transpose(-1, -2)) * scale - lw[..., None]
+    s = torch.matmul(qw, kw.transpose(-1, -2)) * scale
     s = s.masked_fill(real[:, None, :] == 0, float("-inf"))  # padded keys
-    p = torch.exp(s) * real[:, :, None]  # padded queries contribute nothing
+    p = torch.softmax(s, dim=-1) * real[:, :, None]  # padded queries contribute nothing
     dvw = torch.matmul(p.transpose(-1, -2), dow)
-    ds = p * (torch.matmul(dow, vw.transpose(-1, -2)) - Dw[..., None])
+    dp = torch.matmul(dow, vw.transpose(-1, -2))
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
     dqw = torch.matmul(ds, kw) * scale
     dkw = torch.matmul(ds.transpose(-1, -2), qw) * scale
     rev = lambda t, like: reference.window_reverse(t, window, hw).to(like.dtype)  # noqa: E731
@@ -122,14 +124,14 @@ def _attention_fake(q, k, v, scale, window, H, W, need_importance):
 def _attention_setup(ctx, inputs, output):
     q, k, v, scale, window, H, W, _ = inputs
     out, lse, imp = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v)
     ctx.scale, ctx.window, ctx.hw = scale, window, (H, W)
     ctx.mark_non_differentiable(lse, imp)
 
 
 def _attention_grad(ctx, dout, _dlse, _dimp):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.scale, ctx.window, ctx.hw)
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, ctx.scale, ctx.window, ctx.hw)
     return dq, dk, dv, None, None, None, None, None
 
 
