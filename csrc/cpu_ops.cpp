@@ -41,84 +41,102 @@ void dispatch_floating(at::ScalarType st, bool allow_double, const char* op, F&&
   }
 }
 
-// exp(x) for x <= 0 (softmax arguments) written so that GCC vectorises the
-// loops it sits in (std::exp stays scalar without -ffast-math). Cephes expf
-// polynomial, ~1 ulp; arguments below -87 flush to ~1e-38.
-inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  const float z = r * r;
-  float y = 1.9875691500e-4f;
+// 8-lane float vector (GCC/Clang vector extension): AVX with -march=native,
+// lowered to SSE pairs otherwise. Unaligned loads/stores through memcpy.
+typedef float v8f __attribute__((vector_size(32)));
+inline v8f ld8(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+inline void st8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+typedef int32_t v8i __attribute__((vector_size(32)));
+inline v8f splat(float x) { return v8f{} + x; }
+
+// exp(x) for x <= 0 (softmax arguments), 8 lanes at a time: std::exp stays
+// scalar without -ffast-math. Cephes expf polynomial, ~1 ulp; arguments below
+// -87 flush to ~1e-38.
+inline v8f exp8_nonpos(v8f x) {
+  const v8f lo = splat(-87.0f);
+  x = x < lo ? lo : x;
+  v8f fx = x * 1.44269504088896341f + 0.5f;
+  v8i n = __builtin_convertvector(fx, v8i);  // truncation; fix up to floor below
+  v8f fn = __builtin_convertvector(n, v8f);
+  const v8i gt = fn > fx;  // -1 where truncation rounded up
+  n += gt;
+  fn = __builtin_convertvector(n, v8f);
+  const v8f r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  const v8f z = r * r;
+  v8f y = splat(1.9875691500e-4f);
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  return y * std::bit_cast<float>(bits);
+  return y * reinterpret_cast<v8f>((n + 127) << 23);
 }
 
-// S[R rows][nk] = Q[R rows][d] . Kt[d][nk]; rows share each loaded Kt row.
+// Column counts of the fp32 scratch tiles are padded to 16 (two vectors).
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// C[R][0:ncols] = A[R][0:K] . Bm[K][0:ncols] (row-major, ncols a multiple of
+// 16): a 4 x 16 register tile, so each loaded row of Bm serves R rows.
 template <int R>
-inline void scores_rows(const float* Q, int64_t d, const float* Kt, int64_t nk, float* S) {
-  for (int r = 0; r < R; ++r) std::fill(S + r * nk, S + (r + 1) * nk, 0.0f);
-  for (int64_t c = 0; c < d; ++c) {
-    const float* kc = Kt + c * nk;
-    float a[R];
-    for (int r = 0; r < R; ++r) a[r] = Q[r * d + c];
-#pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) {
-      for (int r = 0; r < R; ++r) S[r * nk + j] += a[r] * kc[j];
+inline void gemm_rows(const float* A, int64_t lda, int64_t K, const float* Bm, int64_t ldb,
+                      int64_t ncols, float* C, int64_t ldc) {
+  for (int64_t j = 0; j < ncols; j += 16) {
+    v8f acc[R][2] = {};
+    for (int64_t c = 0; c < K; ++c) {
+      const v8f b0 = ld8(Bm + c * ldb + j), b1 = ld8(Bm + c * ldb + j + 8);
+      for (int r = 0; r < R; ++r) {
+        const float a = A[r * lda + c];
+        acc[r][0] += a * b0;
+        acc[r][1] += a * b1;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      st8(C + r * ldc + j, acc[r][0]);
+      st8(C + r * ldc + j + 8, acc[r][1]);
     }
   }
 }
 
-// O[R rows][dv] = P[R rows][nk] . V[nk][dv].
-template <int R>
-inline void pv_rows(const float* P, int64_t nk, const float* V, int64_t dv, float* O) {
-  for (int r = 0; r < R; ++r) std::fill(O + r * dv, O + (r + 1) * dv, 0.0f);
-  for (int64_t j = 0; j < nk; ++j) {
-    const float* vj = V + j * dv;
-    float p[R];
-    for (int r = 0; r < R; ++r) p[r] = P[r * nk + j];
-#pragma omp simd
-    for (int64_t c = 0; c < dv; ++c) {
-      for (int r = 0; r < R; ++r) O[r * dv + c] += p[r] * vj[c];
-    }
-  }
-}
-
-// One tile: nq queries (already multiplied by scale) against nk keys, exact
-// softmax over the whole key row (the S block is nq x nk, never N x M).
-// Writes O [nq][dv], lse [nq]; adds column sums of P to colsum if given.
-void tile_forward(const float* Q, int64_t nq, const float* Kt, const float* V, int64_t nk,
-                  int64_t d, int64_t dv, float* S, float* O, float* lse, float* colsum) {
+// C[nrows][ncols] = A[nrows][K] . Bm[K][ncols].
+inline void gemm(const float* A, int64_t lda, int64_t nrows, int64_t K, const float* Bm, int64_t ldb,
+                 int64_t ncols, float* C, int64_t ldc) {
   int64_t i = 0;
-  for (; i + 4 <= nq; i += 4) scores_rows<4>(Q + i * d, d, Kt, nk, S + i * nk);
-  for (; i < nq; ++i) scores_rows<1>(Q + i * d, d, Kt, nk, S + i * nk);
-  for (i = 0; i < nq; ++i) {
-    float* s = S + i * nk;
+  for (; i + 4 <= nrows; i += 4) gemm_rows<4>(A + i * lda, lda, K, Bm, ldb, ncols, C + i * ldc, ldc);
+  for (; i < nrows; ++i) gemm_rows<1>(A + i * lda, lda, K, Bm, ldb, ncols, C + i * ldc, ldc);
+}
+
+// One tile: nq queries Q [nq][d] (already multiplied by scale) against nk keys
+// Kt [d][nkp] and values V [nkp][dvp] (padding zero-filled); exact softmax over
+// the whole key row (the S block is nq x nkp, never N x M). Writes O [nq][dvp]
+// and lse [nq]; adds the column sums of P to colsum if given.
+void tile_forward(const float* Q, int64_t nq, int64_t d, const float* Kt, const float* V, int64_t nk,
+                  int64_t nkp, int64_t dvp, float* S, float* O, float* lse, float* colsum) {
+  gemm(Q, d, nq, d, Kt, nkp, nkp, S, nkp);
+  for (int64_t i = 0; i < nq; ++i) {
+    float* s = S + i * nkp;
     float mx = s[0];
     for (int64_t j = 1; j < nk; ++j) mx = std::max(mx, s[j]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < nk; ++j) {
-      s[j] = exp_nonpos(s[j] - mx);
-      sum += s[j];
+    v8f vsum{};
+    for (int64_t j = 0; j < nkp; j += 8) {
+      v8f e = exp8_nonpos(ld8(s + j) - mx);
+      if (j + 8 > nk) {  // padded keys take no part in the sum nor in P.V
+        for (int l = 0; l < 8; ++l) e[l] = j + l < nk ? e[l] : 0.0f;
+      }
+      st8(s + j, e);
+      vsum += e;
     }
+    float sum = 0.0f;
+    for (int l = 0; l < 8; ++l) sum += vsum[l];
     const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) s[j] *= inv;
+    for (int64_t j = 0; j < nkp; j += 8) st8(s + j, ld8(s + j) * inv);
     lse[i] = mx + std::log(sum);
     if (colsum) {
 #pragma omp simd
       for (int64_t j = 0; j < nk; ++j) colsum[j] += s[j];
     }
   }
-  for (i = 0; i + 4 <= nq; i += 4) pv_rows<4>(S + i * nk, nk, V, dv, O + i * dv);
-  for (; i < nq; ++i) pv_rows<1>(S + i * nk, nk, V, dv, O + i * dv);
+  gemm(S, nkp, nq, nkp, V, dvp, dvp, O, dvp);
 }
 
 // A [B, h, L, c] view given by pointer and element strides.
@@ -131,15 +149,21 @@ struct View4 {
   const T* row(int64_t b, int64_t h, int64_t n) const { return p + b * s0 + h * s1 + n * s2; }
 };
 
-// Gathers rows `tok` of (b, h) as fp32: row-major [n][c] (times mul) or transposed [c][n].
+// Gathers rows `tok` of (b, h) as fp32, times mul: row-major dst[i * ld + e],
+// or transposed dst[e * ld + i]. The caller zero-fills padding.
 template <typename T>
 void gather_rows(const View4<T>& v, int64_t b, int64_t h, const int64_t* tok, int64_t n, int64_t c,
-                 float mul, float* dst, bool transpose) {
+                 float mul, float* dst, int64_t ld, bool transpose) {
   for (int64_t i = 0; i < n; ++i) {
     const T* src = v.row(b, h, tok[i]);
-    for (int64_t e = 0; e < c; ++e) {
-      const float x = static_cast<float>(src[e * v.s3]) * mul;
-      if (transpose) dst[e * n + i] = x; else dst[i * c + e] = x;
+    if (v.s3 == 1 && !transpose) {  // the common layout: a contiguous row, vectorised convert
+      float* d = dst + i * ld;
+#pragma omp simd
+      for (int64_t e = 0; e < c; ++e) d[e] = static_cast<float>(src[e]) * mul;
+    } else if (transpose) {
+      for (int64_t e = 0; e < c; ++e) dst[e * ld + i] = static_cast<float>(src[e * v.s3]) * mul;
+    } else {
+      for (int64_t e = 0; e < c; ++e) dst[i * ld + e] = static_cast<float>(src[e * v.s3]) * mul;
     }
   }
 }
@@ -157,10 +181,11 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int nthreads = omp_get_max_threads();
 
   // Writes one tile's rows back (out in T, lse fp32).
+  const int64_t dvp = pad16(dv);
   auto store = [&](int64_t b, int64_t hh, const int64_t* tok, int64_t nq, const float* O, const float* L) {
     for (int64_t i = 0; i < nq; ++i) {
       T* dst = o + ((b * h + hh) * N + tok[i]) * dv;
-      for (int64_t c = 0; c < dv; ++c) dst[c] = static_cast<T>(O[i * dv + c]);
+      for (int64_t c = 0; c < dv; ++c) dst[c] = static_cast<T>(O[i * dvp + c]);
       l[(b * h + hh) * N + tok[i]] = L[i];
     }
   };
@@ -173,7 +198,8 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     std::vector<float> partial(need_imp ? B * nqb * M : 0);
 #pragma omp parallel
     {
-      std::vector<float> Kt(d * M), Vf(M * dv), Qs(QB * d), S(QB * M), O(QB * dv), L(QB);
+      const int64_t Mp = pad16(M);
+      std::vector<float> Kt(d * Mp, 0.0f), Vf(Mp * dvp, 0.0f), Qs(QB * d), S(QB * Mp), O(QB * dvp), L(QB);
       std::vector<int64_t> tok(std::max(M, QB));
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < B * nqb; ++task) {
@@ -181,11 +207,13 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         float* colsum = need_imp ? partial.data() + task * M : nullptr;
         for (int64_t hh = 0; hh < h; ++hh) {
           for (int64_t j = 0; j < M; ++j) tok[j] = j;
-          gather_rows(K, b, hh, tok.data(), M, d, 1.0f, Kt.data(), true);
-          gather_rows(V, b, hh, tok.data(), M, dv, 1.0f, Vf.data(), false);
+          // Padding stays zero: every (b, h) fills the same M real columns/rows.
+          gather_rows(K, b, hh, tok.data(), M, d, 1.0f, Kt.data(), Mp, true);
+          gather_rows(V, b, hh, tok.data(), M, dv, 1.0f, Vf.data(), dvp, false);
           for (int64_t i = 0; i < nq; ++i) tok[i] = i0 + i;
-          gather_rows(Q, b, hh, tok.data(), nq, d, scale, Qs.data(), false);
-          tile_forward(Qs.data(), nq, Kt.data(), Vf.data(), M, d, dv, S.data(), O.data(), L.data(), colsum);
+          gather_rows(Q, b, hh, tok.data(), nq, d, scale, Qs.data(), d, false);
+          tile_forward(Qs.data(), nq, d, Kt.data(), Vf.data(), M, Mp, dvp, S.data(), O.data(), L.data(),
+                       colsum);
           store(b, hh, tok.data(), nq, O.data(), L.data());
         }
       }
@@ -212,8 +240,9 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   float* dst = need_imp ? imp.data_ptr<float>() : nullptr;
 #pragma omp parallel
   {
-    std::vector<float> Kt(d * Lmax), Vf(Lmax * dv), Qs(Lmax * d), S(Lmax * Lmax), O(Lmax * dv),
-        L(Lmax), colsum(Lmax);
+    const int64_t Lp = pad16(Lmax);
+    std::vector<float> Kt(d * Lp), Vf(Lp * dvp), Qs(Lmax * d), S(Lmax * Lp), O(Lmax * dvp), L(Lmax),
+        colsum(Lmax);
     std::vector<int64_t> tok(Lmax);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < B * nW; ++task) {
@@ -225,10 +254,14 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       }
       std::fill(colsum.begin(), colsum.end(), 0.0f);
       for (int64_t hh = 0; hh < h; ++hh) {
-        gather_rows(K, b, hh, tok.data(), n, d, 1.0f, Kt.data(), true);
-        gather_rows(V, b, hh, tok.data(), n, dv, 1.0f, Vf.data(), false);
-        gather_rows(Q, b, hh, tok.data(), n, d, scale, Qs.data(), false);
-        tile_forward(Qs.data(), n, Kt.data(), Vf.data(), n, d, dv, S.data(), O.data(), L.data(),
+        // Edge windows have fewer real tokens: clear what an earlier window left.
+        const int64_t np = pad16(n);
+        std::fill(Kt.begin(), Kt.end(), 0.0f);
+        std::fill(Vf.begin(), Vf.end(), 0.0f);
+        gather_rows(K, b, hh, tok.data(), n, d, 1.0f, Kt.data(), np, true);
+        gather_rows(V, b, hh, tok.data(), n, dv, 1.0f, Vf.data(), dvp, false);
+        gather_rows(Q, b, hh, tok.data(), n, d, scale, Qs.data(), d, false);
+        tile_forward(Qs.data(), n, d, Kt.data(), Vf.data(), n, np, dvp, S.data(), O.data(), L.data(),
                      need_imp ? colsum.data() : nullptr);
         store(b, hh, tok.data(), n, O.data(), L.data());
       }

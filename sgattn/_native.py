@@ -47,7 +47,11 @@ def load_extension(module: str) -> str | None:
 
 
 def op(name: str):
+    """The registered op ``sgattn::name``; loads the CPU extension (which defines it) on first use."""
     assert name in SCHEMAS, name
+    why = load_extension("sgattn._C")
+    if why is not None:
+        raise RuntimeError(why)
     return getattr(getattr(torch.ops, NAMESPACE), name)
 
 
