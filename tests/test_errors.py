@@ -1,0 +1,117 @@
+"""Bad input raises a clear exception naming the problem."""
+import pytest
+import torch
+
+import sgattn
+from sgattn import nn as sgnn
+
+R = torch.randn
+
+
+def attn_args(**over):
+    args = dict(q=R(1, 2, 12, 8), k=R(1, 2, 12, 8), v=R(1, 2, 12, 8))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(q=R(2, 12, 8)), "q must have 4 dimensions"),
+    (dict(k=R(1, 3, 12, 8)), "k must be"),
+    (dict(k=R(1, 2, 12, 4)), "k must be"),
+    (dict(v=R(1, 2, 11, 8)), "v must be"),
+    (dict(q=R(1, 2, 12, 8).double()), "dtype mismatch"),
+    (dict(q=R(1, 2, 12, 8).int()), "unsupported dtype"),
+    (dict(q=R(1, 2, 12, 8, device="meta")), "device mismatch"),
+    (dict(q=[[1.0]]), "must be a torch.Tensor"),
+])
+def test_attention_rejects_bad_tensors(over, match):
+    with pytest.raises(ValueError, match=match):
+        sgattn.attention_with_importance(**attn_args(**over))
+
+
+def test_window_mode_needs_a_matching_grid():
+    with pytest.raises(ValueError, match="H\\*W = 3\\*5 = 15 does not match N = 12"):
+        sgattn.attention_with_importance(**attn_args(), window=7, hw=(3, 5))
+    with pytest.raises(ValueError, match="hw must be a pair"):
+        sgattn.attention_with_importance(**attn_args(), window=7)
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        sgattn.attention_with_importance(**attn_args(k=R(1, 2, 6, 8), v=R(1, 2, 6, 8)), window=7, hw=(3, 4))
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        sgattn.attention_with_importance(**attn_args(), window=0, hw=(3, 4))
+
+
+def test_hybrid_scale_attention_checks_the_reduced_grid():
+    q, kv = R(1, 1, 16, 8), R(1, 1, 4, 8)
+    local = R(1, 1, 16, 8)
+    with pytest.raises(ValueError, match="number of global keys M = 4"):
+        sgattn.hybrid_scale_attention(q, kv, kv, local, local, local, hw=(4, 4), reduced_hw=(1, 3))
+
+
+def realloc_args(**over):
+    args = dict(x=R(2, 10, 4), importance=R(2, 10), weights=[R(2), R(1)], biases=[R(1), R(1)])
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(x=R(10, 4)), "x must have 3 dimensions"),
+    (dict(importance=R(2, 9)), "importance must be \\[B, N\\]"),
+    (dict(weights=[R(2)], biases=[R(1)]), "need 2 or 3 parts"),
+    (dict(biases=[R(2), R(1)]), "bias one element"),
+    (dict(weights=[R(2).double(), R(1)]), "dtype mismatch"),
+    (dict(importance=torch.tensor([[0.0] * 9 + [float("nan")]] * 2)), "NaN or infinite"),
+])
+def test_reallocation_rejects_bad_input(over, match):
+    with pytest.raises(ValueError, match=match):
+        sgattn.reallocate_tokens(**realloc_args(**over))
+
+
+def sga_args(**over):
+    C = 16
+    args = dict(q=R(1, 4, 12, 4), x=R(1, 12, C), importance=R(1, 12), kv1_weight=R(C, C), kv1_bias=R(C),
+                kv2_weight=R(C, C), kv2_bias=None, agg_weights=[R(2), R(1)], agg_biases=[R(1), R(1)], hw=(3, 4))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(q=R(1, 3, 12, 4), x=R(1, 12, 12), kv1_weight=R(12, 12), kv1_bias=R(12), kv2_weight=R(12, 12)),
+     "number of heads must be even"),
+    (dict(x=R(1, 12, 15)), "x must be \\[B, N, h\\*d\\]"),
+    (dict(hw=(4, 4)), "does not match N = 12"),
+    (dict(kv1_weight=R(16, 8)), "kv1 weight must be"),
+    (dict(importance=R(1, 11)), "importance\\[0\\] must hold"),
+    (dict(importance=(R(1, 12), torch.full((1, 12), float("inf")))), "importance\\[1\\] contains NaN"),
+])
+def test_self_guided_attention_rejects_bad_input(over, match):
+    with pytest.raises(ValueError, match=match):
+        sgattn.self_guided_attention(**sga_args(**over))
+
+
+def test_modules_reject_bad_configuration_and_input():
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        sgnn.Attention(30, False, num_heads=4, sr_ratio=2)
+    with pytest.raises(ValueError, match="num_heads 3 is odd"):
+        sgnn.Attention(48, False, num_heads=3, sr_ratio=2)
+    with pytest.raises(ValueError, match="sr_ratio in"):
+        sgnn.Attention(48, True, num_heads=2, sr_ratio=3)
+    hsa = sgnn.Attention(32, False, num_heads=2, sr_ratio=2)
+    with pytest.raises(ValueError, match="does not match N = 16"):
+        hsa(R(1, 16, 32), 3, 5, None)
+    with pytest.raises(ValueError, match="x has 16 channels"):
+        hsa(R(1, 16, 16), 4, 4, None)
+    with pytest.raises(ValueError, match="takes mask=None"):
+        hsa(R(1, 16, 32), 4, 4, [R(1, 16), R(1, 16)])
+    sga = sgnn.Attention(32, True, num_heads=2, sr_ratio=2)
+    with pytest.raises(ValueError, match="needs the importance orderings"):
+        sga(R(1, 16, 32), 4, 4, None)
+
+
+def test_backend_selection_errors():
+    with pytest.raises(ValueError, match="unknown sgattn backend 'nope'"):
+        with sgattn.use_backend("nope"):
+            pass
+    status = sgattn.available_backends()
+    assert status["reference"] is None
+    assert set(status) >= {"reference", "triton", "cuda", "cpu"}
+    assert all(reason is None or isinstance(reason, str) and reason for reason in status.values())

@@ -1,0 +1,156 @@
+"""SG-Former models: parameter layout, checkpoints, any resolution, modules."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sgattn
+from sgattn import nn as sgnn
+from sgattn.models import load_checkpoint, sgformer_b, sgformer_m, sgformer_s
+from sgattn.models.sgformer import sincos_pos_embed
+
+
+@pytest.mark.parametrize("factory,millions", [(sgformer_s, 22.55), (sgformer_m, 38.69), (sgformer_b, 77.95)])
+def test_parameter_counts(factory, millions):
+    model = factory()
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
+
+
+def test_state_dict_layout_of_sgformer_s():
+    sd = sgformer_s().state_dict()
+    assert len(sd) == 669
+    assert sd["pos_embed"].shape == (1, 3136, 64)
+    assert sd["patch_embed1.conv.4.c.weight"].shape == (64, 64, 3, 3)
+    assert sd["patch_embed1.conv.0.bn.weight"].shape == (64,)
+    assert sd["patch_embed3.conv2.c.weight"].shape == (256, 1, 3, 3)
+    assert sd["block1.0.attn.sr.weight"].shape == (64, 64, 8, 8)      # hybrid-scale, sr 8
+    assert sd["block1.0.attn.q1.weight"].shape == (32, 64)
+    assert sd["block1.1.attn.f1.weight"].shape == (1, 196)             # self-guided, sr 8
+    assert sd["block1.1.attn.f3.weight"].shape == (1, 28)
+    assert sd["block2.3.attn.f3.weight"].shape == (1, 7)               # sr 4
+    assert sd["block3.15.attn.f2.weight"].shape == (1, 1)              # sr 2: f1, f2 only
+    assert "block3.15.attn.f3.weight" not in sd
+    assert sd["block4.0.attn.kv.weight"].shape == (1024, 512)          # plain attention
+    assert sd["block1.0.mlp.dwconv.dwconv.weight"].shape == (256, 1, 3, 3)
+    assert sd["head.weight"].shape == (1000, 512)
+    model = sgformer_s()
+    assert model.block1[0].norm1.eps == 1e-6 and model.patch_embed1.norm.eps == 1e-5
+    assert model.block1[0].attn.norm.eps == 1e-5
+
+
+def test_sincos_position_embedding_layout():
+    pe = sincos_pos_embed(8, 3)  # first half encodes x (column), second half y (row)
+    xs = torch.tensor([0.0, 1.0, 2.0]).repeat(3)
+    ys = torch.tensor([0.0, 1.0, 2.0]).repeat_interleave(3)
+    omega = torch.tensor([1.0, 0.01])
+    expected = torch.cat([torch.sin(xs[:, None] * omega), torch.cos(xs[:, None] * omega),
+                          torch.sin(ys[:, None] * omega), torch.cos(ys[:, None] * omega)], dim=1)
+    torch.testing.assert_close(pe, expected)
+
+
+def test_attention_constructor_picks_the_kind_as_the_papers_code():
+    assert isinstance(sgnn.Attention(64, False, num_heads=2, sr_ratio=8), sgnn.HybridScaleAttention)
+    assert isinstance(sgnn.Attention(64, True, num_heads=2, sr_ratio=8), sgnn.SelfGuidedAttention)
+    assert isinstance(sgnn.Attention(64, True, num_heads=2, sr_ratio=1), sgnn.GlobalAttention)
+    assert isinstance(sgnn.Attention(64, False, num_heads=2, sr_ratio=1), sgnn.GlobalAttention)
+    kinds = [type(b.attn) for b in sgformer_s().block2]
+    assert kinds == [sgnn.HybridScaleAttention, sgnn.SelfGuidedAttention] * 2
+
+
+def test_checkpoint_layouts_load_strictly_and_reproduce_outputs(tmp_path):
+    torch.manual_seed(0)
+    source = sgformer_s(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = source(x)
+    state = source.state_dict()
+    for layout in ({"state_dict_ema": state}, {"state_dict": state, "epoch": 3}, {"model": state},
+                   {"module." + k: v for k, v in state.items()}):
+        path = tmp_path / "ckpt.pth"
+        torch.save(layout, path)
+        model = sgformer_s(num_classes=10).eval()
+        load_checkpoint(model, str(path))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError):  # strict: a 1000-class head does not fit
+        load_checkpoint(sgformer_s(num_classes=1000), {"model": state})
+
+
+def test_checkpoint_into_larger_img_size_resamples_pos_embed():
+    state = sgformer_s(num_classes=10).state_dict()
+    model = sgformer_s(img_size=448, num_classes=10)
+    load_checkpoint(model, state)
+    assert model.pos_embed.shape == (1, 112 * 112, 64)
+    grid = state["pos_embed"].reshape(1, 56, 56, 64).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(112, 112), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(model.pos_embed.data, expected.flatten(2).transpose(1, 2))
+
+
+def test_features_only_returns_stage_maps_at_odd_resolution():
+    model = sgformer_s(features_only=True, out_indices=(0, 2, 3)).eval()
+    assert not hasattr(model, "head")
+    load_checkpoint(model, sgformer_s().state_dict())  # the classifier is dropped
+    with torch.no_grad():
+        maps = model(torch.randn(2, 3, 100, 75))
+    # stem: ceil(ceil(s/2)/2); each later stage ceil(s/2)
+    assert [tuple(m.shape) for m in maps] == [(2, 64, 25, 19), (2, 256, 7, 5), (2, 512, 4, 3)]
+
+
+def test_model_runs_at_minimum_size_and_rejects_smaller():
+    model = sgformer_s(num_classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 45)).shape == (1, 3)
+    with pytest.raises(ValueError, match="at least 32x32"):
+        model(torch.randn(1, 3, 31, 64))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.randn(1, 64, 64))
+
+
+def test_training_step_with_drop_path_and_attention_dropout():
+    model = sgformer_s(num_classes=4, drop_path_rate=0.1, attn_drop_rate=0.1).train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).logsumexp(dim=1).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.block1[1].attn.f1.weight.grad.abs().sum() > 0  # reallocation is trained
+
+
+class Attention(sgnn.HybridScaleAttention):
+    """Stands for a module of the authors' code: named Attention, their layout."""
+
+
+def test_patch_model_replaces_modules_named_attention_and_keeps_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.add_module("attn", Attention(32, num_heads=2, sr_ratio=4))
+    x = torch.randn(2, 14 * 14, 32)
+    expected, _ = model.attn(x, 14, 14)
+    assert sgattn.patch_model(model) == 1
+    assert type(model.attn) is sgnn.HybridScaleAttention
+    out, _ = model.attn(x, 14, 14)
+    torch.testing.assert_close(out, expected)
+    assert sgattn.patch_model(model) == 0  # sgattn's own modules are left alone
+
+
+RESOLUTION_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch
+    from sgattn.models import sgformer_s
+    torch.manual_seed(0)
+    model = sgformer_s().eval()
+    for h, w in [(256, 256), (384, 384), (448, 640), (800, 1344), (1024, 1024)]:
+        with torch.no_grad():
+            logits = model(torch.randn(1, 3, h, w))
+        assert logits.shape == (1, 1000) and torch.isfinite(logits).all(), (h, w)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def test_sgformer_s_runs_at_high_resolution_on_cpu_within_a_few_gb():
+    # A fresh process, so that its peak resident memory is the model's alone.
+    result = subprocess.run([sys.executable, "-c", RESOLUTION_SCRIPT], capture_output=True, text=True,
+                            env=dict(os.environ), timeout=900)
+    assert result.returncode == 0, result.stderr
+    peak_gib = int(result.stdout.split()[-1]) / 2 ** 20  # ru_maxrss is in KiB on Linux
+    assert peak_gib < 3.0, f"peak resident memory {peak_gib:.2f} GiB"
