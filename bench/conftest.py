@@ -1,0 +1,141 @@
+"""pytest-benchmark plumbing for the sgattn suites.
+
+    pytest bench/ --benchmark-only        # time everything, write bench/results/<device>-<date>.*
+    pytest bench/ --benchmark-disable     # smoke: every case runs once, nothing is written
+
+Environment: SGATTN_BENCH_SHAPES=smoke|cpu|full (default: full on a GPU, cpu
+otherwise; smoke whenever --benchmark-disable is given and none is set),
+SGATTN_BENCH_DEVICE=cpu|cuda, SGATTN_BENCH_BUDGET_S (skip cases that would
+start after this many seconds), SGATTN_BENCH_OUT (results folder).
+Each case is recorded (median, peak memory, FLOPs, bytes) and appended to
+``<out>/records.jsonl`` as it finishes, so a run cut short keeps what it
+measured (``python bench/report.py <out>/records.jsonl`` rebuilds the tables).
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cases  # noqa: E402
+import report  # noqa: E402
+
+STATE = {"start": time.time(), "records": [], "peaks": None, "device": None, "disabled": False}
+
+
+def pytest_configure(config):
+    disabled = bool(config.getoption("benchmark_disable", False))
+    STATE["disabled"] = disabled
+    if disabled and not os.environ.get("SGATTN_BENCH_SHAPES"):
+        os.environ["SGATTN_BENCH_SHAPES"] = "smoke"
+    STATE["device"] = report.resolve_device(os.environ.get("SGATTN_BENCH_DEVICE"))
+    STATE["out"] = Path(os.environ.get("SGATTN_BENCH_OUT") or report.RESULTS_DIR)
+    STATE["jsonl"] = None
+    if not disabled:
+        STATE["out"].mkdir(parents=True, exist_ok=True)
+        STATE["jsonl"] = STATE["out"] / "records.jsonl"
+        STATE["jsonl"].write_text("")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The issue's target cases first, then by resolution: a time budget cuts
+    the least important cases."""
+    def key(item):
+        cs = getattr(item, "callspec", None)
+        shape = cs.params.get("shape") if cs else None
+        suite = "model" if "model" in item.module.__name__ else "op"
+        return cases.priority(suite, shape) if isinstance(shape, dict) else (9,)
+    items.sort(key=key)
+
+
+@pytest.fixture(scope="session")
+def device():
+    return STATE["device"]
+
+
+@pytest.fixture(scope="session")
+def shapes(device):
+    return cases.shape_set(device_type=device.type)
+
+
+@pytest.fixture(scope="session")
+def peaks(device):
+    if STATE["disabled"]:
+        return None
+    if STATE["peaks"] is None:
+        STATE["peaks"] = report.measure_peaks(device)
+    return STATE["peaks"]
+
+
+def _save(rec):
+    STATE["records"].append(rec)
+    if STATE["jsonl"] is not None:
+        with open(STATE["jsonl"], "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+
+
+class Runner:
+    """Times one case with pytest-benchmark and records it."""
+
+    def __init__(self, benchmark, device, peaks):
+        self.benchmark, self.device, self.peaks = benchmark, device, peaks
+        self.disabled = STATE["disabled"]
+
+    def skip(self, suite, case, mode, impl, why, shape=None):
+        _save(report.record(suite, case, mode, impl, skipped=why, shape=shape))
+        pytest.skip(why)
+
+    def __call__(self, suite, case, mode, impl, fn, *, shape=None, flops=None, bytes_moved=None, images=None):
+        budget = float(os.environ.get("SGATTN_BENCH_BUDGET_S") or 0)
+        if budget and time.time() - STATE["start"] > budget:
+            self.skip(suite, case, mode, impl, f"time budget of {budget:.0f} s spent", shape)
+        device = self.device
+        bm = self.benchmark
+        bm.group = f"{suite} {case} {mode}"
+        bm.extra_info.update(impl=impl, flops=flops, bytes=bytes_moved)
+
+        def timed():
+            fn()
+            report.synchronize(device)
+
+        try:
+            if STATE["disabled"]:
+                bm.pedantic(timed, rounds=1)
+                return
+            peak = report.peak_memory(fn, device)  # also the first (compiling) call
+            single = report.time_once(fn, device)
+            rounds = report.rounds_for(single, 3 if device.type == "cpu" else 5,
+                                       10 if device.type == "cpu" else 200, 1.0 if device.type == "cpu" else 0.5)
+            bm.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+        except Exception as exc:
+            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+            expected = oom or type(exc).__name__ in ("BackendError", "NotImplementedError")
+            if oom and device.type == "cuda":
+                torch.cuda.empty_cache()
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            _save(report.record(suite, case, mode, impl, skipped=("" if expected else "ERROR ") + msg, shape=shape))
+            if expected:
+                pytest.skip(msg)
+            raise
+        _save(report.record(suite, case, mode, impl, median_s=bm.stats.stats.median, rounds=rounds,
+                            peak_bytes=peak, flops=flops, bytes_moved=bytes_moved, images=images, shape=shape))
+
+
+@pytest.fixture
+def run_case(benchmark, device, peaks):
+    return Runner(benchmark, device, peaks)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if STATE["disabled"] or not STATE["records"]:
+        print("\nsgattn bench: benchmarks disabled (smoke run) or nothing timed: no results written")
+        return
+    env = report.environment(STATE["device"])
+    env["shape_set"] = os.environ.get("SGATTN_BENCH_SHAPES") or ("full" if STATE["device"].type == "cuda" else "cpu")
+    records = report.finalize(STATE["records"], STATE["peaks"])
+    paths = report.write_results(records, env, STATE["peaks"], out_dir=STATE["out"])
+    print("\nsgattn bench results: " + ", ".join(str(p) for p in paths.values()))
