@@ -149,6 +149,8 @@ def aggregate_backward(dout, x, index, w_cat, group_sizes):
     C = x.shape[2]
     p, parts, groups = plan(N, group_sizes)
     MT = sum(groups)
+    if tuple(dout.shape) != (G, B, MT, C):
+        raise ValueError(f"aggregate backward: dout must be {(G, B, MT, C)}, got {tuple(dout.shape)}")
     # inverse permutation: sorted position of every source token, per ordering
     inv = torch.empty(G, B, N, device=index.device, dtype=torch.int64)
     inv.scatter_(2, index, torch.arange(N, device=index.device).expand(G, B, N))
