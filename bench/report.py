@@ -253,9 +253,9 @@ def markdown_table(records: list[dict]) -> str:
             continue
         best = r.get("speedup_vs_best_baseline")
         best_s = f"{best:.2f} ({r['best_baseline']})" if best is not None else "-"
-        tf = (f"{r['tflops']:.2f} ({100 * r['frac_flops_peak']:.1f}%)"
+        tf = (f"{r['tflops']:.3g} ({100 * r['frac_flops_peak']:.1f}%)"
               if r.get("tflops") is not None and r.get("frac_flops_peak") is not None else "-")
-        gb = (f"{r['gbps']:.1f} ({100 * r['frac_bw_peak']:.1f}%)"
+        gb = (f"{r['gbps']:.3g} ({100 * r['frac_bw_peak']:.1f}%)"
               if r.get("gbps") is not None and r.get("frac_bw_peak") is not None else "-")
         mem = _fmt(r["peak_bytes"] / 2 ** 20 if r.get("peak_bytes") is not None else None, ".1f")
         lines.append(

@@ -1,0 +1,316 @@
+"""The ``sgattn`` command (also ``python -m sgattn``).
+
+    sgattn info                       backends (with the reason one cannot run), device, versions
+    sgattn check [--device D] [--backend NAME]
+                                      correctness self-test of every available backend vs the reference
+    sgattn bench [--quick] [--device cpu|cuda] [--batch B] [--size S] [--save DIR]
+                                      SG-Former-S inference: sgattn vs the naive implementation,
+                                      and the importance map of the first hybrid-scale block
+
+``bench`` uses the reporting module of the repository's benchmark suite
+(``bench/report.py``), so it needs an editable install (``pip install -e .``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# ------------------------------------------------------------------- info ---
+
+
+def _versions() -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception as exc:
+        tv = f"not importable ({type(exc).__name__})"
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": tv,
+            "cuda (torch build)": torch.version.cuda or "none"}
+
+
+def cmd_info(args) -> int:
+    import sgattn
+    from sgattn.backends import PREFERENCE, forced_backend
+    print(f"sgattn {sgattn.__version__}")
+    for k, v in _versions().items():
+        print(f"{k:>18}: {v}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"{'device':>18}: cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+    else:
+        print(f"{'device':>18}: cpu only ({torch.get_num_threads()} threads); no CUDA device visible")
+    print(f"{'forced backend':>18}: {forced_backend() or 'none (automatic dispatch)'}")
+    print(f"backends (dispatch order {', '.join(PREFERENCE)}):")
+    for name, why in sgattn.available_backends().items():
+        print(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    return 0
+
+
+# ------------------------------------------------------------------ check ---
+
+ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23, torch.float64: 2 ** -52}
+
+
+def _max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def within_tolerance(out, ref_same_dtype, ref64, factor=2.0):
+    """The rule of tests/tolerance.py (flash-attention's): |out - ref64| <=
+    factor * |ref_T - ref64| + 2 ulp_T * max|ref64|, elementwise max.
+    Returns (passed, error, bound)."""
+    if not torch.isfinite(out).all():
+        return False, float("nan"), 0.0
+    scale = max(ref64.abs().max().item(), 1e-30)
+    bound = factor * _max_err(ref_same_dtype, ref64) + 2 * ULP[out.dtype] * scale
+    err = _max_err(out, ref64)
+    return err <= bound, err, bound
+
+
+# Gradient factors as in tests/: 3 for attention inputs, 4 for aggregation
+# weights and biases (their gradients sum over B*M*C terms: summation order).
+GRAD_FACTOR, REDUCTION_GRAD_FACTOR = 3.0, 4.0
+
+
+def _check_cases(device, dtype, gen):
+    """(name, fn(*tensors) -> output tuple, inputs, indices of differentiable
+    outputs, index of the first input whose gradient is a large reduction)."""
+    import sgattn
+    from sgattn.reference import reallocated_length  # noqa: F401  (documents the plan sizes)
+
+    def r(*s, scale=1.0):
+        return (scale * torch.randn(*s, generator=gen)).to(device=device, dtype=dtype)
+
+    cases = []
+    B, h, d = 2, 2, 32
+    cases.append(("attention_with_importance global",
+                  lambda q, k, v: sgattn.attention_with_importance(q, k, v),
+                  [r(B, h, 67, d), r(B, h, 23, d), r(B, h, 23, d)], (0,), 99))
+    cases.append(("attention_with_importance window 10x9",
+                  lambda q, k, v: sgattn.attention_with_importance(q, k, v, window=7, hw=(10, 9)),
+                  [r(B, h, 90, d), r(B, h, 90, d), r(B, h, 90, d)], (0,), 99))
+    cases.append(("hybrid_scale_attention 14x14 sr2",
+                  lambda qg, kg, vg, ql, kl, vl: sgattn.hybrid_scale_attention(
+                      qg, kg, vg, ql, kl, vl, hw=(14, 14), reduced_hw=(7, 7)),
+                  [r(B, 1, 196, d), r(B, 1, 49, d), r(B, 1, 49, d), r(B, 1, 196, d), r(B, 1, 196, d),
+                   r(B, 1, 196, d)], (0,), 99))
+    imp = torch.randperm(B * 90, generator=gen).reshape(B, 90).to(device=device, dtype=torch.float32)
+    groups = (49, 14, 7)
+    cases.append(("reallocate_tokens N=90 plan (49,14,7)",
+                  lambda x, w1, w2, w3, b1, b2, b3: (sgattn.reallocate_tokens(x, imp, [w1, w2, w3], [b1, b2, b3]),),
+                  [r(B, 90, 16)] + [r(g, scale=g ** -0.5) for g in groups] + [r(1) for _ in groups], (0,), 1))
+    C, hs = 32, 4
+    imp2 = torch.randperm(B * 49, generator=gen).reshape(B, 7, 7).to(device=device, dtype=torch.float32)
+    cases.append(("self_guided_attention 7x7 sr2",
+                  lambda q, x, k1w, k1b, k2w, k2b, w1, w2, b1, b2: (sgattn.self_guided_attention(
+                      q, x, imp2, k1w, k1b, k2w, k2b, [w1, w2], [b1, b2], hw=(7, 7)),),
+                  [r(B, hs, 49, C // hs), r(B, 49, C), r(C, C, scale=C ** -0.5), r(C), r(C, C, scale=C ** -0.5),
+                   r(C), r(2), r(1), r(1), r(1)], (0,), 6))
+    return cases
+
+
+def _run_case(fn, inputs, diff, grad_seed):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(grad_seed)
+    loss = sum((outs[i].double() * torch.randn(outs[i].shape, generator=g, dtype=torch.float64)
+                .to(outs[i].device)).sum() for i in diff)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [o.detach() for o in outs], [gr for gr in grads]
+
+
+def cmd_check(args) -> int:
+    import sgattn
+    from sgattn.backends import BackendError
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
+    names = [n for n, why in sgattn.available_backends().items() if why is None]
+    if args.backend:
+        if args.backend not in names:
+            print(f"backend {args.backend!r} is not available here: "
+                  f"{sgattn.available_backends().get(args.backend, 'unknown backend')}")
+            return 1
+        names = [args.backend]
+    print(f"sgattn check on {device}: backends {', '.join(names)}; dtypes "
+          f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}")
+    failures = checked = 0
+    t0 = time.time()
+    for dtype in dtypes:
+        gen = torch.Generator().manual_seed(0)
+        for case_name, fn, inputs, diff, first_reduction in _check_cases(device, dtype, gen):
+            with sgattn.use_backend("reference"):
+                ref_t = _run_case(fn, inputs, diff, 1)
+                ref64 = _run_case(fn, [t.double() for t in inputs], diff, 1)
+            for name in names:
+                label = f"{name:<10} {str(dtype).replace('torch.', ''):<8} {case_name}"
+                try:
+                    with sgattn.use_backend(name):
+                        got = _run_case(fn, inputs, diff, 1)
+                except BackendError as exc:
+                    print(f"  skip {label}: {exc}")
+                    continue
+                except Exception as exc:
+                    failures += 1
+                    print(f"  FAIL {label}: raised {type(exc).__name__}: {exc}")
+                    continue
+                problems = []
+                for kind, a, b, c in (("out", got[0], ref_t[0], ref64[0]), ("grad", got[1], ref_t[1], ref64[1])):
+                    for i, (x, y, z) in enumerate(zip(a, b, c)):
+                        if z is None:
+                            continue
+                        if x is None:
+                            problems.append(f"{kind}[{i}] missing")
+                            continue
+                        if x.shape != z.shape:
+                            problems.append(f"{kind}[{i}] shape {tuple(x.shape)} != {tuple(z.shape)}")
+                            continue
+                        factor = 2.0 if kind == "out" else (
+                            REDUCTION_GRAD_FACTOR if i >= first_reduction else GRAD_FACTOR)
+                        ok, err, bound = within_tolerance(x, y, z, factor)
+                        if not ok:
+                            problems.append(f"{kind}[{i}] error {err:.2e} > bound {bound:.2e}")
+                checked += 1
+                if problems:
+                    failures += 1
+                    print(f"  FAIL {label}: " + "; ".join(problems))
+                else:
+                    print(f"  ok   {label}")
+    print(f"{checked} checks, {failures} failures in {time.time() - t0:.1f} s")
+    return 1 if failures or not checked else 0
+
+
+# ------------------------------------------------------------------ bench ---
+
+
+def load_report():
+    """The benchmark suite's reporting module (bench/report.py of the checkout)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "report.py"
+    if not path.exists():
+        raise SystemExit(f"sgattn bench needs the repository checkout's bench/report.py (not found at {path}); "
+                         "install sgattn from a clone with `pip install -e .`")
+    spec = importlib.util.spec_from_file_location("sgattn_bench_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def importance_stats(mask) -> dict:
+    """Statistics of the first hybrid block's importance map (row-major [B, N]):
+    min/max/mean, and the entropy of the map normalised to a distribution
+    over tokens (mean over images), also as a fraction of log N (1 = uniform)."""
+    m = mask.detach().double()
+    p = m / m.sum(dim=1, keepdim=True)
+    ent = -(p * p.clamp_min(1e-300).log()).sum(dim=1)
+    n = m.shape[1]
+    return {"min": m.min().item(), "max": m.max().item(), "mean": m.mean().item(),
+            "entropy": ent.mean().item(), "entropy_over_log_n": (ent / math.log(n)).mean().item(), "tokens": n}
+
+
+def cmd_bench(args) -> int:
+    import sgattn
+    from sgattn import naive
+    report = load_report()
+    device = report.resolve_device(args.device)
+    size = args.size or (112 if args.quick and device.type == "cpu" else 224)
+    batch = args.batch or ((1 if args.quick else 2) if device.type == "cpu" else (8 if args.quick else 64))
+    rounds = dict(min_rounds=2, max_rounds=3, target_s=0.0) if args.quick else \
+        dict(min_rounds=3, max_rounds=20 if device.type == "cpu" else 100, target_s=2.0)
+    t_start = time.time()
+    peaks = report.measure_peaks(device, quick=args.quick)
+    torch.manual_seed(0)
+    ref_model = naive.naive_sgformer("sgformer_s", strict=False).to(device).eval()
+    model = copy.deepcopy(ref_model)
+    sgattn.patch_model(model)
+    x = torch.randn(batch, 3, size, size, device=device)
+    flops = None
+    try:
+        flops = _model_flops(naive, size) * batch
+    except Exception:
+        pass
+    backends = [n for n, why in sgattn.available_backends().items() if why is None
+                and not (device.type == "cpu" and n == "triton")]
+    impls = [("naive", ref_model, None)] + [(f"sgattn:{n}", model, n) for n in backends]
+    case = f"sgformer_s-{size}-b{batch}"
+    records = []
+    captured = {}
+    def keep_mask(module, inputs, output):  # returns None: the output is left as it is
+        captured.setdefault("mask", output[1][0].detach())
+
+    hook = model.block1[0].attn.register_forward_hook(keep_mask)
+    for impl, net, backend in impls:
+        def call(net=net, backend=backend):
+            amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                   else contextlib.nullcontext())
+            with torch.no_grad(), amp, (sgattn.use_backend(backend) if backend else contextlib.nullcontext()):
+                return net(x)
+        try:
+            peak = report.peak_memory(call, device)
+            median, n = report.time_median(call, device, warmup=0, **rounds)
+        except Exception as exc:
+            records.append(report.record("model", case, "infer", impl, skipped=f"{type(exc).__name__}: {exc}"))
+            continue
+        records.append(report.record("model", case, "infer", impl, median_s=median, rounds=n, peak_bytes=peak,
+                                     flops=flops, images=batch,
+                                     shape={"variant": "sgformer_s", "resolution": [size, size], "batch": batch}))
+    hook.remove()
+    report.finalize(records, peaks)
+    env = report.environment(device)
+    print(report.header_text(env, peaks))
+    print()
+    print(report.markdown_table(records))
+    if "mask" in captured:
+        s = importance_stats(captured["mask"])
+        print(f"\nimportance map of block1[0] (hybrid-scale, {s['tokens']} tokens, sgattn model): "
+              f"min {s['min']:.4g}  max {s['max']:.4g}  mean {s['mean']:.4g}  entropy {s['entropy']:.4f} nats "
+              f"({s['entropy_over_log_n']:.4f} of uniform)")
+    if args.save:
+        paths = report.write_results(records, env, peaks, out_dir=args.save)
+        print("written: " + ", ".join(str(p) for p in paths.values()))
+    print(f"\n(sgformer_s at {size}x{size}, batch {batch}, random weights, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {time.time() - t_start:.1f} s)")
+    ok = any(r.get("median_s") and r["impl"].startswith("sgattn:") for r in records)
+    return 0 if ok else 1
+
+
+def _model_flops(naive, size):
+    from torch.utils.flop_counter import FlopCounterMode
+    model = naive.naive_sgformer("sgformer_s", strict=False).to("meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.empty(1, 3, size, size, device="meta"))
+    return counter.get_total_flops()
+
+
+# ------------------------------------------------------------------- main ---
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sgattn", description="sgattn: kernel-accelerated SG-Former attention")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="backends, device and versions")
+    p = sub.add_parser("check", help="correctness self-test of every available backend against the reference")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--backend", default=None, help="check only this backend")
+    p = sub.add_parser("bench", help="SG-Former-S inference: sgattn vs naive on this device")
+    p.add_argument("--quick", action="store_true", help="small and fast (< 60 s on a 2-core CPU)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--size", type=int, default=None, help="input resolution (square)")
+    p.add_argument("--save", default=None, metavar="DIR", help="write JSON/markdown/PNG results to DIR")
+    args = parser.parse_args(argv)
+    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
