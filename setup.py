@@ -98,7 +98,7 @@ def _extensions():
         cu_inc = [p for p in (os.path.join(site, "nvidia", v, "include") for v in ("cu13", "cu12"))
                   if os.path.isdir(p)]
         exts.append(cpp_extension.CUDAExtension(
-            "sgattn._C_cuda", ["csrc/cuda_ops.cpp", "csrc/cuda_kernels.cu"],
+            "sgattn._C_cuda", ["csrc/cuda_ops.cpp", "kernels/sgattn_kernels.cu"],
             include_dirs=include_dirs + cu_inc,
             extra_compile_args={"cxx": ["-O3", "-std=c++20"],
                                 "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}))

@@ -25,6 +25,8 @@ struct WindowGeom {
     const int64_t y = (win / nwx) * w + l / w, x = (win % nwx) * w + l % w;
     return (y < H && x < W) ? y * W + x : -1;
   }
+  // Window holding token tok (row-major on the H x W grid).
+  SGATTN_HD int64_t window_of(int64_t tok) const { return (tok / W / w) * nwx + (tok % W) / w; }
   // Real tokens of a window (the mean of its importance runs over these).
   SGATTN_HD int64_t real_count(int64_t win) const {
     const int64_t y0 = (win / nwx) * w, x0 = (win % nwx) * w;
