@@ -42,8 +42,8 @@ def _run(module, backend, x, hw, mask, dtype):
 @pytest.mark.parametrize("kind,sr,hw", [
     (snn.HybridScaleAttention, 2, (14, 14)),
     (snn.HybridScaleAttention, 4, (9, 10)),
-    (snn.SelfGuidedAttention, 2, (14, 14)),
-    (snn.SelfGuidedAttention, 4, (9, 10)),
+    (snn.SelfGuidedAttention, 4, (14, 14)),
+    (snn.SelfGuidedAttention, 2, (9, 10)),
     (snn.GlobalAttention, 1, (9, 10)),
 ])
 def test_module_matches_reference(kind, sr, hw, device):

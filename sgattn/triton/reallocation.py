@@ -163,10 +163,12 @@ def aggregate_backward(dout, x, index, w_cat, group_sizes):
         x, inv, w_cat.contiguous(), dout, dx, t, *x.stride(), *ds,
         B, N, C, MT, **p, TWO=G == 2, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
     dws, dbs = [], []
-    rows = dout.float().sum(dim=3)  # [G, B, MT]
+    # d weight / d bias sum G*B*groups*C terms: accumulate them in fp64 (the
+    # terms are small tensors), so the sum adds no error of its own.
+    rows = dout.double().sum(dim=3)  # [G, B, MT]
     start = row = 0
     for n_p, g_p, r in zip(parts, groups, group_sizes):
-        tp = t[:, :, start:start + n_p]
+        tp = t[:, :, start:start + n_p].double()
         if g_p * r != n_p:
             tp = torch.nn.functional.pad(tp, (0, g_p * r - n_p))
         dws.append(tp.reshape(G * B * g_p, r).sum(dim=0))
