@@ -100,6 +100,16 @@ def test_window_attention(hw, window, d, dtype, device, poison):
     _check_attention(*_inputs(((2, 2, N, d), (N, d)), dtype, device), window=window, hw=hw, poison=poison)
 
 
+@pytest.mark.parametrize("d", [16, 40, 72, 96, 128])
+def test_head_dims(d, device):
+    _check_attention(*_inputs(((1, 2, 20, d), (30, d)), torch.float16, device))
+
+
+def test_large_window(device):
+    # w = 12: a 144-token window in one 256-wide tile, with padding on both axes
+    _check_attention(*_inputs(((1, 2, 13 * 5, 16), (13 * 5, 16)), torch.float32, device), window=12, hw=(13, 5))
+
+
 def test_value_dim_differs_and_contiguous_q(device):
     _check_attention(*_inputs(((1, 3, 40, 16), (20, 48)), torch.float32, device, transposed_q=False))
     _check_attention(*_inputs(((1, 2, 30, 40), (30, 72)), torch.float16, device), window=5, hw=(5, 6))
