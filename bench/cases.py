@@ -7,8 +7,9 @@ Shape sets (``SGATTN_BENCH_SHAPES``, default ``full`` on a GPU, ``cpu`` on a CPU
 - ``full``: every stage of SG-Former S/M and B at 224 (batch 64), 512 (batch 8),
   1024x1024 and 800x1344 (batch 2); S and M share their per-stage shapes, so the
   op suites list them once as "S/M"; whole models S, M, B.
-- ``cpu``: S stages at 224 batch 2 and 1024x1024 batch 1; sgformer_s at 224
-  (batch 2) and 1024x1024 (batch 1).
+- ``cpu``: S stages at 224 batch 2 and 1024x1024 batch 1 (forward only);
+  sgformer_s at 224
+  (batch 2, inference and training) and 1024x1024 (batch 1, inference).
 - ``smoke``: tiny shapes that exercise every code path in seconds (CI).
 """
 from __future__ import annotations
@@ -58,10 +59,11 @@ def shape_set(name=None, device_type="cpu"):
                 "models": [{"variant": "sgformer_s", "res_label": "112", "resolution": [112, 112], "batch": 1}]}
     if name == "cpu":
         ops = [op_shape("S/M", "224", s, batch=2) for s in (1, 2, 3)]
-        ops += [op_shape("S/M", "1024", s, batch=1) for s in (1, 2, 3)]
-        st4 = [op_shape("S/M", "224", 4, batch=2), op_shape("S/M", "1024", 4, batch=1)]
+        ops += [dict(op_shape("S/M", "1024", s, batch=1), modes=["fwd"]) for s in (1, 2, 3)]
+        st4 = [op_shape("S/M", "224", 4, batch=2), dict(op_shape("S/M", "1024", 4, batch=1), modes=["fwd"])]
         models = [{"variant": "sgformer_s", "res_label": "224", "resolution": [224, 224], "batch": 2},
-                  {"variant": "sgformer_s", "res_label": "1024", "resolution": [1024, 1024], "batch": 1}]
+                  {"variant": "sgformer_s", "res_label": "1024", "resolution": [1024, 1024], "batch": 1,
+                   "modes": ["infer"]}]
         return {"name": name, "ops": ops, "stage4": st4, "models": models}
     if name == "full":
         ops, st4, models = [], [], []
@@ -82,15 +84,18 @@ def case_id(shape):
     return f"{shape['variant']}-{shape['res_label']}-b{shape['batch']}"
 
 
-def priority(suite, shape):
-    """Lower runs first (the issue's target cases first, then by cost)."""
+def priority(suite, shape, models_first=False):
+    """Lower runs first (the issue's target cases first, then by cost; on a
+    CPU the issue's targets are whole-model ones: ``models_first``)."""
     res = shape.get("res_label")
     target = (shape.get("variant") in ("S/M", "sgformer_s") and res in ("224", "1024", "112")
               and shape.get("stage", 1) in (1, 2, 3, 4))
     if suite == "model":
-        target = shape["variant"] == "sgformer_s" and res in ("224", "112")
+        target = shape["variant"] == "sgformer_s" and res in ("224", "112", "1024")
     order = {"224": 0, "112": 0, "smoke": 0, "1024": 1, "512": 2, "800x1344": 3}.get(res, 4)
-    return (0 if target else 1, order, shape.get("stage", 0))
+    if models_first and suite == "model" and target:
+        return (-1, order, 0, 0)
+    return (0 if target else 1, order, 1 if suite == "model" else 0, shape.get("stage", 0))
 
 
 # ---------------------------------------------------------------- inputs ----

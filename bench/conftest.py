@@ -48,7 +48,8 @@ def pytest_collection_modifyitems(session, config, items):
         cs = getattr(item, "callspec", None)
         shape = cs.params.get("shape") if cs else None
         suite = "model" if "model" in item.module.__name__ else "op"
-        return cases.priority(suite, shape) if isinstance(shape, dict) else (9,)
+        cpu = STATE["device"].type == "cpu"
+        return cases.priority(suite, shape, models_first=cpu) if isinstance(shape, dict) else (9,)
     items.sort(key=key)
 
 
@@ -68,14 +69,20 @@ def peaks(device):
         return None
     if STATE["peaks"] is None:
         STATE["peaks"] = report.measure_peaks(device)
+        _write_line({"_peaks": STATE["peaks"]})
+        _write_line({"_env": report.environment(device)})
     return STATE["peaks"]
+
+
+def _write_line(item):
+    if STATE["jsonl"] is not None:
+        with open(STATE["jsonl"], "a") as f:
+            f.write(json.dumps(item, default=str) + "\n")
 
 
 def _save(rec):
     STATE["records"].append(rec)
-    if STATE["jsonl"] is not None:
-        with open(STATE["jsonl"], "a") as f:
-            f.write(json.dumps(rec, default=str) + "\n")
+    _write_line(rec)
 
 
 class Runner:
@@ -108,9 +115,10 @@ class Runner:
                 return
             peak = report.peak_memory(fn, device)  # also the first (compiling) call
             single = report.time_once(fn, device)
-            rounds = report.rounds_for(single, 3 if device.type == "cpu" else 5,
-                                       10 if device.type == "cpu" else 200, 1.0 if device.type == "cpu" else 0.5)
-            bm.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+            # the peak-memory call and the single call are the warm-up on a CPU
+            cpu = device.type == "cpu"
+            rounds = report.rounds_for(single, 2 if cpu else 5, 10 if cpu else 200, 1.0 if cpu else 0.5)
+            bm.pedantic(timed, rounds=rounds, warmup_rounds=0 if cpu else 1, iterations=1)
         except Exception as exc:
             oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
             expected = oom or type(exc).__name__ in ("BackendError", "NotImplementedError")

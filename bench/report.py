@@ -335,3 +335,42 @@ def write_results(records: list[dict], env: dict, peaks: dict | None, out_dir: P
     md += [markdown_table(records), ""]
     paths["md"].write_text("\n".join(md))
     return paths
+
+
+def load_records(path: Path | str):
+    """Records, env and peaks from a ``records.jsonl`` a run left behind."""
+    records, env, peaks = [], None, None
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if "_env" in item:
+            env = item["_env"]
+        elif "_peaks" in item:
+            peaks = item["_peaks"]
+        else:
+            records.append(item)
+    return records, env, peaks
+
+
+def main(argv=None):
+    """python bench/report.py RECORDS.jsonl [OUT_DIR]: rebuild the JSON,
+    markdown and plot of a run that was cut short."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(main.__doc__)
+        return 2
+    path = Path(argv[0])
+    records, env, peaks = load_records(path)
+    if env is None:
+        env = environment(resolve_device(None))
+    finalize(records, peaks)
+    paths = write_results(records, env, peaks, out_dir=argv[1] if len(argv) > 1 else path.parent,
+                          notes=["rebuilt from records.jsonl (the run may have been cut short)"])
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -53,7 +53,8 @@ def backend_ctx(impl):
 
 
 @pytest.mark.parametrize("shape,mode,impl", [
-    pytest.param(s, m, i, id=f"{cases.case_id(s)}-{m}-{i}") for s in SHAPES["models"] for m in ("infer", "train")
+    pytest.param(s, m, i, id=f"{cases.case_id(s)}-{m}-{i}") for s in SHAPES["models"]
+    for m in s.get("modes", ("infer", "train"))
     for i in IMPLS])
 def test_model(run_case, shape, mode, impl):
     variant, res, batch = shape["variant"], tuple(shape["resolution"]), shape["batch"]

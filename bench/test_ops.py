@@ -17,7 +17,8 @@ IMPLS = {suite: cases.op_impls(suite, DEVICE) for suite in cases.OP_SUITES}
 def _params(suite):
     shapes = SHAPES["stage4"] if suite == "stage4" else SHAPES["ops"]
     return [pytest.param(shape, mode, impl, id=f"{cases.case_id(shape)}-{mode}-{impl}")
-            for shape in shapes for mode in ("fwd", "fwdbwd") for impl in IMPLS[suite]]
+            for shape in shapes
+            for mode in shape.get("modes", ("fwd", "fwdbwd")) for impl in IMPLS[suite]]
 
 
 def _bench(run_case, suite, shape, mode, impl):

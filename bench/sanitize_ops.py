@@ -1,0 +1,69 @@
+"""Call every sgattn kernel once on small shapes, forward and backward, for
+each GPU backend that can run: the program compute-sanitizer checks.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+        --error-exitcode 1 python bench/sanitize_ops.py
+
+(without the caching allocator an out-of-bounds access lands outside any
+allocation, where memcheck sees it). Exits non-zero if a call raises.
+"""
+import sys
+
+import torch
+
+import sgattn
+from sgattn import ops
+
+
+def calls(device, dtype):
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s, scale=1.0):
+        return (scale * torch.randn(*s, generator=g)).to(device=device, dtype=dtype).requires_grad_(True)
+
+    B, h, d = 2, 2, 32
+    yield "attention global", lambda: sgattn.attention_with_importance(r(B, h, 67, d), r(B, h, 23, d), r(B, h, 23, d))
+    yield "attention plain", lambda: (ops.attention(r(B, h, 70, d), r(B, h, 70, d), r(B, h, 70, d)),)
+    yield "attention window 10x9", lambda: sgattn.attention_with_importance(
+        r(B, h, 90, d), r(B, h, 90, d), r(B, h, 90, d), window=7, hw=(10, 9))
+    yield "hybrid 15x14 sr2", lambda: sgattn.hybrid_scale_attention(
+        r(B, 1, 210, d), r(B, 1, 49, d), r(B, 1, 49, d), r(B, 1, 210, d), r(B, 1, 210, d), r(B, 1, 210, d),
+        hw=(15, 14), reduced_hw=(7, 7))
+    imp = torch.rand(B, 90, generator=g).to(device)
+    yield "reallocate_tokens", lambda: (sgattn.reallocate_tokens(
+        r(B, 90, 48), imp, [r(49), r(14), r(7)], [r(1), r(1), r(1)]),)
+    C = 64
+    imp2 = torch.rand(B, 7, 7, generator=g).to(device)
+    yield "self_guided 7x7", lambda: (sgattn.self_guided_attention(
+        r(B, 4, 49, C // 4), r(B, 49, C), imp2, r(C, C, scale=C ** -0.5), r(C), r(C, C, scale=C ** -0.5), r(C),
+        [r(2), r(1)], [r(1), r(1)], hw=(7, 7)),)
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to sanitize")
+        return 0
+    device = torch.device("cuda")
+    names = [n for n, why in sgattn.available_backends().items() if why is None and n in ("triton", "cuda")]
+    print("GPU backends:", names or "none", sgattn.available_backends())
+    failed = 0
+    for name in names:
+        for dtype in (torch.float32, torch.bfloat16):
+            for label, make in calls(device, dtype):
+                try:
+                    with sgattn.use_backend(name):
+                        outs = make()
+                        out = outs[0]
+                        out.backward(torch.randn_like(out))
+                    torch.cuda.synchronize()
+                    print(f"ok   {name} {dtype} {label}")
+                except sgattn.BackendError as exc:
+                    print(f"skip {name} {dtype} {label}: {exc}")
+                except Exception as exc:
+                    failed += 1
+                    print(f"FAIL {name} {dtype} {label}: {type(exc).__name__}: {exc}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
