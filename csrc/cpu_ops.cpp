@@ -409,19 +409,20 @@ void aggregate_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
           const T* gr = grow + m * C;
           const T* xr = xp + (b * N + irow[pos]) * C + c0;
           A* dr = dxa.data() + irow[pos] * cn;
-          A dot = 0;
+          // dweights/dbias sum over B*M*C terms: accumulate them in double.
+          double dot = 0;
 #pragma omp simd reduction(+ : dot)
           for (int64_t c = 0; c < cn; ++c) {
             const A gv = static_cast<A>(gr[c]);
             dr[c] += wj * gv;
-            dot += gv * static_cast<A>(xr[c]);
+            dot += static_cast<double>(gv) * static_cast<double>(xr[c]);
           }
           pw[j] += dot;
         }
         for (int64_t m = 0; m < M; ++m) {
           const T* gr = grow + m * C;
-          A s = 0;
-          for (int64_t c = 0; c < cn; ++c) s += static_cast<A>(gr[c]);
+          double s = 0;
+          for (int64_t c = 0; c < cn; ++c) s += static_cast<double>(gr[c]);
           pw[R + plan.part_of_row(m)] += s;
         }
       }

@@ -98,10 +98,10 @@ __global__ void realloc_bwd_dx_kernel(ReallocArgs a, const T* grad, const int64_
 // block R + p sums grad over part p's rows and channels (dbias). Fixed order.
 template <typename T>
 __global__ void realloc_bwd_reduce_kernel(ReallocArgs a, const T* grad, const float* dots, T* dw, T* db, int64_t R) {
-  __shared__ float scratch[32];
+  __shared__ double scratch[32];  // sums of B*M*C terms: double, like the CPU path
   const ReallocPlan& pl = a.plan;
   const int64_t e = blockIdx.x;
-  float s = 0.0f;
+  double s = 0.0;
   if (e < R) {
     int p = 0;
     while (p + 1 < pl.P && e >= pl.woff[p + 1]) ++p;
@@ -111,16 +111,16 @@ __global__ void realloc_bwd_reduce_kernel(ReallocArgs a, const T* grad, const fl
       if (pos < pl.start[p] + pl.len[p]) s += dots[gb * a.N + pos];
     }
     s = block_sum(s, scratch);
-    if (threadIdx.x == 0) dw[e] = from_f<T>(s);
+    if (threadIdx.x == 0) dw[e] = from_f<T>(static_cast<float>(s));
   } else {
     const int p = static_cast<int>(e - R);
     const int64_t rows = (pl.len[p] + pl.r[p] - 1) / pl.r[p];
     for (int64_t t = threadIdx.x; t < a.G * a.B * rows * a.C; t += blockDim.x) {
       const int64_t c = t % a.C, rg = t / a.C, gb = rg / rows, m = pl.out[p] + rg % rows;
-      s += to_f(grad[(gb * pl.M + m) * a.C + c]);
+      s += (double)to_f(grad[(gb * pl.M + m) * a.C + c]);
     }
     s = block_sum(s, scratch);
-    if (threadIdx.x == 0) db[p] = from_f<T>(s);
+    if (threadIdx.x == 0) db[p] = from_f<T>(static_cast<float>(s));
   }
 }
 

@@ -37,16 +37,20 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// Block-wide sum in a fixed order (deterministic); `scratch` holds 32 floats.
+// Block-wide sum in a fixed order (deterministic); `scratch` holds 32 values.
 // Every thread of the block must call it; all get the total.
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
+template <typename F>
+__device__ __forceinline__ F block_sum(F x, F* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  x = warp_sum(x);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   __syncthreads();  // scratch may still be read by a previous call
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
-  float t = lane < nw ? scratch[lane] : 0.0f;
-  return warp_sum(t);
+  F t = lane < nw ? scratch[lane] : F(0);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+  return t;
 }
 
 }  // namespace sgattn
