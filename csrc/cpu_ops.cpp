@@ -78,11 +78,17 @@ inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // C[R][0:ncols] = A[R][0:K] . Bm[K][0:ncols] (row-major, ncols a multiple of
 // 16): a 4 x 16 register tile, so each loaded row of Bm serves R rows.
-template <int R>
+template <int R, bool ACC>
 inline void gemm_rows(const float* A, int64_t lda, int64_t K, const float* Bm, int64_t ldb,
                       int64_t ncols, float* C, int64_t ldc) {
   for (int64_t j = 0; j < ncols; j += 16) {
     v8f acc[R][2] = {};
+    if (ACC) {
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] = ld8(C + r * ldc + j);
+        acc[r][1] = ld8(C + r * ldc + j + 8);
+      }
+    }
     for (int64_t c = 0; c < K; ++c) {
       const v8f b0 = ld8(Bm + c * ldb + j), b1 = ld8(Bm + c * ldb + j + 8);
       for (int r = 0; r < R; ++r) {
@@ -98,21 +104,18 @@ inline void gemm_rows(const float* A, int64_t lda, int64_t K, const float* Bm, i
   }
 }
 
-// C[nrows][ncols] = A[nrows][K] . Bm[K][ncols].
+// C[nrows][ncols] = A[nrows][K] . Bm[K][ncols] (ACC: C += ...).
+template <bool ACC = false>
 inline void gemm(const float* A, int64_t lda, int64_t nrows, int64_t K, const float* Bm, int64_t ldb,
                  int64_t ncols, float* C, int64_t ldc) {
   int64_t i = 0;
-  for (; i + 4 <= nrows; i += 4) gemm_rows<4>(A + i * lda, lda, K, Bm, ldb, ncols, C + i * ldc, ldc);
-  for (; i < nrows; ++i) gemm_rows<1>(A + i * lda, lda, K, Bm, ldb, ncols, C + i * ldc, ldc);
+  for (; i + 4 <= nrows; i += 4) gemm_rows<4, ACC>(A + i * lda, lda, K, Bm, ldb, ncols, C + i * ldc, ldc);
+  for (; i < nrows; ++i) gemm_rows<1, ACC>(A + i * lda, lda, K, Bm, ldb, ncols, C + i * ldc, ldc);
 }
 
-// One tile: nq queries Q [nq][d] (already multiplied by scale) against nk keys
-// Kt [d][nkp] and values V [nkp][dvp] (padding zero-filled); exact softmax over
-// the whole key row (the S block is nq x nkp, never N x M). Writes O [nq][dvp]
-// and lse [nq]; adds the column sums of P to colsum if given.
-void tile_forward(const float* Q, int64_t nq, int64_t d, const float* Kt, const float* V, int64_t nk,
-                  int64_t nkp, int64_t dvp, float* S, float* O, float* lse, float* colsum) {
-  gemm(Q, d, nq, d, Kt, nkp, nkp, S, nkp);
+// Exact softmax of each score row S[i][0:nk] in place (padding [nk, nkp) set
+// to zero); optional row log-sum-exp and column sums.
+void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* lse, float* colsum) {
   for (int64_t i = 0; i < nq; ++i) {
     float* s = S + i * nkp;
     float mx = s[0];
@@ -130,13 +133,56 @@ void tile_forward(const float* Q, int64_t nq, int64_t d, const float* Kt, const 
     for (int l = 0; l < 8; ++l) sum += vsum[l];
     const float inv = 1.0f / sum;
     for (int64_t j = 0; j < nkp; j += 8) st8(s + j, ld8(s + j) * inv);
-    lse[i] = mx + std::log(sum);
+    if (lse) lse[i] = mx + std::log(sum);
     if (colsum) {
 #pragma omp simd
       for (int64_t j = 0; j < nk; ++j) colsum[j] += s[j];
     }
   }
+}
+
+// One tile: nq queries Q [nq][ldq] (already multiplied by scale) against nk keys
+// Kt [d][nkp] and values V [nkp][dvp] (padding zero-filled); exact softmax over
+// the whole key row (the S block is nq x nkp, never N x M). Writes O [nq][dvp]
+// and lse [nq]; adds the column sums of P to colsum if given.
+void tile_forward(const float* Q, int64_t ldq, int64_t nq, int64_t d, const float* Kt, const float* V, int64_t nk,
+                  int64_t nkp, int64_t dvp, float* S, float* O, float* lse, float* colsum) {
+  gemm(Q, ldq, nq, d, Kt, nkp, nkp, S, nkp);
+  softmax_rows(S, nq, nk, nkp, lse, colsum);
   gemm(S, nkp, nq, nkp, V, dvp, dvp, O, dvp);
+}
+
+// dst[j][i] = src[i][j] for i < rows, j < cols.
+inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
+// Backward of one tile by recomputation. Qs [nq][dp] (scaled by scale),
+// K [nkp][dp], Kt [d][nkp], Vt [dv][nkp], dO [nq][dvp], padding zero.
+// Writes dQ [nq][dp]; accumulates dK [nkp][dp] and dV [nkp][dvp].
+// Scratch: P, dP [nq][nkp], Tr [nkp][nq].
+void tile_backward(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_t dp, int64_t dv, int64_t dvp, float scale,
+                   const float* Qs, const float* K, const float* Kt, const float* Vt, const float* dO, float* P,
+                   float* dP, float* Tr, float* dQ, float* dK, float* dV) {
+  gemm(Qs, dp, nq, d, Kt, nkp, nkp, P, nkp);
+  softmax_rows(P, nq, nk, nkp, nullptr, nullptr);
+  gemm(dO, dvp, nq, dv, Vt, nkp, nkp, dP, nkp);
+  for (int64_t i = 0; i < nq; ++i) {  // dS = P * (dP - rowsum(P * dP)), in dP
+    const float* p = P + i * nkp;
+    float* g = dP + i * nkp;
+    float D = 0.0f;
+#pragma omp simd reduction(+ : D)
+    for (int64_t j = 0; j < nkp; ++j) D += p[j] * g[j];
+#pragma omp simd
+    for (int64_t j = 0; j < nkp; ++j) g[j] = p[j] * (g[j] - D);
+  }
+  gemm(dP, nkp, nq, nkp, K, dp, dp, dQ, dp);
+  for (int64_t e = 0; e < nq * dp; ++e) dQ[e] *= scale;
+  transpose(dP, nkp, nq, nk, Tr, nq);
+  gemm<true>(Tr, nq, nk, nq, Qs, dp, dp, dK, dp);  // Qs carries the scale
+  transpose(P, nkp, nq, nk, Tr, nq);
+  gemm<true>(Tr, nq, nk, nq, dO, dvp, dvp, dV, dvp);
 }
 
 // A [B, h, L, c] view given by pointer and element strides.
@@ -212,7 +258,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
           gather_rows(V, b, hh, tok.data(), M, dv, 1.0f, Vf.data(), dvp, false);
           for (int64_t i = 0; i < nq; ++i) tok[i] = i0 + i;
           gather_rows(Q, b, hh, tok.data(), nq, d, scale, Qs.data(), d, false);
-          tile_forward(Qs.data(), nq, d, Kt.data(), Vf.data(), M, Mp, dvp, S.data(), O.data(), L.data(),
+          tile_forward(Qs.data(), d, nq, d, Kt.data(), Vf.data(), M, Mp, dvp, S.data(), O.data(), L.data(),
                        colsum);
           store(b, hh, tok.data(), nq, O.data(), L.data());
         }
@@ -261,7 +307,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         gather_rows(K, b, hh, tok.data(), n, d, 1.0f, Kt.data(), np, true);
         gather_rows(V, b, hh, tok.data(), n, dv, 1.0f, Vf.data(), dvp, false);
         gather_rows(Q, b, hh, tok.data(), n, d, scale, Qs.data(), d, false);
-        tile_forward(Qs.data(), n, d, Kt.data(), Vf.data(), n, np, dvp, S.data(), O.data(), L.data(),
+        tile_forward(Qs.data(), d, n, d, Kt.data(), Vf.data(), n, np, dvp, S.data(), O.data(), L.data(),
                      need_imp ? colsum.data() : nullptr);
         store(b, hh, tok.data(), n, O.data(), L.data());
       }
@@ -306,6 +352,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
     attention_fwd_cpu<T>(q, k, v, scale, window, H, W, need_importance, out, lse, imp);
   });
   return {out, lse, imp};
+}
+
+// Backward: recomputes each tile's probabilities (never the N x M matrix).
+// Global mode: tasks (b, h) own their dK, dV and walk the query blocks;
+// window mode: tasks (b, window) own the window's keys. Deterministic.
+template <typename T>
+void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       double scale_d, int64_t window, int64_t H, int64_t W, at::Tensor& dq, at::Tensor& dk,
+                       at::Tensor& dv_t) {
+  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), d = q.size(3);
+  const int64_t M = k.size(2), dv = v.size(3), dp = pad16(d), dvp = pad16(dv);
+  const float scale = static_cast<float>(scale_d);
+  const View4<T> Q(q), K(k), V(v), dO(dout);
+  T* dqp = dq.data_ptr<T>();  // contiguous outputs
+  T* dkp = dk.data_ptr<T>();
+  T* dvp_ = dv_t.data_ptr<T>();
+  auto put = [](T* base, const float* src, int64_t ld, const int64_t* tok, int64_t n, int64_t c) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t e = 0; e < c; ++e) base[tok[i] * c + e] = static_cast<T>(src[i * ld + e]);
+  };
+  const bool windowed = window > 0;
+  const WindowGeom geo(windowed ? H : 1, windowed ? W : 1, windowed ? window : 1);
+  const int64_t QB = 64;
+  const int64_t nk_max = windowed ? geo.size() : M, nq_max = windowed ? geo.size() : std::min(QB, N);
+  const int64_t nkp_max = pad16(nk_max);
+  const int64_t ntask = windowed ? B * geo.num_windows() : B * h;
+#pragma omp parallel
+  {
+    std::vector<float> Qs(nq_max * dp), Kr(nkp_max * dp), Kt(d * nkp_max), Vt(dv * nkp_max), dOs(nq_max * dvp),
+        P(nq_max * nkp_max), dP(nq_max * nkp_max), Tr(nkp_max * nq_max), dQ(nq_max * dp), dK(nkp_max * dp),
+        dV(nkp_max * dvp);
+    std::vector<int64_t> ktok(nk_max), qtok(nq_max);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < ntask; ++task) {
+      // (b, heads, keys) of this task; global tasks hold one head, window tasks all heads.
+      const int64_t b = windowed ? task / geo.num_windows() : task / h;
+      int64_t nk = 0;
+      if (windowed) {
+        for (int64_t l = 0; l < geo.size(); ++l) {
+          const int64_t t = geo.token(task % geo.num_windows(), l);
+          if (t >= 0) ktok[nk++] = t;
+        }
+      } else {
+        for (int64_t j = 0; j < M; ++j) ktok[j] = j;
+        nk = M;
+      }
+      const int64_t nkp = pad16(nk);
+      const int64_t h0 = windowed ? 0 : task % h, h1 = windowed ? h : h0 + 1;
+      for (int64_t hh = h0; hh < h1; ++hh) {
+        std::fill(Kr.begin(), Kr.end(), 0.0f);
+        std::fill(Kt.begin(), Kt.end(), 0.0f);
+        std::fill(Vt.begin(), Vt.end(), 0.0f);
+        std::fill(dK.begin(), dK.end(), 0.0f);
+        std::fill(dV.begin(), dV.end(), 0.0f);
+        gather_rows(K, b, hh, ktok.data(), nk, d, 1.0f, Kr.data(), dp, false);
+        gather_rows(K, b, hh, ktok.data(), nk, d, 1.0f, Kt.data(), nkp, true);
+        gather_rows(V, b, hh, ktok.data(), nk, dv, 1.0f, Vt.data(), nkp, true);
+        const int64_t nqs = windowed ? nk : N;
+        for (int64_t i0 = 0; i0 < nqs; i0 += QB) {
+          const int64_t nq = std::min(QB, nqs - i0);
+          for (int64_t i = 0; i < nq; ++i) qtok[i] = windowed ? ktok[i0 + i] : i0 + i;
+          gather_rows(Q, b, hh, qtok.data(), nq, d, scale, Qs.data(), dp, false);
+          gather_rows(dO, b, hh, qtok.data(), nq, dv, 1.0f, dOs.data(), dvp, false);
+          tile_backward(nq, nk, nkp, d, dp, dv, dvp, scale, Qs.data(), Kr.data(), Kt.data(), Vt.data(),
+                        dOs.data(), P.data(), dP.data(), Tr.data(), dQ.data(), dK.data(), dV.data());
+          put(dqp + (b * h + hh) * N * d, dQ.data(), dp, qtok.data(), nq, d);
+        }
+        put(dkp + (b * h + hh) * M * d, dK.data(), dp, ktok.data(), nk, d);
+        put(dvp_ + (b * h + hh) * M * dv, dV.data(), dvp, ktok.data(), nk, dv);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             double scale, int64_t window, int64_t H, int64_t W) {
+  check_attention_args(q, k, v, window, H, W);
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == q.size(0) && dout.size(1) == q.size(1) &&
+                  dout.size(2) == q.size(2) && dout.size(3) == v.size(3) && dout.scalar_type() == q.scalar_type(),
+              "attention_bwd: dout must be [B, h, N, dv] in q's dtype");
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
+  dispatch_floating(q.scalar_type(), false, "attention_bwd", [&](auto tag) {
+    attention_bwd_cpu<decltype(tag)>(dout, q, k, v, scale, window, H, W, dq, dk, dv);
+  });
+  return {dq, dk, dv};
 }
 
 // ---------------------------------------------------------------- aggregation
@@ -486,12 +620,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_bwd(const at::Tensor& g
 
 TORCH_LIBRARY(sgattn, m) {
   m.def(SGATTN_SCHEMA_ATTENTION_FWD);
+  m.def(SGATTN_SCHEMA_ATTENTION_BWD);
   m.def(SGATTN_SCHEMA_AGGREGATE_FWD);
   m.def(SGATTN_SCHEMA_AGGREGATE_BWD);
 }
 
 TORCH_LIBRARY_IMPL(sgattn, CPU, m) {
   m.impl(SGATTN_OP_ATTENTION_FWD, &attention_fwd);
+  m.impl(SGATTN_OP_ATTENTION_BWD, &attention_bwd);
   m.impl(SGATTN_OP_AGGREGATE_FWD, &aggregate_fwd);
   m.impl(SGATTN_OP_AGGREGATE_BWD, &aggregate_bwd);
 }

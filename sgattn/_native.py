@@ -2,17 +2,18 @@
 
 Loads the extensions built by setup.py (``sgattn._C`` defines the schemas and
 the CPU kernels, ``sgattn._C_cuda`` adds CUDA kernels), registers fake (meta)
-kernels for ``torch.compile`` and the autograd formulas, and holds the
-recompute-based attention backward that both native backends use.
+kernels for ``torch.compile`` and the autograd formulas.
 
-Attention backward: the forward saves only q, k and v; the backward
-recomputes the probabilities one query chunk at a time (whole key rows, never
-the full N x M matrix; window mode per window) and applies the standard
-softmax-attention gradient with plain torch ops, so it runs on any device and
-traces under torch.compile. Recomputing the softmax of each row (rather than
-exp(s - lse) from the saved fp32 log-sum-exp, which shifts a whole row by the
-lse rounding) keeps the gradients as accurate as the reference's. The kernels
-still return lse [B, h, N] for a future fused backward.
+Attention backward (op ``attention_bwd``): the forward saves only q, k and v;
+the backward recomputes the probabilities one query block at a time (whole key
+rows, never the full N x M matrix; window mode per window) and applies the
+standard softmax-attention gradient. CPU: C++ (csrc/cpu_ops.cpp); CUDA: the
+torch-ops version below (``attention_backward``), registered as the op's CUDA
+kernel, so it traces under torch.compile. Recomputing the softmax of each row
+(rather than exp(s - lse) from the saved fp32 log-sum-exp, which shifts a
+whole row by the lse rounding) keeps the gradients as accurate as the
+reference's. The forward kernels still return lse [B, h, N] for a future fused
+backward.
 """
 from __future__ import annotations
 
@@ -135,8 +136,18 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_grad(ctx, dout, _dlse, _dimp):
     q, k, v = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, q, k, v, ctx.scale, ctx.window, ctx.hw)
+    H, W = ctx.hw
+    dq, dk, dv = op("attention_bwd")(dout, q, k, v, ctx.scale, ctx.window, H, W)
     return dq, dk, dv, None, None, None, None, None
+
+
+def _attention_bwd_torch(dout, q, k, v, scale, window, H, W):
+    """The CUDA kernel of ``attention_bwd``: recomputation with torch ops."""
+    return attention_backward(dout, q, k, v, scale, window, (H, W))
+
+
+def _attention_bwd_fake(dout, q, k, v, scale, window, H, W):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _aggregate_fake(x, index, weights, biases, group_sizes):
@@ -165,6 +176,8 @@ def _register_python_side():
     if _python_side_registered:
         return
     torch.library.register_fake(qualified("attention_fwd"))(_attention_fake)
+    torch.library.register_fake(qualified("attention_bwd"))(_attention_bwd_fake)
+    torch.library.impl(qualified("attention_bwd"), "CUDA")(_attention_bwd_torch)
     torch.library.register_fake(qualified("aggregate_fwd"))(_aggregate_fake)
     torch.library.register_fake(qualified("aggregate_bwd"))(_aggregate_bwd_fake)
     torch.library.register_autograd(qualified("attention_fwd"), _attention_grad, setup_context=_attention_setup)

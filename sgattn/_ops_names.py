@@ -13,6 +13,10 @@ SCHEMAS = {
     #  [B,M] global / [B,N] window, or [0] when need_importance is false)
     "attention_fwd": "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int window, "
                      "int H, int W, bool need_importance) -> (Tensor, Tensor, Tensor)",
+    # (dq, dk, dv) by recomputation from the inputs (CPU: C++; CUDA: torch ops, registered
+    # from Python in sgattn._native)
+    "attention_bwd": "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, float scale, int window, "
+                     "int H, int W) -> (Tensor, Tensor, Tensor)",
     # x [B,N,C], index [G,B,N] int64, weights: all parts' r_p weights concatenated,
     # biases [P]; returns [G,B,M,C].
     "aggregate_fwd": "aggregate_fwd(Tensor x, Tensor index, Tensor weights, Tensor biases, "

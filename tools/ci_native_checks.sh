@@ -61,8 +61,10 @@ echo "   ($((SECONDS - start)) s)"
 echo "== 2. extensions import, every op has CPU and CUDA kernels"
 "$PY" - <<'PYEOF'
 import torch
-import sgattn._C, sgattn._C_cuda  # noqa: F401  (fails if the install step did not build them)
+from sgattn import _native
 from sgattn._ops_names import SCHEMAS, qualified
+why = _native.load_extension("sgattn._C_cuda")  # loads sgattn._C first; None when both import
+assert why is None, why
 missing = [(n, k) for n in SCHEMAS for k in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(qualified(n), k)]
 assert not missing, f"ops without kernels: {missing}"
