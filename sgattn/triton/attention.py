@@ -12,9 +12,10 @@ Launch structure (all grids are (tiles, B*h) unless noted):
                      per-head column sums [B, h, M] (IMPORTANCE) for long rows.
 - ``_attn_bwd_q``    one program per query tile: delta = rowsum(dO*O) (stored
                      for ``_attn_key_major``) and dQ.
-- ``_window_attn``   one program per w x w window (grid (windows, B*h)):
-                     forward + importance partials [B, h, N], or (BACKWARD) the
-                     whole window's dQ, dK, dV.
+- ``_window_attn``   grid (windows x sub-blocks, B*h); w <= 8 (SG-Former's 7):
+                     one program per window does the forward + importance
+                     partials [B, h, N], or the whole window's dQ, dK, dV.
+                     Larger windows are cut into 32-position sub-blocks.
 Importance partials are reduced in a fixed order by ``importance.py``: no
 float atomics anywhere, so results are run-to-run deterministic.
 
@@ -216,60 +217,120 @@ def _attn_key_major(Q, K, V, DO, LSE, DELTA, DK, DVp, PART,
 
 
 @triton.jit
+def _window_tokens(pos, wy, wx, GH, GW, WIN: tl.constexpr):
+    """Grid token of each window position, and whether it is real: padded
+    positions (beyond the grid) are neither queries nor keys."""
+    y = wy * WIN + pos // WIN
+    x = wx * WIN + pos % WIN
+    real = (pos < WIN * WIN) & (y < GH) & (x < GW)
+    return tl.where(real, y * GW + x, 0).to(tl.int64), real
+
+
+@triton.jit
 def _window_attn(Q, K, V, O, PART, DO, DQ, DK, DVp,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sob, soh, son, sod, sdb, sdh, sdn, sdd,
                  H, N, GH, GW, NWX, D, DV, scale, scale_log2,
-                 WIN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DV: tl.constexpr, BACKWARD: tl.constexpr, NEED_IMP: tl.constexpr,
+                 WIN: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, MODE: tl.constexpr, NEED_IMP: tl.constexpr,
                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    wid = tl.program_id(0)
+    # A window's BLOCK_L positions are cut into SPLIT sub-blocks of BLOCK_S so
+    # that no tile exceeds BLOCK_S x BLOCK_L (a 256 x 256 tile for w = 16
+    # would spill and take ptxas minutes). One program per (window, sub-block):
+    # MODE 0  forward of the sub-block's queries against the whole window
+    #         (+ importance partials, one row per (head, sub-block));
+    # MODE 1  backward of a whole window in one program (SPLIT == 1, w <= 8);
+    # MODE 2  backward dQ of the sub-block's queries;
+    # MODE 3  backward dK, dV of the sub-block's keys (loops over query sub-blocks).
+    SPLIT: tl.constexpr = BLOCK_L // BLOCK_S
+    pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
+    wid = pid // SPLIT
+    sub = pid % SPLIT
     wy = wid // NWX
     wx = wid % NWX
-    i = tl.arange(0, BLOCK_L)
-    y = wy * WIN + i // WIN
-    x = wx * WIN + i % WIN
-    # Padded window positions (beyond the grid) are neither queries nor keys.
-    real = (i < WIN * WIN) & (y < GH) & (x < GW)
-    tok = tl.where(real, y * GW + x, 0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    dmask = real[:, None] & (offs_d[None, :] < D)
-    dvmask = real[:, None] & (offs_dv[None, :] < DV)
-    q = tl.load(Q + b * sqb + h * sqh + tok[:, None] * sqn + offs_d[None, :] * sqd, mask=dmask, other=0.0)
-    k = tl.load(K + b * skb + h * skh + tok[:, None] * skn + offs_d[None, :] * skd, mask=dmask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + tok[:, None] * svn + offs_dv[None, :] * svd, mask=dvmask, other=0.0)
-    s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale_log2
-    s = tl.where(real[None, :], s, float("-inf"))
-    # Each window holds at least one real token, so every row has a finite max.
-    m = tl.max(s, 1)
-    p = tl.math.exp2(s - m[:, None])
-    p = p / tl.sum(p, 1)[:, None]
-    if BACKWARD:
-        do = tl.load(DO + b * sdb + h * sdh + tok[:, None] * sdn + offs_dv[None, :] * sdd,
-                     mask=dvmask, other=0.0)
-        dv = _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
-        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-        delta = tl.sum(p * dp, 1)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * scale
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE) * scale
-        tl.store(DQ + bh * N * D + tok[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=dmask)
-        tl.store(DK + bh * N * D + tok[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=dmask)
-        tl.store(DVp + bh * N * DV + tok[:, None] * DV + offs_dv[None, :], dv.to(DVp.dtype.element_ty),
-                 mask=dvmask)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    o_base = O + b * sob + h * soh
+    do_base = DO + b * sdb + h * sdh
+    # the whole window (keys for MODE 0-2)
+    tok_l, real_l = _window_tokens(tl.arange(0, BLOCK_L), wy, wx, GH, GW, WIN)
+    # this program's sub-block
+    tok_s, real_s = _window_tokens(sub * BLOCK_S + tl.arange(0, BLOCK_S), wy, wx, GH, GW, WIN)
+    dmask_l = real_l[:, None] & (offs_d[None, :] < D)
+    dmask_s = real_s[:, None] & (offs_d[None, :] < D)
+    dvmask_l = real_l[:, None] & (offs_dv[None, :] < DV)
+    dvmask_s = real_s[:, None] & (offs_dv[None, :] < DV)
+    k = tl.load(k_base + tok_l[:, None] * skn + offs_d[None, :] * skd, mask=dmask_l, other=0.0)
+    if MODE != 3:
+        q = tl.load(q_base + tok_s[:, None] * sqn + offs_d[None, :] * sqd, mask=dmask_s, other=0.0)
+        v = tl.load(v_base + tok_l[:, None] * svn + offs_dv[None, :] * svd, mask=dvmask_l, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale_log2
+        s = tl.where(real_l[None, :], s, float("-inf"))
+        # Each window holds at least one real token, so every row has a finite max.
+        m = tl.max(s, 1)
+        p = tl.math.exp2(s - m[:, None])
+        p = p / tl.sum(p, 1)[:, None]
+        if MODE == 0:
+            out = _dot(p.to(v.dtype), v, UPCAST, IEEE)
+            tl.store(o_base + tok_s[:, None] * son + offs_dv[None, :] * sod,
+                     out.to(O.dtype.element_ty), mask=dvmask_s)
+            if NEED_IMP:
+                # Column sums over the sub-block's real queries, divided by the
+                # window's real query count: the partials of a window add up to its mean.
+                n_real = tl.sum(real_l.to(tl.float32), 0)
+                col = tl.sum(tl.where(real_s[:, None], p, 0.0), 0) / n_real
+                tl.store(PART + (bh * SPLIT + sub) * N + tok_l, col, mask=real_l)
+        else:
+            do = tl.load(do_base + tok_s[:, None] * sdn + offs_dv[None, :] * sdd, mask=dvmask_s, other=0.0)
+            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+            delta = tl.sum(p * dp, 1)
+            ds = p * (dp - delta[:, None])
+            dq = _dot(ds.to(k.dtype), k, UPCAST, IEEE) * scale
+            tl.store(DQ + bh * N * D + tok_s[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=dmask_s)
+            if MODE == 1:  # the sub-block is the whole window: keys' gradients too
+                dv = _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
+                dk = _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE) * scale
+                tl.store(DK + bh * N * D + tok_l[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                         mask=dmask_l)
+                tl.store(DVp + bh * N * DV + tok_l[:, None] * DV + offs_dv[None, :], dv.to(DVp.dtype.element_ty),
+                         mask=dvmask_l)
     else:
-        out = _dot(p.to(v.dtype), v, UPCAST, IEEE)
-        tl.store(O + b * sob + h * soh + tok[:, None] * son + offs_dv[None, :] * sod,
-                 out.to(O.dtype.element_ty), mask=dvmask)
-        if NEED_IMP:
-            # Column sums over the window's real queries, divided by their count.
-            n_real = tl.sum(real.to(tl.float32), 0)
-            col = tl.sum(tl.where(real[:, None], p, 0.0), 0) / n_real
-            tl.store(PART + bh * N + tok, col, mask=real)
+        # keys of this sub-block; queries visited sub-block by sub-block
+        ks = tl.load(k_base + tok_s[:, None] * skn + offs_d[None, :] * skd, mask=dmask_s, other=0.0)
+        vs = tl.load(v_base + tok_s[:, None] * svn + offs_dv[None, :] * svd, mask=dvmask_s, other=0.0)
+        dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+        for j in range(0, SPLIT):
+            tok_q, real_q = _window_tokens(j * BLOCK_S + tl.arange(0, BLOCK_S), wy, wx, GH, GW, WIN)
+            q = tl.load(q_base + tok_q[:, None] * sqn + offs_d[None, :] * sqd,
+                        mask=real_q[:, None] & (offs_d[None, :] < D), other=0.0)
+            qmask_v = real_q[:, None] & (offs_dv[None, :] < DV)
+            do = tl.load(do_base + tok_q[:, None] * sdn + offs_dv[None, :] * sdd, mask=qmask_v, other=0.0)
+            o = tl.load(o_base + tok_q[:, None] * son + offs_dv[None, :] * sod, mask=qmask_v, other=0.0)
+            # row statistics over the whole window, probabilities of this key sub-block
+            s_all = _dot(q, tl.trans(k), UPCAST, IEEE) * scale_log2
+            s_all = tl.where(real_l[None, :], s_all, float("-inf"))
+            m = tl.max(s_all, 1)
+            l = tl.sum(tl.math.exp2(s_all - m[:, None]), 1)
+            s = _dot(q, tl.trans(ks), UPCAST, IEEE) * scale_log2
+            p = tl.math.exp2(s - m[:, None]) / l[:, None]
+            p = tl.where(real_q[:, None] & real_s[None, :], p, 0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
+            dp = _dot(do, tl.trans(vs), UPCAST, IEEE)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
+        tl.store(DK + bh * N * D + tok_s[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=dmask_s)
+        tl.store(DVp + bh * N * DV + tok_s[:, None] * DV + offs_dv[None, :], dv.to(DVp.dtype.element_ty),
+                 mask=dvmask_s)
 
 
 # ---------------------------------------------------------------------------
@@ -296,12 +357,19 @@ def global_config(M: int, need_importance: bool):
     return single, (_pow2(M) if single else BLOCK)
 
 
+def window_blocks(window: int):
+    """(BLOCK_L, BLOCK_S) of a w x w window: the padded window and its sub-blocks."""
+    L = _pow2(window * window)
+    return L, (L if L <= 64 else 32)
+
+
 def partial_rows(h: int, N: int, M: int, window, need_importance: bool) -> int:
     """Rows of the importance partials [B, rows, M] the forward writes."""
     if not need_importance:
         return 0
     if window:
-        return h
+        L, S = window_blocks(window)
+        return h * (L // S)
     single, _ = global_config(M, need_importance)
     return h * triton.cdiv(N, BLOCK) if single else h
 
@@ -333,12 +401,12 @@ def attention_forward(q, k, v, scale: float, window: int, hw, need_importance: b
     if window:
         lse = torch.empty(0, device=q.device, dtype=torch.float32)
         nwy, nwx = window_grid(hw, window)
-        L = _pow2(window * window)
-        _window_attn[(nwy * nwx, B * h)](
+        L, S = window_blocks(window)
+        _window_attn[(nwy * nwx * (L // S), B * h)](
             q, k, v, out, part, q, q, q, q, *strides, 0, 0, 0, 0,
             h, N, hw[0], hw[1], nwx, D, DV, scale, scale_log2,
-            WIN=window, BLOCK_L=L, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), BACKWARD=False,
-            NEED_IMP=need_importance, num_warps=4 if L <= 64 else 8, **_flags(q.dtype))
+            WIN=window, BLOCK_L=L, BLOCK_S=S, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), MODE=0,
+            NEED_IMP=need_importance, num_warps=4, **_flags(q.dtype))
         return out, lse, part
     lse = torch.empty(B, h, N, device=q.device, dtype=torch.float32)
     single, block_n = global_config(M, need_importance)
@@ -370,12 +438,14 @@ def attention_backward(do, q, k, v, out, lse, scale: float, window: int, hw):
     bd, bdv = _pow2(D), _pow2(DV)
     if window:
         nwy, nwx = window_grid(hw, window)
-        L = _pow2(window * window)
-        _window_attn[(nwy * nwx, B * h)](
-            q, k, v, q, q, do, dq, dk, dv, *qkv, 0, 0, 0, 0, *do.stride(),
-            h, N, hw[0], hw[1], nwx, D, DV, scale, scale_log2,
-            WIN=window, BLOCK_L=L, BLOCK_D=bd, BLOCK_DV=bdv, BACKWARD=True, NEED_IMP=False,
-            num_warps=4 if L <= 64 else 8, **_flags(q.dtype))
+        L, S = window_blocks(window)
+        # one program per window when it fits one tile, else a dQ and a dK/dV launch
+        for mode in ((1,) if L == S else (2, 3)):
+            _window_attn[(nwy * nwx * (L // S), B * h)](
+                q, k, v, out, q, do, dq, dk, dv, *qkv, *out.stride(), *do.stride(),
+                h, N, hw[0], hw[1], nwx, D, DV, scale, scale_log2,
+                WIN=window, BLOCK_L=L, BLOCK_S=S, BLOCK_D=bd, BLOCK_DV=bdv, MODE=mode, NEED_IMP=False,
+                num_warps=4, **_flags(q.dtype))
         return dq, dk, dv
     # Smaller tiles for wide heads keep the backward's tiles within shared memory.
     blk = BLOCK if max(D, DV) <= 64 else 32

@@ -68,10 +68,12 @@ def configurations(full: bool = False):
                 out.append((f"attn_key_major {dt} d{bd} grads={grads} imp={imp}", A._attn_key_major,
                             {**t, **f32}, dict(BLOCK_M=A.BLOCK, BLOCK_N=A.BLOCK, BLOCK_D=bd, BLOCK_DV=bd,
                                                GRADS=grads, NEED_IMP=imp, **flags), 4))
-            for bwd in (False, True):
-                out.append((f"window_attn w7 {dt} d{bd} backward={bwd}", A._window_attn, {**t, **f32},
-                            dict(WIN=7, BLOCK_L=64, BLOCK_D=bd, BLOCK_DV=bd, BACKWARD=bwd, NEED_IMP=not bwd,
-                                 **flags), 4))
+            for win in ((7, 12) if full else (7,)):
+                L, S = A.window_blocks(win)
+                for mode in ((0, 1) if L == S else (0, 2, 3)):
+                    out.append((f"window_attn w{win} {dt} d{bd} mode={mode}", A._window_attn, {**t, **f32},
+                                dict(WIN=win, BLOCK_L=L, BLOCK_S=S, BLOCK_D=bd, BLOCK_DV=bd, MODE=mode,
+                                     NEED_IMP=mode == 0, **flags), 4))
         # reallocation: channels 64..384 -> BLOCK_C 64 or 128; group sizes of every plan
         p = {"X": dt, "IDX": "i64", "W": dt, "BIAS": dt, "OUT": dt}
         block_rs = sorted({min(64, triton.next_power_of_2(max(g))) for g in REALLOCATION_GROUPS.values()})
