@@ -55,6 +55,9 @@ def _extensions():
     want_cpu, want_cuda = _flag("SGATTN_BUILD_CPU"), _flag("SGATTN_BUILD_CUDA")
     if want_cpu is False and want_cuda is not True:
         return [], {}, set()
+    if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
+        # torch would otherwise guess CUDA_HOME from nvcc on PATH (e.g. /usr/local), missing the headers.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         import torch
         from torch.utils import cpp_extension

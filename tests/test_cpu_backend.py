@@ -255,3 +255,28 @@ def test_global_module_with_cpu_backend():
     with use_backend("reference"):
         r, _ = m(x, 7, 7)
     torch.testing.assert_close(y, r, rtol=1e-4, atol=1e-5)
+
+
+def test_ops_trace_under_torch_compile_fullgraph():
+    # aot_eager traces forward and backward through the fake kernels and the
+    # registered autograd without generating code (cheap enough for CI).
+    def f(q, k, v, x, idx, w0, w1, b0, b1):
+        out, imp = CPU.attention(q, k, v)
+        out_w, imp_w = CPU.attention(q, q, q, window=3, hw=(3, 4))
+        agg = CPU.aggregate_sorted(x, idx, [w0, w1], [b0, b1])
+        return out.sum() + out_w.sum() + imp.sum() + imp_w.sum() + agg.sum()
+
+    args = [rand(1, 2, 12, 8, dtype=torch.float32).requires_grad_() for _ in range(3)]
+    x = rand(2, 12, 4, dtype=torch.float32).requires_grad_()
+    idx = torch.stack([torch.randperm(12).repeat(2, 1) for _ in range(2)])
+    ws = [rand(2, dtype=torch.float32).requires_grad_(), rand(1, dtype=torch.float32).requires_grad_(),
+          rand(1, dtype=torch.float32).requires_grad_(), rand(1, dtype=torch.float32).requires_grad_()]
+    inputs = [*args, x, idx, *ws]
+    eager = f(*inputs)
+    grads = torch.autograd.grad(eager, [*args, x, *ws])
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*inputs)
+    cgrads = torch.autograd.grad(compiled, [*args, x, *ws])
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(cgrads, grads):
+        torch.testing.assert_close(a, b)
