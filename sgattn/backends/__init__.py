@@ -41,6 +41,9 @@ class Backend:
     """
 
     name = "base"
+    # True for a backend running on an emulator (Triton's interpreter): correct
+    # but slow, so automatic dispatch skips it and only a forced choice uses it.
+    emulated = False
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run at all on this machine (None: it can)."""
@@ -160,6 +163,8 @@ def select(op: str, tensors, **options) -> Backend:
     for name in PREFERENCE:
         why = unavailable_reason(name)
         backend = _registry[name]
+        if why is None and backend.emulated:
+            why = "runs only on an emulator here (used when forced)"
         if why is None:
             why = backend.unsupported(op, tensors, **options)
             if why is None:

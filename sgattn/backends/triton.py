@@ -32,6 +32,7 @@ _UNSET = object()
 
 class TritonBackend(Backend):
     name = "triton"
+    emulated = _INTERPRET  # the interpreter is for tests: only a forced "triton" uses it
 
     def __init__(self):
         self._unavailable = _UNSET
