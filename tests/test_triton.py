@@ -49,6 +49,9 @@ def _check_attention(q, k, v, window=None, hw=None, poison=None, grads=True):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with sgattn.use_backend("triton"):
         out, imp = sgattn.attention_with_importance(*leaves, window=window, hw=hw)
+    dout = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+    if grads:
+        out.backward(dout)  # still poisoned: the backward's buffers are checked too
     if poison:
         poison()
     ref_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -62,8 +65,6 @@ def _check_attention(q, k, v, window=None, hw=None, poison=None, grads=True):
     assert imp.grad_fn is None
     if not grads:
         return
-    dout = torch.randn_like(out)
-    out.backward(dout)
     ref_out.backward(dout)
     out64.backward(dout.double())
     for name, a, r, r64 in zip("qkv", leaves, ref_leaves, leaves64):
@@ -180,13 +181,13 @@ def test_aggregate_sorted(N, groups, G, dtype, device, poison):
 
     triton_backend = get_backend("triton")
     out, leaves = run(triton_backend.aggregate_sorted)
+    dout = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+    out.backward(dout)  # still poisoned: the backward's buffers are checked too
     poison()
     ref, ref_leaves = run(reference.aggregate_sorted)
     ref64, leaves64 = run(reference.aggregate_sorted, torch.float64)
     assert out.shape == ref.shape and out.dtype == dtype
     assert_close_to_reference(out, ref, ref64, what="aggregate")
-    dout = torch.randn_like(out)
-    out.backward(dout)
     ref.backward(dout)
     ref64.backward(dout.double())
     names = ["x"] + [f"w{p}" for p in range(len(ws))] + [f"b{p}" for p in range(len(bs))]
