@@ -73,8 +73,10 @@ def test_checkpoint_layouts_load_strictly_and_reproduce_outputs(tmp_path):
         torch.save(layout, path)
         model = sgformer_s(num_classes=10).eval()
         load_checkpoint(model, str(path))
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     with pytest.raises(RuntimeError):  # strict: a 1000-class head does not fit
         load_checkpoint(sgformer_s(num_classes=1000), {"model": state})
 
