@@ -32,10 +32,6 @@ _UNSET = object()
 
 class TritonBackend(Backend):
     name = "triton"
-    # Under the interpreter the kernels are correct but very slow: a hint for
-    # automatic dispatch to take the triton backend only when forced
-    # (honoured once ``backends.select`` reads it; see the Triton report).
-    automatic = not _INTERPRET
     emulated = _INTERPRET  # the interpreter is for tests: only a forced "triton" uses it
 
     def __init__(self):
