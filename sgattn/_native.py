@@ -146,6 +146,10 @@ def _attention_bwd_torch(dout, q, k, v, scale, window, H, W):
     return attention_backward(dout, q, k, v, scale, window, (H, W))
 
 
+def _attention_bwd_grad(ctx, *grads):
+    raise NotImplementedError("sgattn: double backward through the native attention is not implemented")
+
+
 def _attention_bwd_fake(dout, q, k, v, scale, window, H, W):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -181,5 +185,6 @@ def _register_python_side():
     torch.library.register_fake(qualified("aggregate_fwd"))(_aggregate_fake)
     torch.library.register_fake(qualified("aggregate_bwd"))(_aggregate_bwd_fake)
     torch.library.register_autograd(qualified("attention_fwd"), _attention_grad, setup_context=_attention_setup)
+    torch.library.register_autograd(qualified("attention_bwd"), _attention_bwd_grad)
     torch.library.register_autograd(qualified("aggregate_fwd"), _aggregate_grad, setup_context=_aggregate_setup)
     _python_side_registered = True

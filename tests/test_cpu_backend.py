@@ -187,8 +187,13 @@ def test_ops_pass_torch_library_opcheck():
     qw, kw, vw = (rand(1, 2, 12, 8, dtype=torch.float32).requires_grad_() for _ in range(3))
     torch.library.opcheck(_native.op("attention_fwd"), (qw, kw, vw, 0.3, 3, 3, 4, True))
     dout = rand(1, 2, 12, 8, dtype=torch.float32)
-    torch.library.opcheck(_native.op("attention_bwd"), (dout, qw, kw, vw, 0.3, 3, 3, 4))
-    torch.library.opcheck(_native.op("attention_bwd"), (dout[:, :, :9], q, k, v, 0.3, 0, 0, 0))
+    plain = [t.detach() for t in (qw, kw, vw, q, k, v)]  # attention_bwd has no double backward
+    torch.library.opcheck(_native.op("attention_bwd"), (dout, *plain[:3], 0.3, 3, 3, 4))
+    torch.library.opcheck(_native.op("attention_bwd"), (dout[:, :, :9], *plain[3:], 0.3, 0, 0, 0))
+    with pytest.raises(RuntimeError, match="double backward"):
+        out, _ = CPU.attention(q, k, v)
+        (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+        gq.sum().backward()
     x = rand(2, 13, 6, dtype=torch.float32).requires_grad_()
     idx = torch.stack([torch.randperm(13).repeat(2, 1) for _ in range(2)])
     w = rand(3, dtype=torch.float32).requires_grad_()
