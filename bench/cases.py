@@ -250,7 +250,7 @@ def hybrid_flex(q_g, k_g, v_g, q_l, k_l, v_l, *, hw, reduced_hw, scale=None, _ma
     global _flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     if _flex is None:
-        _flex = torch.compile(flex_attention, dynamic=False)
+        _flex = compiled(flex_attention)
     scale = scale or q_g.shape[-1] ** -0.5
     H, W = hw
     B, h, N, d = q_l.shape

@@ -6,7 +6,8 @@
 Environment: SGATTN_BENCH_SHAPES=smoke|cpu|full (default: full on a GPU, cpu
 otherwise; smoke whenever --benchmark-disable is given and none is set),
 SGATTN_BENCH_DEVICE=cpu|cuda, SGATTN_BENCH_BUDGET_S (skip cases that would
-start after this many seconds), SGATTN_BENCH_OUT (results folder).
+start after this many seconds), SGATTN_BENCH_OUT (results folder),
+SGATTN_BENCH_ROUNDS (force the number of timed rounds, e.g. 1 for huge CPU cases).
 Each case is recorded (median, peak memory, FLOPs, bytes) and appended to
 ``<out>/records.jsonl`` as it finishes, so a run cut short keeps what it
 measured (``python bench/report.py <out>/records.jsonl`` rebuilds the tables).
@@ -114,11 +115,15 @@ class Runner:
                 bm.pedantic(timed, rounds=1)
                 return
             peak = report.peak_memory(fn, device)  # also the first (compiling) call
-            single = report.time_once(fn, device)
-            # the peak-memory call and the single call are the warm-up on a CPU
             cpu = device.type == "cpu"
-            rounds = report.rounds_for(single, 2 if cpu else 5, 10 if cpu else 200, 1.0 if cpu else 0.5)
-            bm.pedantic(timed, rounds=rounds, warmup_rounds=0 if cpu else 1, iterations=1)
+            forced = int(os.environ.get("SGATTN_BENCH_ROUNDS") or 0)
+            if forced:  # e.g. very large CPU cases: the peak-memory call is the only warm-up
+                rounds = forced
+            else:
+                single = report.time_once(fn, device)
+                # the peak-memory call and the single call are the warm-up on a CPU
+                rounds = report.rounds_for(single, 2 if cpu else 5, 10 if cpu else 200, 1.0 if cpu else 0.5)
+            bm.pedantic(timed, rounds=rounds, warmup_rounds=0 if cpu or forced else 1, iterations=1)
         except Exception as exc:
             oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
             expected = oom or type(exc).__name__ in ("BackendError", "NotImplementedError")
