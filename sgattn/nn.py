@@ -204,8 +204,9 @@ def patch_model(model: nn.Module) -> int:
             new = kind(child.dim, num_heads=child.num_heads, qkv_bias=q.bias is not None,
                        qk_scale=child.scale, attn_drop=child.attn_drop.p, proj_drop=child.proj_drop.p,
                        sr_ratio=child.sr_ratio, linear=getattr(child, "linear", False))
-            new.load_state_dict(child.state_dict(), strict=True)
+            # dtype and device first, so that float64 weights are not rounded through float32
             new.to(device=child.proj.weight.device, dtype=child.proj.weight.dtype)
+            new.load_state_dict(child.state_dict(), strict=True)
             new.train(child.training)
             setattr(parent, child_name, new)
             replaced += 1
