@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.sgformer import SGFormer, VARIANTS
+from .nn import init_weights
 
 WINDOW = 7
 # SPEC 2b: group sizes r_p (the in-features of f1, f2[, f3]) per reduction ratio.
@@ -187,22 +188,6 @@ def self_guided_attention(q, x, importance, kv1_weight, kv1_bias, kv2_weight, kv
 # the module
 # --------------------------------------------------------------------------
 
-def _init_weights(m):
-    # The paper's initialisation (same as sgattn.nn.init_weights).
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            m.bias.data.zero_()
-
-
 class Attention(nn.Module):
     """The paper's attention module, naive. ``mask`` (constructor): False for a
     hybrid-scale block, True for a self-guided block; sr_ratio 1 is plain
@@ -246,7 +231,7 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @property
     def kind(self) -> str:
