@@ -22,7 +22,6 @@ naive baseline at 512, 1024 and 800x1344.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
