@@ -32,10 +32,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def importance_dtype(dtype: torch.dtype) -> torch.dtype:
-    return compute_dtype(dtype)
-
-
 def attention(q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0, need_importance=True):
     """softmax(q k^T * scale) v, and optionally the importance of every key.
 
