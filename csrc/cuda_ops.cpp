@@ -2,13 +2,25 @@
 // names: the header generated from sgattn/_ops_names.py). Compiled by the host
 // compiler; the kernels sit behind the framework-free API of
 // kernels/sgattn_cuda_api.h, so no torch header goes through nvcc.
+//
+// Every argument of a direct torch.ops.sgattn.* call is validated here
+// (devices, dtypes, shapes, overflow, launch limits) with a message naming the
+// problem; index *values* are validated on the device (kernels/reallocation.cuh),
+// so no op synchronises with the host. Outputs are contiguous. The module also
+// exposes the launch planner (runs without a GPU), the device's shared-memory
+// limit and a kernel-image probe to sgattn/backends/cuda.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <Python.h>
+
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <limits>
 
 #include "sgattn_cuda_api.h"
 #include "sgattn_op_schemas.h"
@@ -16,13 +28,16 @@
 namespace {
 
 using sgattn::DType;
+constexpr int64_t kI32Max = std::numeric_limits<int32_t>::max();
 
-DType dtype_of(const at::Tensor& t, const char* op) {
+DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::F32;
     case at::kHalf: return DType::F16;
     case at::kBFloat16: return DType::BF16;
-    default: TORCH_CHECK(false, op, " (cuda): unsupported dtype ", t.scalar_type(), "; use float32, float16 or bfloat16");
+    default:
+      TORCH_CHECK(false, op, " (cuda): ", name, " has unsupported dtype ", t.scalar_type(),
+                  "; use float32, float16 or bfloat16");
   }
 }
 
@@ -30,10 +45,27 @@ void check_cuda(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
 }
 
-size_t max_smem_optin() {
-  int dev = 0, bytes = 0;
-  check_cuda(cudaGetDevice(&dev), "attention_fwd");
-  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "attention_fwd");
+// All tensors defined, on CUDA, on the device of the first one.
+void check_devices(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  const at::Tensor* first = ts.begin()->second;
+  const char* first_name = ts.begin()->first;
+  for (const auto& [name, t] : ts) {
+    TORCH_CHECK(t->defined(), op, " (cuda): ", name, " is undefined");
+    TORCH_CHECK(t->is_cuda(), op, " (cuda): ", name, " must be a CUDA tensor, got one on ", t->device());
+    TORCH_CHECK(t->device() == first->device(), op, " (cuda): ", name, " is on ", t->device(), " but ", first_name,
+                " is on ", first->device(), "; all tensors must be on the same CUDA device");
+  }
+}
+
+// Opt-in shared memory per block of the current device, queried once per device.
+size_t max_smem_optin(const char* op) {
+  static std::array<std::atomic<int>, 64> cache{};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), op);
+  if (dev >= 0 && dev < 64 && cache[dev].load(std::memory_order_relaxed) > 0) return cache[dev].load();
+  int bytes = 0;
+  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), op);
+  if (dev >= 0 && dev < 64) cache[dev].store(bytes);
   return static_cast<size_t>(bytes);
 }
 
@@ -46,23 +78,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
                                                                   int64_t window, int64_t H, int64_t W,
                                                                   bool need_importance) {
   const char* op = "attention_fwd";
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
-              ": q, k, v must share a dtype");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
-                  v.sizes() == k.sizes(),
-              op, " (cuda): k and v must be [B, h, M, d] matching q (value dim == head dim)");
-  TORCH_CHECK(q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0, op, ": empty input");
-  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: global)");
-  if (window > 0) {
-    TORCH_CHECK(k.size(2) == q.size(2) && H > 0 && W > 0 && H * W == q.size(2), op,
-                ": window mode needs M == N == H*W");
-  }
-  const DType dt = dtype_of(q, op);
-  c10::cuda::CUDAGuard guard(q.device());
+  check_devices(op, {{"q", &q}, {"k", &k}, {"v", &v}});
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, " (cuda): q, k, v must be 4-D [B, h, N|M, d], got ",
+              q.dim(), "-D, ", k.dim(), "-D, ", v.dim(), "-D");
+  const DType dt = dtype_of(q, op, "q");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              " (cuda): q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
   const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == h && k.size(3) == d, op, " (cuda): k must be [B, h, M, d] = [", B, ", ",
+              h, ", M, ", d, "] to match q, got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, " (cuda): v must have k's shape ", k.sizes(),
+              " (value dim == head dim), got ", v.sizes());
+  TORCH_CHECK(d >= 1 && d <= sgattn::kMaxHeadDim, op, " (cuda): head dim must be in 1..", sgattn::kMaxHeadDim,
+              ", got ", d);
+  TORCH_CHECK(N <= kI32Max && M <= kI32Max, op, " (cuda): N = ", N, " and M = ", M, " must be below 2^31");
+  TORCH_CHECK(std::isfinite(scale), op, " (cuda): scale must be finite, got ", scale);
+  TORCH_CHECK(window >= 0, op, " (cuda): window must be >= 0 (0: global attention), got ", window);
+  if (window > 0) {
+    TORCH_CHECK(H > 0 && W > 0, op, " (cuda): window mode needs H > 0 and W > 0, got H=", H, ", W=", W);
+    TORCH_CHECK(H <= kI32Max / W, op, " (cuda): H*W overflows (H=", H, ", W=", W, ")");
+    TORCH_CHECK(H * W == N, op, " (cuda): window mode needs H*W == N, got H*W = ", H * W, " and N = ", N);
+    TORCH_CHECK(M == N, op, " (cuda): window mode needs M == N (keys on the same grid), got M = ", M, ", N = ", N);
+    TORCH_CHECK(window <= 46340, op, " (cuda): window*window overflows 32 bits (window = ", window, ")");
+  } else {
+    TORCH_CHECK(M >= 1 || B * h * N == 0, op, " (cuda): global attention needs at least one key (M = 0)");
+  }
+  c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({B, h, N, d}, q.options());
   auto lse = at::empty({B, h, N}, q.options().dtype(at::kFloat));
+  const int64_t ncols = window > 0 ? N : M;
+  auto fopts = q.options().dtype(at::kFloat);
+  if (B * h * N == 0) {  // nothing to launch; importance is a mean over no heads or queries
+    at::Tensor imp = need_importance ? at::full({B, ncols}, std::numeric_limits<float>::quiet_NaN(), fopts)
+                                     : at::empty({0}, fopts);
+    return {out, lse, imp};
+  }
 
   sgattn::AttnParams p{};
   p.q = q.const_data_ptr();
@@ -75,14 +126,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
   strides_of(v, p.v_stride);
   p.B = B; p.h = h; p.N = N; p.M = M; p.d = d;
   p.scale = static_cast<float>(scale);
-  p.window = window; p.H = H; p.W = W;
-  const sgattn::AttnPlan plan = sgattn::plan_attention(dt, p, max_smem_optin());
+  p.window = window; p.H = window > 0 ? H : 0; p.W = window > 0 ? W : 0;
+  const sgattn::AttnPlan plan = sgattn::plan_attention(dt, p, max_smem_optin(op));
   TORCH_CHECK(plan.error == nullptr, op, " (cuda): ", plan.error);
 
-  at::Tensor partial, imp = at::empty({0}, q.options().dtype(at::kFloat));
+  at::Tensor partial, imp = at::empty({0}, fopts);
   if (need_importance) {
-    partial = at::empty({plan.partial_elems}, q.options().dtype(at::kFloat));
-    imp = at::empty({B, plan.ncols}, q.options().dtype(at::kFloat));
+    partial = at::empty({plan.partial_elems}, fopts);
+    imp = at::empty({B, plan.ncols}, fopts);
   }
   check_cuda(sgattn::attention_forward(dt, p, plan, need_importance ? partial.data_ptr<float>() : nullptr,
                                        need_importance ? imp.data_ptr<float>() : nullptr,
@@ -91,37 +142,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
   return {out, lse, imp};
 }
 
+// Shapes and plan of the reallocation ops (index values are checked on the device).
 sgattn::ReallocArgs realloc_args(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights,
                                  c10::IntArrayRef group_sizes, const char* op) {
-  TORCH_CHECK(x.dim() == 3, op, ": x must be [B, N, C]");
-  TORCH_CHECK(index.dim() == 3 && index.scalar_type() == at::kLong && index.size(1) == x.size(0) &&
-                  index.size(2) == x.size(1),
-              op, ": index must be [G, B, N] int64 matching x [B, N, C]");
+  TORCH_CHECK(x.dim() == 3, op, " (cuda): x must be [B, N, C], got ", x.dim(), "-D");
+  TORCH_CHECK(index.dim() == 3 && index.scalar_type() == at::kLong, op,
+              " (cuda): index must be a 3-D [G, B, N] int64 tensor, got ", index.dim(), "-D ", index.scalar_type());
+  TORCH_CHECK(index.size(1) == x.size(0) && index.size(2) == x.size(1), op, " (cuda): index must be [G, ", x.size(0),
+              ", ", x.size(1), "] to match x ", x.sizes(), ", got ", index.sizes());
   const int P = static_cast<int>(group_sizes.size());
-  TORCH_CHECK(P == 2 || P == 3, op, ": 2 or 3 parts, got ", P);
+  TORCH_CHECK(P == 2 || P == 3, op, " (cuda): group_sizes must have 2 or 3 parts, got ", P);
   int64_t total = 0;
   for (auto r : group_sizes) {
-    TORCH_CHECK(r >= 1, op, ": group sizes must be >= 1");
+    TORCH_CHECK(r >= 1 && r <= sgattn::kMaxGroupSize, op, " (cuda): group sizes must be in 1..",
+                sgattn::kMaxGroupSize, ", got ", r);
     total += r;
   }
-  TORCH_CHECK(weights.dim() == 1 && weights.numel() == total && weights.scalar_type() == x.scalar_type(), op,
-              ": weights must hold sum(group_sizes) values in x's dtype");
+  TORCH_CHECK(weights.dim() == 1 && weights.numel() == total, op, " (cuda): weights must be 1-D with sum(group_sizes) = ",
+              total, " values, got ", weights.sizes());
+  TORCH_CHECK(weights.scalar_type() == x.scalar_type(), op, " (cuda): weights must have x's dtype ", x.scalar_type(),
+              ", got ", weights.scalar_type());
+  const int64_t G = index.size(0), B = x.size(0), N = x.size(1), C = x.size(2);
   sgattn::ReallocArgs a{};
-  a.plan = sgattn::ReallocPlan(x.size(1), P, group_sizes.data());
-  a.G = index.size(0); a.B = x.size(0); a.N = x.size(1); a.C = x.size(2);
+  a.plan = sgattn::ReallocPlan(N, P, group_sizes.data());
+  a.G = G; a.B = B; a.N = N; a.C = C;
+  // Launch limits: forward one block per output row, backward one warp per token / row.
+  TORCH_CHECK(G == 0 || B == 0 || a.plan.M == 0 || G * B <= kI32Max / a.plan.M, op,
+              " (cuda): G*B*M = ", G, "*", B, "*", a.plan.M, " output rows exceed one launch (2^31-1)");
+  TORCH_CHECK(B * N / 8 < kI32Max && G * B * N / 256 < kI32Max, op, " (cuda): G*B*N = ", G, "*", B, "*", N,
+              " tokens exceed one launch");
   return a;
 }
 
 at::Tensor aggregate_fwd_cuda(const at::Tensor& x_in, const at::Tensor& index_in, const at::Tensor& weights,
                               const at::Tensor& biases, c10::IntArrayRef group_sizes) {
   const char* op = "aggregate_fwd";
-  const DType dt = dtype_of(x_in, op);
-  c10::cuda::CUDAGuard guard(x_in.device());
+  check_devices(op, {{"x", &x_in}, {"index", &index_in}, {"weights", &weights}, {"biases", &biases}});
+  const DType dt = dtype_of(x_in, op, "x");
   sgattn::ReallocArgs a = realloc_args(x_in, index_in, weights, group_sizes, op);
-  TORCH_CHECK(biases.numel() == a.plan.P && biases.scalar_type() == x_in.scalar_type(), op,
-              ": biases must hold one value per part in x's dtype");
+  TORCH_CHECK(biases.dim() == 1 && biases.numel() == a.plan.P && biases.scalar_type() == x_in.scalar_type(), op,
+              " (cuda): biases must be 1-D with one value per part (", a.plan.P, ") in x's dtype, got ",
+              biases.sizes(), " ", biases.scalar_type());
+  c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous(), index = index_in.contiguous(), w = weights.contiguous(), b = biases.contiguous();
   auto out = at::empty({a.G, a.B, a.plan.M, a.C}, x.options());
+  if (out.numel() == 0) return out;
   a.x = x.const_data_ptr(); a.index = index.const_data_ptr<int64_t>();
   a.weights = w.const_data_ptr(); a.biases = b.const_data_ptr(); a.out = out.data_ptr();
   check_cuda(sgattn::realloc_forward(dt, a, c10::cuda::getCurrentCUDAStream().stream()), op);
@@ -132,23 +197,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_bwd_cuda(const at::Tens
                                                                   const at::Tensor& index_in, const at::Tensor& weights,
                                                                   c10::IntArrayRef group_sizes) {
   const char* op = "aggregate_bwd";
-  const DType dt = dtype_of(x_in, op);
-  c10::cuda::CUDAGuard guard(x_in.device());
+  check_devices(op, {{"grad", &grad_in}, {"x", &x_in}, {"index", &index_in}, {"weights", &weights}});
+  const DType dt = dtype_of(x_in, op, "x");
   sgattn::ReallocArgs a = realloc_args(x_in, index_in, weights, group_sizes, op);
+  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == a.G && grad_in.size(1) == a.B &&
+                  grad_in.size(2) == a.plan.M && grad_in.size(3) == a.C,
+              op, " (cuda): grad must be [G, B, M, C] = [", a.G, ", ", a.B, ", ", a.plan.M, ", ", a.C, "], got ",
+              grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), op, " (cuda): grad must have x's dtype ",
+              x_in.scalar_type(), ", got ", grad_in.scalar_type());
+  c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous(), index = index_in.contiguous(), w = weights.contiguous(), grad = grad_in.contiguous();
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == a.G && grad.size(1) == a.B && grad.size(2) == a.plan.M &&
-                  grad.size(3) == a.C && grad.scalar_type() == x.scalar_type(),
-              op, ": grad must be [G, B, M, C] in x's dtype");
-  auto dx = at::empty_like(x), dw = at::empty_like(w), db = at::empty({a.plan.P}, x.options());
+  auto dx = at::empty({a.B, a.N, a.C}, x.options());
+  auto dw = at::empty({w.numel()}, x.options());
+  auto db = at::empty({a.plan.P}, x.options());
   auto inv = at::empty({a.G, a.B, a.N}, index.options());
   auto dots = at::empty({a.G, a.B, a.N}, x.options().dtype(at::kFloat));
+  auto rowsums = at::empty({a.G, a.B, a.plan.M}, x.options().dtype(at::kFloat));
+  if (a.G == 0 && a.B * a.N * a.C > 0) dx.zero_();  // no ordering reaches x
   a.x = x.const_data_ptr(); a.index = index.const_data_ptr<int64_t>(); a.weights = w.const_data_ptr();
   check_cuda(sgattn::realloc_backward(dt, a, grad.const_data_ptr(), dx.data_ptr(), inv.data_ptr<int64_t>(),
-                                      dots.data_ptr<float>(), dw.data_ptr(), db.data_ptr(), w.numel(),
-                                      c10::cuda::getCurrentCUDAStream().stream()),
+                                      dots.data_ptr<float>(), rowsums.data_ptr<float>(), dw.data_ptr(), db.data_ptr(),
+                                      w.numel(), c10::cuda::getCurrentCUDAStream().stream()),
              op);
   return {dx, dw, db};
 }
+
+// ------------------------------------------------------------ module functions
+
+DType dtype_from_name(const char* name, bool* ok) {
+  *ok = true;
+  const std::string s(name);
+  if (s == "float32") return DType::F32;
+  if (s == "float16") return DType::F16;
+  if (s == "bfloat16") return DType::BF16;
+  *ok = false;
+  return DType::F32;
+}
+
+// plan_attention(dtype, B, h, N, M, d, window, H, W, max_smem) -> dict; no GPU needed.
+PyObject* py_plan_attention(PyObject*, PyObject* args) {
+  const char* dtype = nullptr;
+  long long B, h, N, M, d, window, H, W, max_smem;
+  if (!PyArg_ParseTuple(args, "sLLLLLLLLL", &dtype, &B, &h, &N, &M, &d, &window, &H, &W, &max_smem)) return nullptr;
+  bool ok = false;
+  const DType dt = dtype_from_name(dtype, &ok);
+  if (!ok) {
+    PyErr_SetString(PyExc_ValueError, "dtype must be 'float32', 'float16' or 'bfloat16'");
+    return nullptr;
+  }
+  sgattn::AttnParams p{};
+  p.B = B; p.h = h; p.N = N; p.M = M; p.d = d; p.window = window; p.H = H; p.W = W;
+  const sgattn::AttnPlan plan = sgattn::plan_attention(dt, p, static_cast<size_t>(max_smem));
+  if (plan.error != nullptr) return Py_BuildValue("{s:s}", "error", plan.error);
+  return Py_BuildValue("{s:O,s:i,s:i,s:n,s:n,s:L,s:L,s:L,s:L,s:L}", "error", Py_None, "warps", plan.warps, "QT",
+                       plan.QT, "smem", static_cast<Py_ssize_t>(plan.smem), "imp_smem",
+                       static_cast<Py_ssize_t>(plan.imp_smem), "fwd_blocks", (long long)plan.fwd_blocks,
+                       "imp_blocks", (long long)plan.imp_blocks, "splits", (long long)plan.splits, "ktiles",
+                       (long long)plan.ktiles, "partial_elems", (long long)plan.partial_elems);
+}
+
+// device_smem_optin(device_index) -> int (opt-in shared memory per block, bytes).
+PyObject* py_device_smem_optin(PyObject*, PyObject* args) {
+  int dev = 0;
+  if (!PyArg_ParseTuple(args, "i", &dev)) return nullptr;
+  int bytes = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) {
+    PyErr_SetString(PyExc_RuntimeError, cudaGetErrorString(err));
+    return nullptr;
+  }
+  return PyLong_FromLong(bytes);
+}
+
+// probe(device_index) -> None, or why the kernels cannot run on that device.
+PyObject* py_probe(PyObject*, PyObject* args) {
+  int dev = 0;
+  if (!PyArg_ParseTuple(args, "i", &dev)) return nullptr;
+  int prev = 0;
+  cudaError_t err = cudaGetDevice(&prev);
+  if (err == cudaSuccess) err = cudaSetDevice(dev);
+  if (err == cudaSuccess) {
+    err = sgattn::probe_kernel_image();
+    cudaSetDevice(prev);
+  }
+  if (err == cudaSuccess) Py_RETURN_NONE;
+  cudaGetLastError();  // clear a non-sticky error
+  return PyUnicode_FromFormat("the CUDA kernels cannot run on device %d: %s (%s); rebuild with its architecture in "
+                              "TORCH_CUDA_ARCH_LIST",
+                              dev, cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+PyMethodDef methods[] = {
+    {"plan_attention", py_plan_attention, METH_VARARGS,
+     "plan_attention(dtype, B, h, N, M, d, window, H, W, max_smem) -> dict: the attention kernels' launch plan "
+     "('error' is None or why they cannot run)"},
+    {"device_smem_optin", py_device_smem_optin, METH_VARARGS, "opt-in shared memory per block of a device (bytes)"},
+    {"probe", py_probe, METH_VARARGS, "None if a kernel image for the device exists, else the reason"},
+    {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
@@ -159,5 +305,5 @@ TORCH_LIBRARY_IMPL(sgattn, CUDA, m) {
 }
 
 static PyModuleDef sgattn_cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",
-                                         "sgattn CUDA kernels for the torch.ops.sgattn.* ops", -1, nullptr};
+                                         "sgattn CUDA kernels for the torch.ops.sgattn.* ops", -1, methods};
 PyMODINIT_FUNC PyInit__C_cuda(void) { return PyModule_Create(&sgattn_cuda_module); }

@@ -1,15 +1,20 @@
-// Fused attention with importance for short key rows (SG-Former regime: all
-// keys of a tile, up to 256, sit in shared memory). One block = one tile of
-// 16 * warps queries of one (batch, head) against every key it may see:
-//   global mode: query rows [tile * QT, ...) against all M keys;
-//   window mode: the queries of one w x w window (QT-row sub-tile) against
-//                that window's keys; padded positions are masked.
-// The exact softmax row (not an online one) gives the output, the row
-// log-sum-exp, and the per-tile column sums of the probabilities (the
-// importance partials) in the same launch; a small second kernel reduces the
-// partials in a fixed order (deterministic, no atomics).
+// Fused attention with importance for any key count (flash-style).
+//
+// Forward (attention_fwd_kernel): one block = one tile of QT = 16 * warps
+// queries of one (batch, head, segment); a segment is the whole sequence
+// (global mode) or one w x w window (padded positions masked). The block loops
+// over key tiles of 64 keys with an online softmax: scores S = Q K^T, running
+// row max m and sum l, O = O * alpha + P V in an fp32 shared-memory
+// accumulator; it writes out = O / l and the row log-sum-exp.
+// Importance (attention_imp_kernel): a second, key-major pass recomputes the
+// probabilities from the stored log-sum-exp, p = exp(s - lse), one block per
+// (batch, head, segment, key tile, query split), and writes per-split column
+// sums; importance_reduce_kernel sums them in a fixed order (deterministic,
+// no atomics).
 // fp16/bf16 use tensor cores (WMMA 16x16x16, fp32 accumulation); fp32 runs a
-// SIMT path with the same staging. Head dims up to 128 (padded to DP).
+// SIMT path with the same staging. Head dims up to 128 (zero-padded to DP).
+// Index arithmetic is 32-bit (N, M < 2^31 and block counts < 2^31 are checked
+// by the planner); element offsets are 64-bit.
 #pragma once
 #include <mma.h>
 
@@ -22,203 +27,303 @@ namespace sgattn {
 
 namespace detail {
 
-// Query/key positions of a tile -> token index (-1: masked).
-struct TileMap {
+// Local positions of one segment -> token index (-1: masked). Window mode
+// works from the window's origin (y0, x0) in 32-bit arithmetic.
+struct Segment {
+  int w, H, W, y0, x0, nq, nk;
   bool windowed;
-  WindowGeom geo;
-  int64_t win, q0, nkeys, N;
-  __device__ TileMap(const AttnParams& p, const AttnPlan& plan, int64_t tile)
-      : windowed(p.window > 0), geo(p.H > 0 ? p.H : 1, p.W > 0 ? p.W : 1, p.window > 0 ? p.window : 1) {
-    N = p.N;
+  __device__ Segment(const AttnParams& p, int seg) {
+    windowed = p.window > 0;
     if (windowed) {
-      win = tile / plan.subtiles;
-      q0 = (tile % plan.subtiles) * plan.QT;
-      nkeys = geo.size();
+      w = int(p.window); H = int(p.H); W = int(p.W);
+      const int nwx = (W + w - 1) / w, wy = seg / nwx;
+      y0 = wy * w; x0 = (seg - wy * nwx) * w;
+      nq = nk = w * w;
     } else {
-      win = 0;
-      q0 = tile * plan.QT;
-      nkeys = p.M;
+      w = H = W = y0 = x0 = 0;
+      nq = int(p.N); nk = int(p.M);
     }
   }
-  __device__ int64_t query(int r) const {
-    const int64_t l = q0 + r;
-    if (windowed) return l < geo.size() ? geo.token(win, l) : -1;
-    return l < N ? l : -1;
+  __device__ int local_token(int l) const {
+    const int dy = l / w, dx = l - dy * w, y = y0 + dy, x = x0 + dx;
+    return (y < H && x < W) ? y * W + x : -1;
   }
-  __device__ int64_t key(int j) const {
-    if (j >= nkeys) return -1;
-    return windowed ? geo.token(win, j) : j;
-  }
-  // Importance column of key j (valid keys only).
-  __device__ int64_t column(int j) const { return windowed ? geo.token(win, j) : j; }
+  __device__ int query(int l) const { return l >= nq ? -1 : (windowed ? local_token(l) : l); }
+  __device__ int key(int l) const { return l >= nk ? -1 : (windowed ? local_token(l) : l); }
 };
 
 // rows x DP tile of (b, hh, token(r), c) into smem (row stride ld), zeros where masked or c >= d.
 template <typename T, int DP, typename TokenFn>
-__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, const int64_t* st, int64_t b, int64_t hh,
-                                          int rows, int64_t d, TokenFn token) {
+__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, const int64_t* st, int b, int hh,
+                                          int rows, int d, TokenFn token) {
   const T* base = src + b * st[0] + hh * st[1];
   for (int i = threadIdx.x; i < rows * DP; i += blockDim.x) {
-    const int r = i / DP, c = i % DP;
-    const int64_t t = token(r);
+    const int r = i / DP, c = i - r * DP;
+    const int t = token(r);
     dst[r * ld + c] = (t >= 0 && c < d) ? base[t * st[2] + c * st[3]] : from_f<T>(0.0f);
   }
+}
+
+template <typename T>
+__device__ __forceinline__ T* carve(unsigned char*& at, size_t bytes) {
+  T* p = reinterpret_cast<T*>(at);
+  at += (bytes + 127) / 128 * 128;
+  return p;
 }
 
 }  // namespace detail
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(128) attention_fwd_kernel(AttnParams p, AttnPlan plan, float* partial) {
+__global__ void __launch_bounds__(128) attention_fwd_kernel(AttnParams p, AttnPlan plan) {
   using namespace nvcuda;
   constexpr bool TC = !std::is_same<T, float>::value;
-  constexpr int LDK = DP + (TC ? 8 : 1);  // +8 halves: 16-byte rows for WMMA; +1 float: no bank conflicts
-  constexpr int KT = kMaxKeys / 32;       // key columns per lane in the row softmax
-  const int Mp = plan.Mp, QT = plan.QT, lds = Mp + 4;
+  constexpr int LDK = DP + (TC ? 8 : 1);
+  constexpr int KT = kKeyTile, LDS = KT + 4, LDO = DP + 4;
+  const int QT = plan.QT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
-  const int64_t tile = blockIdx.x, hh = blockIdx.y, b = blockIdx.z;
-  const detail::TileMap tm(p, plan, tile);
+  const int tiles = int(plan.segments * plan.subtiles);
+  const int bh = int(blockIdx.x) / tiles, tile = int(blockIdx.x) - bh * tiles;
+  const int b = bh / int(p.h), hh = bh - b * int(p.h);
+  const int subtiles = int(plan.subtiles), seg_id = tile / subtiles;
+  const int q0 = (tile - seg_id * subtiles) * QT;
+  const detail::Segment seg(p, seg_id);
+  const int d = int(p.d);
 
   extern __shared__ __align__(128) unsigned char smem[];
-  T* KV = reinterpret_cast<T*>(smem);                                   // [Mp][LDK]: K, later V
-  T* Qs = reinterpret_cast<T*>(smem + ((size_t(Mp) * LDK * sizeof(T) + 127) / 128) * 128);  // [QT][LDK]
-  float* S = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(Qs) +
-                                      ((size_t(QT) * LDK * sizeof(T) + 127) / 128) * 128);  // [QT][lds]
+  unsigned char* at = smem;
+  T* Qs = detail::carve<T>(at, size_t(QT) * LDK * sizeof(T));
+  T* KV = detail::carve<T>(at, size_t(KT) * LDK * sizeof(T));  // K tile, then V tile
+  float* S = detail::carve<float>(at, size_t(QT) * LDS * 4);     // scores, then P (T in place for TC)
+  float* O = detail::carve<float>(at, size_t(QT) * LDO * 4);
+  float* Mrow = detail::carve<float>(at, size_t(QT) * 4);
+  float* Lrow = detail::carve<float>(at, size_t(QT) * 4);
 
-  auto qtok = [&](int r) { return tm.query(r); };
-  auto ktok = [&](int j) { return tm.key(j); };
-  detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QT, p.d, qtok);
-  detail::load_tile<T, DP>(KV, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, Mp, p.d, ktok);
-  __syncthreads();
+  auto qtok = [&](int r) { return seg.query(q0 + r); };
+  detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QT, d, qtok);
+  for (int i = threadIdx.x; i < QT * LDO; i += blockDim.x) O[i] = 0.0f;
+  for (int i = threadIdx.x; i < QT; i += blockDim.x) { Mrow[i] = -INFINITY; Lrow[i] = 0.0f; }
 
-  // S = Q K^T for this warp's 16 rows.
-  if constexpr (TC) {
-    for (int nt = 0; nt < Mp / 16; ++nt) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
+  const float sl2 = p.scale * 1.4426950408889634f;  // base-2 softmax of pre-scaled scores
+  const int ktiles = (seg.nk + KT - 1) / KT;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    const int k0 = kt * KT;
+    auto ktok = [&](int j) { return seg.key(k0 + j); };
+    __syncthreads();  // previous V tile fully read
+    detail::load_tile<T, DP>(KV, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KT, d, ktok);
+    __syncthreads();
+
+    // S = Q K^T for this warp's 16 rows.
+    if constexpr (TC) {
 #pragma unroll
-      for (int kt = 0; kt < DP / 16; ++kt) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // K rows = columns of K^T
-        wmma::load_matrix_sync(fa, Qs + r0 * LDK + kt * 16, LDK);
-        wmma::load_matrix_sync(fb, KV + nt * 16 * LDK + kt * 16, LDK);
-        wmma::mma_sync(acc, fa, fb, acc);
+      for (int nt = 0; nt < KT / 16; ++nt) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // K rows = columns of K^T
+          wmma::load_matrix_sync(fa, Qs + r0 * LDK + kk * 16, LDK);
+          wmma::load_matrix_sync(fb, KV + nt * 16 * LDK + kk * 16, LDK);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(S + r0 * LDS + nt * 16, acc, LDS, wmma::mem_row_major);
       }
-      wmma::store_matrix_sync(S + r0 * lds + nt * 16, acc, lds, wmma::mem_row_major);
-    }
-  } else {
-    for (int r = r0; r < r0 + 16; ++r) {
-      for (int j = lane; j < Mp; j += 32) {
-        float acc = 0.0f;
+    } else {
+      for (int r = r0; r < r0 + 16; ++r) {
+#pragma unroll
+        for (int t = 0; t < KT / 32; ++t) {
+          const int j = lane + 32 * t;
+          float acc = 0.0f;
 #pragma unroll 8
-        for (int c = 0; c < DP; ++c) acc += to_f(Qs[r * LDK + c]) * to_f(KV[j * LDK + c]);
-        S[r * lds + j] = acc;
+          for (int c = 0; c < DP; ++c) acc += Qs[r * LDK + c] * KV[j * LDK + c];
+          S[r * LDS + j] = acc;
+        }
+      }
+    }
+    __syncwarp();
+
+    // Online softmax update of this warp's rows; P replaces S (as T for tensor cores).
+    bool valid[KT / 32];
+#pragma unroll
+    for (int t = 0; t < KT / 32; ++t) valid[t] = seg.key(k0 + lane + 32 * t) >= 0;
+    for (int r = r0; r < r0 + 16; ++r) {
+      float e[KT / 32];
+      float mt = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < KT / 32; ++t) {
+        e[t] = valid[t] ? S[r * LDS + lane + 32 * t] * sl2 : -INFINITY;
+        mt = fmaxf(mt, e[t]);
+      }
+      mt = warp_max(mt);
+      const float m_old = Mrow[r], m_new = fmaxf(m_old, mt);
+      const bool none = m_new == -INFINITY;  // no valid key yet
+      const float alpha = none ? 1.0f : exp2f(m_old - m_new);
+      float sum = 0.0f;
+#pragma unroll
+      for (int t = 0; t < KT / 32; ++t) {
+        e[t] = (none || !valid[t]) ? 0.0f : exp2f(e[t] - m_new);
+        sum += e[t];
+      }
+      sum = warp_sum(sum);
+      __syncwarp();  // all lanes read S row r and Mrow[r]
+      if constexpr (TC) {
+        T* prow = reinterpret_cast<T*>(S + r * LDS);
+#pragma unroll
+        for (int t = 0; t < KT / 32; ++t) prow[lane + 32 * t] = from_f<T>(e[t]);
+      } else {
+#pragma unroll
+        for (int t = 0; t < KT / 32; ++t) S[r * LDS + lane + 32 * t] = e[t];
+      }
+      for (int c = lane; c < DP; c += 32) O[r * LDO + c] *= alpha;
+      if (lane == 0) { Mrow[r] = m_new; Lrow[r] = Lrow[r] * alpha + sum; }
+    }
+    __syncthreads();  // every warp done with K
+    detail::load_tile<T, DP>(KV, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, KT, d, ktok);
+    __syncthreads();
+
+    // O += P V for this warp's rows.
+    if constexpr (TC) {
+      const T* P = reinterpret_cast<const T*>(S + r0 * LDS);
+#pragma unroll
+      for (int nt = 0; nt < DP / 16; ++nt) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::load_matrix_sync(acc, O + r0 * LDO + nt * 16, LDO, wmma::mem_row_major);
+#pragma unroll
+        for (int kk = 0; kk < KT / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fa, P + kk * 16, 2 * LDS);
+          wmma::load_matrix_sync(fb, KV + kk * 16 * LDK + nt * 16, LDK);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(O + r0 * LDO + nt * 16, acc, LDO, wmma::mem_row_major);
+      }
+    } else {
+      for (int r = r0; r < r0 + 16; ++r) {
+#pragma unroll
+        for (int t = 0; t < DP / 32; ++t) {
+          const int c = lane + 32 * t;
+          float acc = 0.0f;
+#pragma unroll 8
+          for (int j = 0; j < KT; ++j) acc += S[r * LDS + j] * KV[j * LDK + c];
+          O[r * LDO + c] += acc;
+        }
       }
     }
   }
-  __syncthreads();  // K is no longer read: V replaces it
+  __syncwarp();
 
-  detail::load_tile<T, DP>(KV, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, Mp, p.d, ktok);
-
-  // Exact row softmax in base 2 (exp2f of pre-scaled scores), written back as probabilities.
-  const float sl2 = p.scale * 1.4426950408889634f;
+  // out = O / l (rows of this warp), lse = (m + log2 l) * ln 2.
+  T* out = static_cast<T*>(p.out) + int64_t(bh) * p.N * d;
   for (int r = r0; r < r0 + 16; ++r) {
-    const int64_t qt = tm.query(r);
-    float e[KT];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int t = 0; t < KT; ++t) {
-      const int j = lane + 32 * t;
-      e[t] = (j < Mp && tm.key(j) >= 0) ? S[r * lds + j] * sl2 : -INFINITY;
-      mx = fmaxf(mx, e[t]);
-    }
-    mx = warp_max(mx);
-    float sum = 0.0f;
-#pragma unroll
-    for (int t = 0; t < KT; ++t) {
-      e[t] = e[t] == -INFINITY ? 0.0f : exp2f(e[t] - mx);
-      sum += e[t];
-    }
-    sum = warp_sum(sum);
-    const float inv = qt >= 0 ? 1.0f / sum : 0.0f;  // masked query rows: all-zero P
-#pragma unroll
-    for (int t = 0; t < KT; ++t) {
-      const int j = lane + 32 * t;
-      if (j < Mp) S[r * lds + j] = e[t] * inv;
-    }
-    if (qt >= 0 && lane == 0) p.lse[(b * p.h + hh) * p.N + qt] = (mx + log2f(sum)) * 0.6931471805599453f;
-  }
-  __syncthreads();
-
-  // Importance partials: column sums of this tile's probabilities, rows in order.
-  if (partial != nullptr) {
-    const int64_t s = p.window > 0 ? tile % plan.subtiles : tile;
-    float* dst = partial + ((b * p.h + hh) * plan.subtiles + s) * plan.ncols;
-    for (int j = threadIdx.x; j < Mp; j += blockDim.x) {
-      if (tm.key(j) < 0) continue;
-      float acc = 0.0f;
-      for (int r = 0; r < QT; ++r) acc += S[r * lds + j];
-      dst[tm.column(j)] = acc;
-    }
-  }
-
-  T* out = static_cast<T*>(p.out) + (b * p.h + hh) * p.N * p.d;
-  if constexpr (TC) {
-    __syncthreads();  // all columns summed before P is narrowed in place
-    // P rows to T in place: row r's T values occupy the first half of its fp32 row.
-    for (int r = r0; r < r0 + 16; ++r) {
-      float pr[KT];
-#pragma unroll
-      for (int t = 0; t < KT; ++t) pr[t] = (lane + 32 * t < Mp) ? S[r * lds + lane + 32 * t] : 0.0f;
-      __syncwarp();
-      T* prow = reinterpret_cast<T*>(S + r * lds);
-#pragma unroll
-      for (int t = 0; t < KT; ++t)
-        if (lane + 32 * t < Mp) prow[lane + 32 * t] = from_f<T>(pr[t]);
-      __syncwarp();
-    }
-    __syncthreads();  // V loaded by all threads
-    const T* P = reinterpret_cast<const T*>(S + r0 * lds);
-    float* stage = reinterpret_cast<float*>(Qs + r0 * LDK);  // Q is spent: 16 x 16 fp32 staging
-    for (int nt = 0; nt < DP / 16 && nt * 16 < p.d; ++nt) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-      for (int kt = 0; kt < Mp / 16; ++kt) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, P + kt * 16, 2 * lds);
-        wmma::load_matrix_sync(fb, KV + kt * 16 * LDK + nt * 16, LDK);
-        wmma::mma_sync(acc, fa, fb, acc);
-      }
-      wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
-      __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int64_t qt = tm.query(r0 + e / 16);
-        const int c = nt * 16 + e % 16;
-        if (qt >= 0 && c < p.d) out[qt * p.d + c] = from_f<T>(stage[e]);
-      }
-      __syncwarp();
-    }
-  } else {
-    __syncthreads();  // V loaded by all threads
-    for (int r = r0; r < r0 + 16; ++r) {
-      const int64_t qt = tm.query(r);
-      if (qt < 0) continue;
-      for (int c = lane; c < DP; c += 32) {
-        float acc = 0.0f;
-#pragma unroll 4
-        for (int j = 0; j < Mp; ++j) acc += S[r * lds + j] * to_f(KV[j * LDK + c]);
-        if (c < p.d) out[qt * p.d + c] = from_f<T>(acc);
-      }
-    }
+    const int qt = seg.query(q0 + r);
+    if (qt < 0) continue;
+    const float l = Lrow[r], inv = 1.0f / l;
+    for (int c = lane; c < d; c += 32) out[int64_t(qt) * d + c] = from_f<T>(O[r * LDO + c] * inv);
+    if (lane == 0) p.lse[int64_t(bh) * p.N + qt] = (Mrow[r] + log2f(l)) * 0.6931471805599453f;
   }
 }
 
-// importance[b, col] = (sum over heads and query tiles of the partials) / count,
+// Key-major importance pass: partial[b, hh * splits + split, col] = sum over
+// this split's queries of exp(s - lse), for the 64 keys of one key tile.
+template <typename T, int DP>
+__global__ void __launch_bounds__(128) attention_imp_kernel(AttnParams p, AttnPlan plan, float* partial) {
+  using namespace nvcuda;
+  constexpr bool TC = !std::is_same<T, float>::value;
+  constexpr int LDK = DP + (TC ? 8 : 1);
+  constexpr int KT = kKeyTile, QC = kQueryChunk, LDS = QC + 4;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, k0w = warp * 16;
+  const int splits = int(plan.splits), ktiles = int(plan.ktiles);
+  const int per_bh = int(plan.segments) * ktiles * splits;
+  const int bh = int(blockIdx.x) / per_bh;
+  int rest = int(blockIdx.x) - bh * per_bh;
+  const int seg_id = rest / (ktiles * splits);
+  rest -= seg_id * ktiles * splits;
+  const int kt = rest / splits, split = rest - kt * splits;
+  const int b = bh / int(p.h), hh = bh - b * int(p.h);
+  const detail::Segment seg(p, seg_id);
+  const int d = int(p.d), k0 = kt * KT;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* at = smem;
+  T* Ks = detail::carve<T>(at, size_t(KT) * LDK * sizeof(T));
+  T* Qs = detail::carve<T>(at, size_t(QC) * LDK * sizeof(T));
+  float* St = detail::carve<float>(at, size_t(KT) * LDS * 4);  // [key][query]
+  float* L2 = detail::carve<float>(at, size_t(QC) * 4);          // lse in log2 units (+inf: masked query)
+  float* Acc = detail::carve<float>(at, size_t(KT) * 4);          // column sums
+
+  auto ktok = [&](int j) { return seg.key(k0 + j); };
+  detail::load_tile<T, DP>(Ks, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KT, d, ktok);
+  for (int i = threadIdx.x; i < KT; i += blockDim.x) Acc[i] = 0.0f;
+
+  const float sl2 = p.scale * 1.4426950408889634f;
+  const float* lse = p.lse + int64_t(bh) * p.N;
+  const int qbeg = split * int(plan.split_queries);
+  const int qend = min(seg.nq, qbeg + int(plan.split_queries));
+  for (int c0 = qbeg; c0 < qend; c0 += QC) {
+    auto qtok = [&](int r) { return c0 + r < qend ? seg.query(c0 + r) : -1; };
+    __syncthreads();  // previous chunk fully read
+    detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QC, d, qtok);
+    for (int r = threadIdx.x; r < QC; r += blockDim.x) {
+      const int t = qtok(r);
+      L2[r] = t >= 0 ? lse[t] * 1.4426950408889634f : INFINITY;
+    }
+    __syncthreads();
+    // St rows [k0w, k0w + 16) = K Q^T for this warp's 16 keys.
+    if constexpr (TC) {
+#pragma unroll 1
+      for (int nt = 0; nt < QC / 16; ++nt) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+          wmma::load_matrix_sync(fa, Ks + k0w * LDK + kk * 16, LDK);
+          wmma::load_matrix_sync(fb, Qs + nt * 16 * LDK + kk * 16, LDK);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(St + k0w * LDS + nt * 16, acc, LDS, wmma::mem_row_major);
+      }
+    } else {
+      for (int j = k0w; j < k0w + 16; ++j) {
+#pragma unroll
+        for (int t = 0; t < QC / 32; ++t) {
+          const int r = lane + 32 * t;
+          float acc = 0.0f;
+#pragma unroll 8
+          for (int c = 0; c < DP; ++c) acc += Ks[j * LDK + c] * Qs[r * LDK + c];
+          St[j * LDS + r] = acc;
+        }
+      }
+    }
+    __syncwarp();
+    // Column sums in a fixed order: lanes over queries, a warp tree, then chunk by chunk.
+    for (int j = k0w; j < k0w + 16; ++j) {
+      float s = 0.0f;
+#pragma unroll
+      for (int t = 0; t < QC / 32; ++t) {
+        const int r = lane + 32 * t;
+        s += exp2f(St[j * LDS + r] * sl2 - L2[r]);
+      }
+      s = warp_sum(s);
+      if (lane == 0) Acc[j] += s;
+    }
+  }
+  __syncthreads();
+  float* dst = partial + (int64_t(bh) * splits + split) * plan.ncols;
+  for (int j = threadIdx.x; j < KT; j += blockDim.x) {
+    const int col = seg.key(k0 + j);
+    if (col >= 0) dst[col] = Acc[j];
+  }
+}
+
+// importance[b, col] = (sum over heads and query splits of the partials) / count,
 // count = h * N (global) or h * real queries of col's window.
 __global__ void importance_reduce_kernel(const float* partial, float* importance, AttnParams p, AttnPlan plan) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.B * plan.ncols) return;
-  const int64_t b = i / plan.ncols, col = i % plan.ncols, T = p.h * plan.subtiles;
+  const int64_t b = i / plan.ncols, col = i - b * plan.ncols, T = p.h * plan.splits;
   const float* src = partial + b * T * plan.ncols + col;
   float acc = 0.0f;
   for (int64_t t = 0; t < T; ++t) acc += src[t * plan.ncols];
@@ -230,54 +335,38 @@ __global__ void importance_reduce_kernel(const float* partial, float* importance
   importance[i] = acc / count;
 }
 
-template <typename T, int DP>
-inline size_t attention_smem(int Mp, int QT) {
-  constexpr int LDK = DP + (std::is_same<T, float>::value ? 1 : 8);
-  auto up = [](size_t x) { return (x + 127) / 128 * 128; };
-  return up(size_t(Mp) * LDK * sizeof(T)) + up(size_t(QT) * LDK * sizeof(T)) + size_t(QT) * (Mp + 4) * 4;
-}
-
-// Plans the launch (warps chosen to fit max_smem); plan.error says why not.
-template <typename T, int DP>
-AttnPlan plan_attention_dp(const AttnParams& p, size_t max_smem) {
-  AttnPlan plan;
-  const int64_t keys = p.window > 0 ? p.window * p.window : p.M;
-  if (keys > kMaxKeys) {
-    plan.error = "more than 256 keys per query (global M or window w*w): the fused kernel holds all keys in shared memory";
-    return plan;
-  }
-  if (p.d > DP) { plan.error = "head dim larger than the kernel's padded head dim"; return plan; }
-  plan.Mp = static_cast<int>((keys + 31) / 32 * 32);
-  for (int warps = 4; warps >= 1; warps /= 2) {
-    if (attention_smem<T, DP>(plan.Mp, 16 * warps) <= max_smem) { plan.warps = warps; break; }
-  }
-  if (plan.warps == 0) { plan.error = "not enough shared memory for one 16-query tile"; return plan; }
-  plan.QT = 16 * plan.warps;
-  plan.smem = attention_smem<T, DP>(plan.Mp, plan.QT);
-  if (p.window > 0) {
-    const WindowGeom geo(p.H, p.W, p.window);
-    plan.subtiles = (geo.size() + plan.QT - 1) / plan.QT;
-    plan.tiles = geo.num_windows() * plan.subtiles;
-    plan.ncols = p.N;
-  } else {
-    plan.tiles = plan.subtiles = (p.N + plan.QT - 1) / plan.QT;
-    plan.ncols = p.M;
-  }
-  plan.partial_elems = p.B * p.h * plan.subtiles * plan.ncols;
-  if (plan.tiles > 0x7fffffff || p.h > 65535 || p.B > 65535) plan.error = "grid too large";
-  return plan;
+// Raises the kernel's dynamic shared-memory limit once per device (cached).
+template <typename Kernel>
+cudaError_t ensure_smem(Kernel kernel, size_t smem, int* done_per_device) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (done_per_device[dev] >= int(smem)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err == cudaSuccess) done_per_device[dev] = int(smem);  // benign race: a repeated set is harmless
+  return err;
 }
 
 // partial: plan.partial_elems fp32 scratch and importance [B, ncols], or both null.
 template <typename T, int DP>
 cudaError_t attention_forward_launch(const AttnParams& p, const AttnPlan& plan, float* partial, float* importance,
                                      cudaStream_t stream) {
-  auto kernel = attention_fwd_kernel<T, DP>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem));
+  static int fwd_set[64] = {}, imp_set[64] = {};
+  if (plan.fwd_blocks == 0) return cudaSuccess;
+  auto fwd = attention_fwd_kernel<T, DP>;
+  cudaError_t err = ensure_smem(fwd, plan.smem, fwd_set);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(plan.tiles), unsigned(p.h), unsigned(p.B)), 32 * plan.warps, plan.smem, stream>>>(p, plan, partial);
+  fwd<<<unsigned(plan.fwd_blocks), 32 * plan.warps, plan.smem, stream>>>(p, plan);
   err = cudaGetLastError();
   if (err != cudaSuccess || partial == nullptr) return err;
+  auto imp = attention_imp_kernel<T, DP>;
+  err = ensure_smem(imp, plan.imp_smem, imp_set);
+  if (err != cudaSuccess) return err;
+  imp<<<unsigned(plan.imp_blocks), 32 * kImpWarps, plan.imp_smem, stream>>>(p, plan, partial);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   const int64_t n = p.B * plan.ncols;
   importance_reduce_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(partial, importance, p, plan);
   return cudaGetLastError();

@@ -11,18 +11,17 @@
 
 namespace sgattn {
 
-enum class DType { F32 = 0, F16 = 1, BF16 = 2 };
-
-// Launch plan for attention_forward (plan.error != nullptr: cannot run).
-AttnPlan plan_attention(DType dtype, const AttnParams& p, size_t max_smem);
 // Attention forward; partial/importance both null when importance is not needed.
 cudaError_t attention_forward(DType dtype, const AttnParams& p, const AttnPlan& plan, float* partial,
                               float* importance, cudaStream_t stream);
 // Reallocation forward; 16-byte vector loads when C and the pointers allow.
 cudaError_t realloc_forward(DType dtype, const ReallocArgs& a, cudaStream_t stream);
-// Reallocation backward; inv [G,B,N] int64 and dots [G,B,N] fp32 are scratch.
+// Reallocation backward; inv [G,B,N] int64, dots [G,B,N] fp32 and rowsums [G,B,M] fp32 are scratch.
 cudaError_t realloc_backward(DType dtype, const ReallocArgs& a, const void* grad, void* dx, int64_t* inv,
-                             float* dots, void* dweights, void* dbiases, int64_t num_weights,
+                             float* dots, float* rowsums, void* dweights, void* dbiases, int64_t num_weights,
                              cudaStream_t stream);
+// cudaSuccess when the current device can run these kernels (a kernel image or PTX
+// for its architecture is present); cudaErrorNoKernelImageForDevice otherwise.
+cudaError_t probe_kernel_image();
 
 }  // namespace sgattn

@@ -1,5 +1,6 @@
-// Argument structs of the CUDA kernels, host-compilable (no device code) so
-// that the g++-compiled bindings can fill them in.
+// Argument structs and launch planner of the CUDA kernels, host-compilable (no
+// device code) so that the g++-compiled bindings fill them in and the planner
+// runs (and is tested) without a GPU.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -8,7 +9,14 @@
 
 namespace sgattn {
 
-constexpr int kMaxKeys = 256;
+enum class DType { F32 = 0, F16 = 1, BF16 = 2 };
+
+constexpr int kKeyTile = 64;      // keys per step of the online-softmax loop / key tile of the importance pass
+constexpr int kQueryChunk = 64;   // queries per step of the importance pass
+constexpr int kImpWarps = 4;      // warps of the importance kernel (16 keys each)
+constexpr int kMaxHeadDim = 128;
+constexpr int64_t kMaxBlocks = 0x7fffffff;  // grid.x limit: all work is linearised on grid.x
+constexpr int64_t kMaxGroupSize = 1 << 20;  // reallocation group size bound (r_p)
 
 struct AttnParams {
   const void* q;  // [B, h, N, d] with strides q_stride (elements)
@@ -23,15 +31,96 @@ struct AttnParams {
 };
 
 // Launch geometry; computed on the host by plan_attention (also sizes the partials).
+// A "segment" is the set of queries that see the same keys: the whole sequence
+// (global) or one window. All blocks are linearised on grid.x.
 struct AttnPlan {
-  int warps = 0, QT = 0, Mp = 0;
-  int64_t tiles = 0;      // blocks per (b, h)
-  int64_t subtiles = 0;   // global: tiles; window: query sub-tiles per window
-  int64_t ncols = 0;      // importance columns: M (global) or N (window)
-  int64_t partial_elems = 0;  // [B, h * subtiles, ncols]
-  size_t smem = 0;
-  const char* error = nullptr;  // why the kernel cannot run these inputs
+  int warps = 0, QT = 0;          // forward: 16 * warps queries per block
+  int64_t segments = 0;           // 1 (global) or number of windows
+  int64_t seg_queries = 0;        // query (and window key) positions per segment
+  int64_t seg_keys = 0;           // key positions per segment
+  int64_t subtiles = 0;           // forward query tiles per segment
+  int64_t ktiles = 0;             // key tiles per segment (importance pass)
+  int64_t splits = 0;             // importance pass: query splits per key tile
+  int64_t split_queries = 0;      // queries per split (multiple of kQueryChunk)
+  int64_t fwd_blocks = 0, imp_blocks = 0;
+  int64_t ncols = 0;              // importance columns: M (global) or N (window)
+  int64_t partial_elems = 0;      // [B, h * splits, ncols]
+  size_t smem = 0, imp_smem = 0;  // dynamic shared memory of the two kernels
+  const char* error = nullptr;    // why the kernels cannot run these inputs
 };
+
+inline size_t round128(size_t x) { return (x + 127) / 128 * 128; }
+inline int padded_head_dim(int64_t d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : 128; }
+inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+// Shared-memory row strides (elements): +8 halves keep WMMA rows 16-byte aligned, +1 float avoids bank conflicts.
+inline int tile_ld(DType t, int DP) { return DP + (t == DType::F32 ? 1 : 8); }
+
+// Dynamic shared memory of the forward kernel: Q tile, K/V tile, scores (P in place), O accumulator, m and l.
+inline size_t attention_fwd_smem(DType t, int DP, int QT) {
+  const size_t es = dtype_size(t), ld = tile_ld(t, DP);
+  return round128(QT * ld * es) + round128(kKeyTile * ld * es) + round128(size_t(QT) * (kKeyTile + 4) * 4) +
+         round128(size_t(QT) * (DP + 4) * 4) + 2 * round128(size_t(QT) * 4);
+}
+// Importance pass: K tile, Q chunk, transposed scores, lse chunk, column sums.
+inline size_t attention_imp_smem(DType t, int DP) {
+  const size_t es = dtype_size(t), ld = tile_ld(t, DP);
+  return round128(kKeyTile * ld * es) + round128(kQueryChunk * ld * es) +
+         round128(size_t(kKeyTile) * (kQueryChunk + 4) * 4) + 2 * round128(kQueryChunk * 4);
+}
+
+// Plans both attention kernels for the inputs (warps chosen to fit max_smem);
+// plan.error says why not. Any key count: the forward loops over key tiles.
+inline AttnPlan plan_attention(DType dtype, const AttnParams& p, size_t max_smem) {
+  AttnPlan plan;
+  if (p.d < 1 || p.d > kMaxHeadDim) { plan.error = "head dim must be in 1..128"; return plan; }
+  if (p.N >= (int64_t(1) << 31) || p.M >= (int64_t(1) << 31)) { plan.error = "N or M does not fit in 32 bits"; return plan; }
+  const int DP = padded_head_dim(p.d);
+  for (int warps = 4; warps >= 1; warps /= 2) {
+    if (attention_fwd_smem(dtype, DP, 16 * warps) <= max_smem) { plan.warps = warps; break; }
+  }
+  if (plan.warps == 0) { plan.error = "not enough shared memory per block on this device for one 16-query tile"; return plan; }
+  plan.imp_smem = attention_imp_smem(dtype, DP);
+  if (plan.imp_smem > max_smem) { plan.error = "not enough shared memory per block on this device for the importance pass"; return plan; }
+  plan.QT = 16 * plan.warps;
+  plan.smem = attention_fwd_smem(dtype, DP, plan.QT);
+  if (p.window > 0) {
+    if (p.window > 46340) { plan.error = "window*window overflows 32 bits"; return plan; }
+    const WindowGeom geo(p.H, p.W, p.window);
+    plan.segments = geo.num_windows();
+    plan.seg_queries = plan.seg_keys = geo.size();
+    plan.ncols = p.N;
+    plan.splits = 1;
+    plan.split_queries = (geo.size() + kQueryChunk - 1) / kQueryChunk * kQueryChunk;
+  } else {
+    plan.segments = 1;
+    plan.seg_queries = p.N;
+    plan.seg_keys = p.M;
+    plan.ncols = p.M;
+    // Queries per split: at least 1024, at most 64 splits (bounded partials).
+    const int64_t chunks = (p.N + kQueryChunk - 1) / kQueryChunk;
+    int64_t per = (chunks + 63) / 64;
+    if (per < 1024 / kQueryChunk) per = 1024 / kQueryChunk;
+    plan.split_queries = per * kQueryChunk;
+    plan.splits = (p.N + plan.split_queries - 1) / plan.split_queries;
+    if (plan.splits < 1) plan.splits = 1;
+  }
+  plan.subtiles = (plan.seg_queries + plan.QT - 1) / plan.QT;
+  plan.ktiles = (plan.seg_keys + kKeyTile - 1) / kKeyTile;
+  const int64_t bh = p.B * p.h;
+  // Overflow-safe products (each factor < 2^31).
+  auto over = [](int64_t a, int64_t b) { return b != 0 && a > kMaxBlocks / b; };
+  if (over(bh, plan.segments) || over(bh * plan.segments, plan.subtiles)) {
+    plan.error = "too many query tiles for one launch (B*h*tiles > 2^31-1 blocks)"; return plan;
+  }
+  plan.fwd_blocks = bh * plan.segments * plan.subtiles;
+  if (over(bh * plan.segments, plan.ktiles) || over(bh * plan.segments * plan.ktiles, plan.splits)) {
+    plan.error = "too many key tiles for one importance launch (> 2^31-1 blocks)"; return plan;
+  }
+  plan.imp_blocks = bh * plan.segments * plan.ktiles * plan.splits;
+  plan.partial_elems = bh * plan.splits * plan.ncols;
+  if (p.B * plan.ncols > kMaxBlocks * 256) { plan.error = "importance too large for one launch"; return plan; }
+  return plan;
+}
 
 struct ReallocArgs {
   const void* x;         // [B, N, C] contiguous

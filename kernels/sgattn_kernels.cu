@@ -21,7 +21,8 @@ auto with_type(DType dtype, F&& f) {
   }
 }
 
-// Head dims are padded to the next of 32, 64, 96, 128 (zero-filled in shared memory).
+// Head dims are padded to the next of 32, 64, 96, 128 (zero-filled in shared
+// memory; same rule as padded_head_dim).
 template <typename T, typename F>
 auto with_head_dim(int64_t d, F&& f) {
   if (d <= 32) return f(std::integral_constant<int, 32>{});
@@ -33,18 +34,6 @@ auto with_head_dim(int64_t d, F&& f) {
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
-
-AttnPlan plan_attention(DType dtype, const AttnParams& p, size_t max_smem) {
-  if (p.d > 128) {
-    AttnPlan plan;
-    plan.error = "head dim above 128";
-    return plan;
-  }
-  return with_type(dtype, [&](auto t) {
-    using T = decltype(t);
-    return with_head_dim<T>(p.d, [&](auto dp) { return plan_attention_dp<T, decltype(dp)::value>(p, max_smem); });
-  });
-}
 
 cudaError_t attention_forward(DType dtype, const AttnParams& p, const AttnPlan& plan, float* partial,
                               float* importance, cudaStream_t stream) {
@@ -66,7 +55,7 @@ cudaError_t realloc_forward(DType dtype, const ReallocArgs& a, cudaStream_t stre
 }
 
 cudaError_t realloc_backward(DType dtype, const ReallocArgs& a, const void* grad, void* dx, int64_t* inv,
-                             float* dots, void* dweights, void* dbiases, int64_t num_weights,
+                             float* dots, float* rowsums, void* dweights, void* dbiases, int64_t num_weights,
                              cudaStream_t stream) {
   return with_type(dtype, [&](auto t) {
     using T = decltype(t);
@@ -76,9 +65,14 @@ cudaError_t realloc_backward(DType dtype, const ReallocArgs& a, const void* grad
     T* dw = static_cast<T*>(dweights);
     T* db = static_cast<T*>(dbiases);
     if (a.C % V == 0 && aligned16(a.x) && aligned16(grad) && aligned16(dx))
-      return realloc_backward_launch<T, V>(a, g, dxp, inv, dots, dw, db, num_weights, stream);
-    return realloc_backward_launch<T, 1>(a, g, dxp, inv, dots, dw, db, num_weights, stream);
+      return realloc_backward_launch<T, V>(a, g, dxp, inv, dots, rowsums, dw, db, num_weights, stream);
+    return realloc_backward_launch<T, 1>(a, g, dxp, inv, dots, rowsums, dw, db, num_weights, stream);
   });
+}
+
+cudaError_t probe_kernel_image() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, attention_fwd_kernel<__half, 64>);
 }
 
 }  // namespace sgattn

@@ -2,7 +2,10 @@
 # Native checks for CI, run after `pip install --no-build-isolation -e .` with
 # SGATTN_BUILD_CPU=1 SGATTN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" CUDA_HOME=/usr/local/cuda:
 #  1. compiles kernels/ standalone for sm_80 and sm_90 with `nvcc -Xptxas -v` and
-#     fails if any kernel spills registers (or uses a stack frame);
+#     fails if any kernel spills registers (or uses a stack frame), or if a
+#     kernel's static + dynamic shared memory, for any configuration the planner
+#     (kernels/sgattn_cuda_structs.h, compiled here with the host compiler)
+#     accepts, exceeds the opt-in limit of sm_80 (163 KiB) / sm_90 (227 KiB);
 #  2. imports both extensions and checks every op of sgattn/_ops_names.py has a
 #     CPU and a CUDA kernel registered (the CUDA one cannot run without a GPU);
 #  3. runs the native-backend tests with the extensions required (skipped with
@@ -27,38 +30,98 @@ for arch in 80 90; do
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || { cat "$OUT"/ptxas_*.log; echo "FAIL: nvcc failed"; exit 1; }; done
-# One line per kernel: arch, registers, stack, spills, demangled name; fail on spills or stack.
+# The planner as a host program: plan <dtype> <d> <window> <max_smem> -> "warps smem imp_smem" or "error: ...".
+cat > "$OUT/plan.cpp" <<'CPPEOF'
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include "sgattn_cuda_structs.h"
+int main(int argc, char** argv) {
+  if (argc != 5) return 2;
+  sgattn::DType t = !strcmp(argv[1], "float32") ? sgattn::DType::F32
+                  : !strcmp(argv[1], "float16") ? sgattn::DType::F16 : sgattn::DType::BF16;
+  sgattn::AttnParams p{};
+  p.B = 2; p.h = 2; p.d = atoll(argv[2]); p.window = atoll(argv[3]);
+  p.H = p.W = 64; p.N = p.M = 4096;  // any sizes: shared memory depends on dtype, head dim and warps only
+  sgattn::AttnPlan plan = sgattn::plan_attention(t, p, strtoull(argv[4], nullptr, 10));
+  if (plan.error) { printf("error: %s\n", plan.error); return 0; }
+  printf("%d %zu %zu\n", plan.warps, plan.smem, plan.imp_smem);
+  return 0;
+}
+CPPEOF
+${CXX:-c++} -std=c++17 -O1 -I kernels "$OUT/plan.cpp" -o "$OUT/plan"
+# One line per kernel: arch, registers, static smem, stack, spills, demangled name; fail on spills, stack,
+# or shared memory above the architecture's opt-in limit.
 "$PY" - "$OUT" <<'PYEOF'
 import re, subprocess, sys
 out = sys.argv[1]
+LIMIT = {"80": 163 * 1024, "90": 227 * 1024}  # opt-in shared memory per block
+TNAME = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}
 bad = []
 for arch in ("80", "90"):
     fn = None
     rows = []
+    props = None
     for line in open(f"{out}/ptxas_{arch}.log"):
         m = re.search(r"Compiling entry function '(\S+)'", line)
         if m:
             fn = m.group(1)
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            props = m.group(1)
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and fn:
+        if m and (props != fn or fn is None) and any(map(int, m.groups())):
+            bad.append(f"sm_{arch} device function {props}: {m.group(0)}")
+        if m and fn and props == fn:
             stack, st, ld = map(int, m.groups())
-            rows.append([fn, stack, st, ld, None])
+            rows.append([fn, stack, st, ld, None, 0])
         m = re.search(r"Used (\d+) registers", line)
-        if m and rows and rows[-1][4] is None:
+        if m and rows and rows[-1][4] is None and rows[-1][0] == fn:
             rows[-1][4] = int(m.group(1))
+            sm = re.search(r"(\d+) bytes smem", line)
+            rows[-1][5] = int(sm.group(1)) if sm else 0
+            cs = re.search(r"(\d+) bytes cumulative stack size", line)
+            rows[-1][1] = max(rows[-1][1], int(cs.group(1)) if cs else 0)
     names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
                            text=True).stdout.splitlines() or [r[0] for r in rows]
-    for (fn, stack, st, ld, regs), name in zip(rows, names):
+    static = {}
+    for (fn, stack, st, ld, regs, smem), name in zip(rows, names):
         short = re.sub(r"\(.*", "", name)
-        print(f"sm_{arch} regs={regs:3d} stack={stack:4d} spill_st={st:4d} spill_ld={ld:4d}  {short}")
+        print(f"sm_{arch} regs={regs:3d} smem={smem:6d} stack={stack:4d} spill_st={st:4d} spill_ld={ld:4d}  {short}")
         if st or ld or stack:
             bad.append(f"sm_{arch} {short}: {stack} B stack, {st} B spill stores, {ld} B spill loads")
+        if smem > 48 * 1024:
+            bad.append(f"sm_{arch} {short}: {smem} B static shared memory (> 48 KiB)")
+        m = re.search(r"attention_(fwd|imp)_kernel<(\w+), (\d+)>", short)
+        if m:
+            static[(m.group(1), TNAME[m.group(2)], int(m.group(3)))] = smem
     if not rows:
         bad.append(f"sm_{arch}: no kernels found in the ptxas output")
+    # Every configuration the planner accepts: dtype x padded head dim, global and window mode.
+    for dtype in ("float32", "float16", "bfloat16"):
+        for d in (32, 64, 96, 128):
+            sf, si = static.get(("fwd", dtype, d)), static.get(("imp", dtype, d))
+            if sf is None or si is None:
+                bad.append(f"sm_{arch}: attention kernels for {dtype}, head dim {d} not instantiated")
+                continue
+            for window in (0, 7):
+                res = subprocess.run([f"{out}/plan", dtype, str(d), str(window),
+                                      str(LIMIT[arch] - max(sf, si))], capture_output=True, text=True).stdout
+                if res.startswith("error"):
+                    bad.append(f"sm_{arch} {dtype} d={d} window={window}: planner refuses ({res.strip()})")
+                    continue
+                warps, fwd, imp = map(int, res.split())
+                tot_f, tot_i = sf + fwd, si + imp
+                print(f"sm_{arch} {dtype:8s} d={d:3d} window={window}: forward {warps} warps "
+                      f"{tot_f} B smem, importance {tot_i} B smem (limit {LIMIT[arch]})")
+                if tot_f > LIMIT[arch] or tot_i > LIMIT[arch]:
+                    bad.append(f"sm_{arch} {dtype} d={d}: shared memory {max(tot_f, tot_i)} B > {LIMIT[arch]} B")
+                if warps < 4:
+                    print(f"   note: only {warps} warps fit")
 if bad:
-    print("FAIL: register spills / stack frames:\n  " + "\n  ".join(bad))
+    print("FAIL:\n  " + "\n  ".join(bad))
     sys.exit(1)
-print("OK: no spills")
+print("OK: no spills, no stack, shared memory within the sm_80/sm_90 limits")
 PYEOF
 echo "   ($((SECONDS - start)) s)"
 

@@ -1,20 +1,28 @@
 """Backend "cuda": the CUDA C++ kernels of ``kernels/`` (extension ``sgattn._C_cuda``).
 
-- Attention with importance: one fused kernel per call for short key rows
-  (global M <= 256 keys, or windows of w*w <= 256), fp16/bf16 on tensor cores
-  (WMMA, fp32 accumulation) and an fp32 SIMT path; head dims up to 128 (any d,
-  padded), value dim equal to the head dim. The importance comes from per-tile
-  column sums reduced in a fixed order (deterministic).
+- Attention with importance, any number of keys: a flash-style forward (online
+  softmax over 64-key tiles; fp16/bf16 on tensor cores with WMMA and fp32
+  accumulation, fp32 on a SIMT path; head dims up to 128, padded) that stores
+  the row log-sum-exp, then a key-major importance pass that recomputes
+  exp(s - lse) per (key tile, query split) and a fixed-order reduction of the
+  partials (deterministic, no atomics). Global and window mode.
 - Token reallocation forward and backward: CUDA kernels (both orderings in one
-  launch), deterministic (no atomics); the index rows must be permutations
-  (argsort output), which ``aggregate_sorted`` checks.
+  launch), deterministic. The index is validated on the device (out-of-range
+  values, rows that are not permutations in the backward): a device-side
+  assertion, no host synchronisation (CUDA-graph capturable).
 - Self-guided attention (inference and training): reallocation kernel ->
-  kv projections (cuBLAS through torch) -> fused attention kernel.
+  kv projections (cuBLAS through torch) -> attention kernel, at every length.
 - Attention backward: recomputation with torch ops in query chunks
   (``sgattn._native.attention_backward``); the forward saves q, k, v only.
 - Probability dropout is not implemented (``unsupported`` says so).
+
+The launch limits (shared memory per device, grid sizes, 32-bit index ranges)
+come from the kernels' own planner (``sgattn._C_cuda.plan_attention``, C++,
+runs without a GPU); ``unsupported`` asks it, so it mirrors every limit.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -22,9 +30,29 @@ from .. import _native, reference
 from . import Backend
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_KEYS = 256
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 MAX_HEAD_DIM = 128
 ATTENTION_OPS = ("attention_with_importance", "attention", "hybrid_scale_attention")
+INT32_MAX = 2 ** 31 - 1
+
+
+def plan_attention(dtype, B, h, N, M, d, window, hw, max_smem):
+    """The attention kernels' launch plan (C++ planner; no GPU needed): a dict
+    whose 'error' is None or why the kernels cannot run these sizes."""
+    ext = importlib.import_module("sgattn._C_cuda")
+    H, W = (int(hw[0]), int(hw[1])) if window else (0, 0)
+    return ext.plan_attention(DTYPE_NAMES[dtype], int(B), int(h), int(N), int(M), int(d), int(window or 0),
+                              H, W, int(max_smem))
+
+
+def aggregate_limits(G, B, N, M):
+    """Why the reallocation kernels cannot launch these sizes (None: they can);
+    the same limits as csrc/cuda_ops.cpp."""
+    if M and G * B * M > INT32_MAX:
+        return f"G*B*M = {G * B * M} output rows exceed one launch (2^31-1 blocks)"
+    if B * N // 8 >= INT32_MAX or G * B * N // 256 >= INT32_MAX:
+        return f"G*B*N = {G * B * N} tokens exceed one launch"
+    return None
 
 
 class CudaBackend(Backend):
@@ -34,40 +62,89 @@ class CudaBackend(Backend):
     def __init__(self):
         self._why: str | None = None
         self._checked = False
+        self._smem: dict[int, int] = {}
+        self._probed: dict[int, str | None] = {}
 
     def unavailable(self):
         if not self._checked:  # called on every op: decide once
             self._why = _native.load_extension(self.extension)
             if self._why is None and not torch.cuda.is_available():
                 self._why = "no CUDA device is available"
+            if self._why is None:
+                self._why = self._device_problem(torch.cuda.current_device())
             self._checked = True
         return self._why
 
+    def _device_problem(self, index):
+        """None when the kernels have an image (or PTX) for the device, else why not."""
+        if index not in self._probed:
+            ext = importlib.import_module(self.extension)
+            self._probed[index] = ext.probe(index)
+        return self._probed[index]
+
+    def _max_smem(self, device):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._smem:
+            ext = importlib.import_module(self.extension)
+            self._smem[index] = ext.device_smem_optin(index)
+        return self._smem[index]
+
+    def _attention_limit(self, q, k, v, window, hw=None):
+        """Why the attention kernels cannot run these tensors (the C++ planner's limits)."""
+        if v.shape[-1] != q.shape[-1]:
+            return "value dim differs from head dim"
+        if q.shape[-1] > MAX_HEAD_DIM:
+            return f"head dim {q.shape[-1]} is above {MAX_HEAD_DIM}"
+        B, h, N, d = q.shape
+        M = k.shape[2]
+        if window:
+            # Without the grid, plan for a (N x 1) grid: at least as many windows as any H x W = N grid of
+            # w x w windows (the binding checks the real grid and names any limit it hits).
+            hw = hw or (N, 1)
+        plan = plan_attention(q.dtype, B, h, N, M, d, window, hw, self._max_smem(q.device))
+        if plan["error"] is not None:
+            return plan["error"]
+        return None
+
     def unsupported(self, op, tensors, **options):
+        devices = set()
         for t in tensors:
             if t.device.type != "cuda":
                 return f"the cuda backend runs CUDA tensors only, got a tensor on {t.device}"
             if t.dtype not in DTYPES:
                 return f"dtype {t.dtype} is not supported (float16, bfloat16 or float32)"
+            devices.add(t.device)
+        if len(devices) > 1:
+            return f"tensors on several devices: {sorted(map(str, devices))}"
         if options.get("dropout_p", 0.0) > 0:
             return "probability dropout is not implemented"
-        if op in ATTENTION_OPS or op == "self_guided_attention":
-            q = tensors[0]
-            if q.shape[-1] > MAX_HEAD_DIM:
-                return f"head dim {q.shape[-1]} is above {MAX_HEAD_DIM}"
+        why = self._device_problem(tensors[0].device.index if tensors[0].device.index is not None
+                                   else torch.cuda.current_device())
+        if why is not None:
+            return why
         window = options.get("window")
-        if window is not None and int(window) ** 2 > MAX_KEYS:
-            return f"window {window}: {int(window) ** 2} keys per window exceed the kernel's {MAX_KEYS}"
+        if window is not None and int(window) < 1:
+            return f"window {window} must be >= 1"
         if op in ATTENTION_OPS:
             groups = [tensors[i:i + 3] for i in range(0, len(tensors), 3)]
-            # The first triple of hybrid-scale attention (and plain attention) is global.
-            q, k, v = groups[0]
-            if options.get("window") is None or op == "hybrid_scale_attention":
-                if k.shape[2] > MAX_KEYS:
-                    return f"{k.shape[2]} global keys exceed the fused kernel's {MAX_KEYS} (shared memory)"
-            for q, k, v in groups:
-                if v.shape[-1] != q.shape[-1]:
-                    return "value dim differs from head dim"
+            for i, (q, k, v) in enumerate(groups):
+                # hybrid-scale: the first triple is global, the second windowed.
+                w = window if (op != "hybrid_scale_attention" or i == 1) else None
+                why = self._attention_limit(q, k, v, w)
+                if why is not None:
+                    return why
+        elif op == "self_guided_attention":
+            q, x = tensors[:2]
+            B, h, N, d = q.shape
+            # The reallocated sequence is at most N tokens long.
+            why = self._attention_limit(q, q, q, None) or aggregate_limits(2, B, N, N)
+            if why is not None:
+                return why
+        elif op == "reallocate_tokens":
+            B, N = tensors[0].shape[:2]
+            why = aggregate_limits(1, B, N, N)
+            if why is not None:
+                return why
         return None
 
     def attention(self, q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0, need_importance=True):
@@ -76,24 +153,15 @@ class CudaBackend(Backend):
         return _native.attention(q, k, v, scale=scale, window=window, hw=hw, need_importance=need_importance)
 
     def aggregate_sorted(self, x, index, weights, biases):
-        idx = index if index.dim() == 3 else index[None]
-        if not torch.compiler.is_compiling():
-            # The backward gathers dx through the inverse permutation: refuse
-            # anything else (also out-of-range rows, which would fault).
-            ar = torch.arange(idx.shape[-1], device=idx.device)
-            if not torch.equal(idx.sort(dim=-1).values, ar.expand_as(idx)):
-                raise ValueError("cuda backend: every index row must be a permutation of 0..N-1 "
-                                 "(the argsort of an importance vector)")
+        # No host-side check of the index (it would synchronise): the kernels
+        # validate it on the device (range, and permutation in the backward).
         return _native.aggregate_sorted(x, index, weights, biases)
 
     def self_guided_attention(self, q, x, importance, kv1_weight, kv1_bias, kv2_weight, kv2_bias,
                               agg_weights, agg_biases, *, hw, scale=None, dropout_p=0.0):
         seq = self.aggregate_sorted(x, reference.self_guided_index(importance, hw), agg_weights, agg_biases)
-        # Long reallocated sequences (high resolutions) exceed the fused kernel's
-        # key limit: their attention runs as chunked torch ops (reference path).
-        attend = self.attention if seq.shape[2] <= MAX_KEYS else reference.attention
         return reference.attention_over_reallocated(
-            q, seq, kv1_weight, kv1_bias, kv2_weight, kv2_bias, attend, scale=scale, dropout_p=dropout_p)
+            q, seq, kv1_weight, kv1_bias, kv2_weight, kv2_bias, self.attention, scale=scale, dropout_p=dropout_p)
 
 
 BACKEND = CudaBackend()
