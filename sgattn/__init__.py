@@ -4,8 +4,11 @@ Functional ops (``attention_with_importance``, ``hybrid_scale_attention``,
 ``self_guided_attention``, ``reallocate_tokens``) dispatch to the first
 backend that can run their inputs; ``use_backend(name)`` or the
 ``SGATTN_BACKEND`` environment variable (read at import) forces one.
+``sgattn.nn`` has the attention modules, ``sgattn.models`` the SG-Former
+S/M/B models (registered with timm when timm is installed).
 """
 from . import nn, reference
+from . import models  # noqa: E402  (after nn: the models build on it)
 from .backends import BackendError, available_backends, use_backend
 from .nn import patch_model
 from .ops import attention_with_importance, hybrid_scale_attention, reallocate_tokens, self_guided_attention
@@ -23,4 +26,5 @@ __all__ = [
     "BackendError",
     "nn",
     "reference",
+    "models",
 ]

@@ -1,8 +1,8 @@
-"""SG-Former S/M/B (SPEC section 1) at any input resolution >= 32 x 32.
+"""SG-Former S/M/B (Ren et al., ICCV 2023) at any input resolution >= 32 x 32.
 
 Parameter names and shapes are those of the authors' checkpoints, so their
-state dicts load with ``strict=True`` (``load_checkpoint``). Generalisations
-beyond 224 x 224 (SPEC [generalisation]):
+state dicts load with ``strict=True`` (``load_checkpoint``). Behaviour beyond
+224 x 224, where the authors' code does not run (at 224 it is theirs):
 - the position embedding is resampled bicubically to the stage-1 grid when
   the grid differs from the one the model was built for;
 - windows pad the grid to multiples of 7, reductions floor, reallocation
@@ -11,12 +11,14 @@ beyond 224 x 224 (SPEC [generalisation]):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import os
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import nn as sgnn
 
@@ -68,9 +70,9 @@ class ConvGN(nn.Sequential):
 class Stem(nn.Module):
     """Stride-4 stem: conv3x3/2, GELU, conv3x3, GELU, conv3x3/2, then LayerNorm on tokens."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, in_chans=3):
         super().__init__()
-        self.conv = nn.Sequential(ConvGN(3, dim, 3, 2, 1), nn.GELU(), ConvGN(dim, dim, 3, 1, 1), nn.GELU(),
+        self.conv = nn.Sequential(ConvGN(in_chans, dim, 3, 2, 1), nn.GELU(), ConvGN(dim, dim, 3, 1, 1), nn.GELU(),
                                   ConvGN(dim, dim, 3, 2, 1))
         self.norm = nn.LayerNorm(dim)
 
@@ -142,30 +144,49 @@ class Block(nn.Module):
 
 
 class SGFormer(nn.Module):
-    """SG-Former backbone and classifier.
+    """SG-Former backbone and classifier, with the model API of timm.
 
     ``img_size`` fixes the grid of the stored position embedding
     (img_size//4 squared, as in the paper's code); inputs of any other size
     H x W >= 32 x 32 resample it. ``features_only`` makes ``forward`` return
     the normalised stage maps [B, C_i, H_i, W_i] for ``out_indices``.
     ``attn_layer`` builds each block's attention (default ``sgattn.nn.Attention``).
+
+    timm API: ``forward_features`` (the unpooled, normalised stage-4 map
+    [B, C4, H/32, W/32]), ``forward_head(x, pre_logits=False)``,
+    ``get_classifier``, ``reset_classifier(num_classes, global_pool)``,
+    ``set_grad_checkpointing``, ``no_weight_decay``, ``group_matcher``,
+    ``num_features``, ``feature_info`` and ``forward_intermediates``.
     """
 
     def __init__(self, embed_dims, num_heads, depths, img_size=224, num_classes=1000, drop_rate=0.0,
                  attn_drop_rate=0.0, drop_path_rate=0.0, features_only=False, out_indices=(0, 1, 2, 3),
-                 mlp_ratio=4.0, attn_layer=sgnn.Attention):
+                 mlp_ratio=4.0, attn_layer=sgnn.Attention, in_chans=3, global_pool="avg"):
         super().__init__()
         if any(i not in range(4) for i in out_indices):
             raise ValueError(f"out_indices must be stage indices in 0..3, got {out_indices}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+        if isinstance(img_size, (tuple, list)):
+            if len(set(img_size)) != 1:
+                raise ValueError(f"img_size fixes a square position-embedding grid; got {img_size} "
+                                 "(non-square inputs are fine at run time: the embedding is resampled)")
+            img_size = img_size[0]
         self.embed_dims = tuple(embed_dims)
         self.depths = tuple(depths)
+        self.in_chans = in_chans
         self.features_only = features_only
         self.out_indices = tuple(out_indices)
         self.pos_grid = img_size // 4
+        self.grad_checkpointing = False
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dims[3]
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"norm{i + 1}")
+                             for i in range(4)]
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         for i in range(4):
             setattr(self, f"patch_embed{i + 1}",
-                    Stem(embed_dims[0]) if i == 0 else PatchMerging(embed_dims[i - 1], embed_dims[i]))
+                    Stem(embed_dims[0], in_chans) if i == 0 else PatchMerging(embed_dims[i - 1], embed_dims[i]))
             first = sum(depths[:i])
             setattr(self, f"block{i + 1}", nn.ModuleList(
                 Block(embed_dims[i], num_heads[i], SR_RATIOS[i], self_guided=(j % 2 == 1 and i < 3),
@@ -181,6 +202,46 @@ class SGFormer(nn.Module):
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed(embed_dims[0], self.pos_grid)[None])
 
+    # ------------------------------------------------------------ timm API ---
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        """Parameter names to exclude from weight decay: the position embedding."""
+        return {"pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """Regexes grouping parameters by depth (stem, stage embeddings, blocks,
+        stage norms; the head last), for timm's layer-wise lr decay."""
+        return dict(stem=r"^patch_embed1\.|^pos_embed$",
+                    blocks=[(r"^patch_embed(\d+)\.", (-1,)),
+                            (r"^block(\d+)\.", (0,)) if coarse else (r"^block(\d+)\.(\d+)\.", None),
+                            (r"^norm(\d+)\.", (99999,))])  # 99999: timm's "join the previous group"
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block's activations in backward (torch.utils.checkpoint,
+        non-reentrant) instead of storing them: less memory, ~one more forward."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """A new, freshly initialised classifier of ``num_classes`` outputs (0: none,
+        ``forward`` returns pooled features); ``global_pool`` 'avg' or '' (none)."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = self.norm4.weight
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            sgnn.init_weights(self.head)
+            self.head.to(device=ref.device, dtype=ref.dtype)
+
     def position_embedding(self, H: int, W: int) -> torch.Tensor:
         """[1, H*W, C1]: the stored embedding, resampled bicubically to H x W if needed."""
         g = self.pos_grid
@@ -190,81 +251,192 @@ class SGFormer(nn.Module):
         grid = F.interpolate(grid, size=(H, W), mode="bicubic", align_corners=False)
         return grid.flatten(2).transpose(1, 2)
 
-    def forward_stages(self, x):
-        """The normalised token maps of the four stages: list of [B, C_i, H_i, W_i]."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"SGFormer expects images [B, 3, H, W], got {tuple(x.shape)}")
+    def _check_images(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"SGFormer expects images [B, {self.in_chans}, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if min(x.shape[-2:]) < MIN_INPUT:
             raise ValueError(f"SGFormer needs inputs of at least {MIN_INPUT}x{MIN_INPUT}, got "
                              f"{x.shape[-2]}x{x.shape[-1]}")
+
+    def _stages(self, x, last: int = 3, hook=None):
+        """Yield the normalised map [B, C_i, H_i, W_i] of stages 0..last.
+        ``hook(stage, block_index, block, mask)`` sees every block's output mask."""
+        self._check_images(x)
         B = x.shape[0]
-        maps = []
-        for i in range(4):
+        for i in range(last + 1):
             x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
             if i == 0:
                 x = x + self.position_embedding(H, W)
             mask = None
-            for blk in getattr(self, f"block{i + 1}"):
-                x, mask = blk(x, H, W, mask)
+            for j, blk in enumerate(getattr(self, f"block{i + 1}")):
+                if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                    x, mask = _checkpoint(blk, x, H, W, mask, use_reentrant=False)
+                else:
+                    x, mask = blk(x, H, W, mask)
+                if hook is not None:
+                    hook(i, j, blk, mask)
             x = getattr(self, f"norm{i + 1}")(x)
             x = x.transpose(1, 2).reshape(B, -1, H, W)
-            maps.append(x)
-        return maps
+            yield x
+
+    def forward_stages(self, x):
+        """The normalised token maps of the four stages: list of [B, C_i, H_i, W_i]."""
+        return list(self._stages(x))
+
+    def forward_intermediates(self, x, indices: Optional[Union[int, Sequence[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's intermediate-feature API. ``indices``: None (all four stages),
+        an int n (the last n stages) or stage indices (negative count from the
+        end). Returns (final stage-4 map, [maps]) or, with ``intermediates_only``,
+        the maps; every map is the stage's normalised output [B, C_i, H_i, W_i]
+        (``norm`` is accepted for compatibility: stage outputs are always
+        normalised). ``stop_early`` skips the stages after the last one asked for
+        (only with ``intermediates_only``)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"SGFormer intermediates are NCHW only, got output_fmt={output_fmt!r}")
+        take = _take_indices(indices)
+        last = max(take) if (stop_early and intermediates_only) else 3
+        maps = list(self._stages(x, last))
+        intermediates = [maps[i] for i in take]
+        if intermediates_only:
+            return intermediates
+        return maps[3], intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """For timm's feature wrapper: drop the classifier; returns the stage indices."""
+        take = _take_indices(indices)
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_features(self, x):
-        """Pooled stage-4 features [B, C4]."""
-        return self.forward_stages(x)[3].flatten(2).mean(dim=2)
+        """The normalised stage-4 map [B, C4, H/32, W/32] (unpooled, as in timm)."""
+        return self.forward_stages(x)[3]
+
+    def forward_head(self, x, pre_logits: bool = False):
+        """Pool (mean over positions when ``global_pool`` is 'avg') and classify a
+        ``forward_features`` map; ``pre_logits`` returns the pooled features."""
+        if self.global_pool == "avg":
+            x = x.flatten(2).mean(dim=2)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x):
         if self.features_only:
             maps = self.forward_stages(x)
             return [maps[i] for i in self.out_indices]
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
+
+
+def _take_indices(indices) -> List[int]:
+    if indices is None:
+        return [0, 1, 2, 3]
+    if isinstance(indices, int):
+        if not 0 < indices <= 4:
+            raise ValueError(f"indices as an int takes the last n of 4 stages, n in 1..4, got {indices}")
+        return list(range(4 - indices, 4))
+    take = [i + 4 if i < 0 else i for i in indices]
+    if any(i not in range(4) for i in take):
+        raise ValueError(f"stage indices must be in -4..3, got {list(indices)}")
+    return take
 
 
 def _build(variant, img_size=224, num_classes=1000, drop_path_rate=0.0, features_only=False,
-           out_indices=(0, 1, 2, 3), **kwargs):
-    return SGFormer(**VARIANTS[variant], img_size=img_size, num_classes=num_classes,
-                    drop_path_rate=drop_path_rate, features_only=features_only,
-                    out_indices=out_indices, **kwargs)
+           out_indices=(0, 1, 2, 3), pretrained=False, checkpoint_path=None, **kwargs):
+    if checkpoint_path is not None and not os.path.isfile(os.fspath(checkpoint_path)):
+        raise FileNotFoundError(f"SG-Former checkpoint not found: {os.fspath(checkpoint_path)!r}")
+    model = SGFormer(**VARIANTS[variant], img_size=img_size, num_classes=num_classes,
+                     drop_path_rate=drop_path_rate, features_only=features_only,
+                     out_indices=out_indices, **kwargs)
+    if checkpoint_path is not None:
+        _load_keeping_head(model, read_checkpoint(checkpoint_path))
+    elif pretrained:
+        raise ValueError(f"{variant}(pretrained=True) needs checkpoint_path=...: sgattn ships no weights and "
+                         "downloads none. The authors publish theirs (see the README, 'Pretrained weights'); "
+                         "pass the downloaded file as checkpoint_path")
+    return model
 
 
-def sgformer_s(img_size=224, num_classes=1000, drop_path_rate=0.0, features_only=False,
-               out_indices=(0, 1, 2, 3), **kwargs) -> SGFormer:
-    """SG-Former-S: 22.55M parameters at 1000 classes."""
-    return _build("sgformer_s", img_size, num_classes, drop_path_rate, features_only, out_indices, **kwargs)
+def _load_keeping_head(model: SGFormer, checkpoint: dict):
+    """Strict load, except that a classifier of another shape is left as initialised."""
+    state = checkpoint_state_dict(checkpoint, model)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not (k.startswith("head.") and k in own and own[k].shape != v.shape)}
+    result = model.load_state_dict(state, strict=False)
+    bad = [k for k in result.missing_keys + result.unexpected_keys if not k.startswith("head.")]
+    if bad:
+        raise RuntimeError(f"checkpoint does not fit {type(model).__name__}: missing {result.missing_keys}, "
+                           f"unexpected {result.unexpected_keys}")
+    return result
 
 
-def sgformer_m(img_size=224, num_classes=1000, drop_path_rate=0.0, features_only=False,
-               out_indices=(0, 1, 2, 3), **kwargs) -> SGFormer:
-    """SG-Former-M: 38.69M parameters at 1000 classes."""
-    return _build("sgformer_m", img_size, num_classes, drop_path_rate, features_only, out_indices, **kwargs)
+_FACTORY_DOC = """{title}: {params} parameters at 1000 classes.
 
-
-def sgformer_b(img_size=224, num_classes=1000, drop_path_rate=0.0, features_only=False,
-               out_indices=(0, 1, 2, 3), **kwargs) -> SGFormer:
-    """SG-Former-B: 77.95M parameters at 1000 classes."""
-    return _build("sgformer_b", img_size, num_classes, drop_path_rate, features_only, out_indices, **kwargs)
-
-
-CHECKPOINT_KEYS = ("state_dict_ema", "state_dict", "model")
-
-
-def load_checkpoint(model: SGFormer, checkpoint, strict: bool = True):
-    """Load the authors' weights into ``model``.
-
-    ``checkpoint`` is a path to a ``torch.save`` file or an already loaded
-    dict; weights are taken from ``state_dict_ema``, else ``state_dict``, else
-    ``model``, else the dict itself, with any DistributedDataParallel
-    ``module.`` prefix removed. The position embedding is resampled
-    (bicubic) when the model was built for another ``img_size``; the
-    classifier weights are dropped for a ``features_only`` model.
-    Returns ``model.load_state_dict``'s result.
+    Keyword arguments: ``img_size`` (224: the position-embedding grid),
+    ``num_classes``, ``drop_path_rate``, ``features_only``/``out_indices``
+    (return the normalised stage maps), ``in_chans``, ``global_pool``,
+    ``drop_rate``, ``attn_drop_rate``, ``attn_layer``; ``checkpoint_path``
+    loads weights as ``load_checkpoint`` does (the authors' ``.pth`` layouts or
+    a ``.safetensors`` file; a classifier of another ``num_classes`` is left
+    initialised); ``pretrained=True`` requires ``checkpoint_path``.
     """
-    if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+
+
+def sgformer_s(pretrained=False, **kwargs) -> SGFormer:
+    return _build("sgformer_s", pretrained=pretrained, **kwargs)
+
+
+def sgformer_m(pretrained=False, **kwargs) -> SGFormer:
+    return _build("sgformer_m", pretrained=pretrained, **kwargs)
+
+
+def sgformer_b(pretrained=False, **kwargs) -> SGFormer:
+    return _build("sgformer_b", pretrained=pretrained, **kwargs)
+
+
+sgformer_s.__doc__ = _FACTORY_DOC.format(title="SG-Former-S", params="22.55M")
+sgformer_m.__doc__ = _FACTORY_DOC.format(title="SG-Former-M", params="38.69M")
+sgformer_b.__doc__ = _FACTORY_DOC.format(title="SG-Former-B", params="77.95M")
+
+CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+def read_checkpoint(path) -> dict:
+    """Load a checkpoint file: ``.safetensors`` (needs the ``safetensors``
+    package) or a ``torch.save`` file (read with ``weights_only=True``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SG-Former checkpoint not found: {path!r}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ImportError(f"reading {path!r} needs the safetensors package: pip install safetensors "
+                              "(or pip install 'sgattn[timm]')") from exc
+        return load_file(path, device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_state_dict(checkpoint, model: Optional[SGFormer] = None) -> dict:
+    """The model weights of a checkpoint dict in one of the authors' layouts:
+    under ``state_dict_ema`` (else ``model_ema``, ``state_dict``, ``model``,
+    else the dict itself), DistributedDataParallel's ``module.`` and
+    torch.compile's ``_orig_mod.`` prefixes removed. Given ``model``, the
+    position embedding is resampled (bicubic) to its grid and the classifier
+    dropped for a ``features_only`` model."""
     state = next((checkpoint[k] for k in CHECKPOINT_KEYS if isinstance(checkpoint.get(k), dict)), checkpoint)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod.", "module."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    state = out
+    if model is None:
+        return state
     pos = state.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
         g = math.isqrt(pos.shape[1])
@@ -274,6 +446,41 @@ def load_checkpoint(model: SGFormer, checkpoint, strict: bool = True):
         grid = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
         grid = F.interpolate(grid, size=(model.pos_grid, model.pos_grid), mode="bicubic", align_corners=False)
         state["pos_embed"] = grid.flatten(2).transpose(1, 2).to(pos.dtype)
-    if model.features_only:
+    if model.features_only or not isinstance(getattr(model, "head", None), nn.Linear):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return state
+
+
+def load_checkpoint(model: SGFormer, checkpoint, strict: bool = True):
+    """Load the authors' weights into ``model``.
+
+    ``checkpoint`` is a path (a ``torch.save`` file or a ``.safetensors``
+    file) or an already loaded dict; weights are taken from ``state_dict_ema``,
+    else ``model_ema``, ``state_dict``, ``model``, else the dict itself, with
+    any DistributedDataParallel ``module.`` prefix removed. The position
+    embedding is resampled (bicubic) when the model was built for another
+    ``img_size``; the classifier weights are dropped for a ``features_only``
+    model or one without a classifier. With ``strict=False``, tensors whose
+    shapes differ from the model's (e.g. another classifier) are skipped.
+    A missing file raises ``FileNotFoundError`` naming the path.
+    Returns ``model.load_state_dict``'s result.
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_checkpoint(checkpoint)
+    state = checkpoint_state_dict(checkpoint, model)
+    if not strict:
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k not in own or own[k].shape == v.shape}
     return model.load_state_dict(state, strict=strict)
+
+
+def save_safetensors(model_or_state, path) -> None:
+    """Write a model's weights (or a checkpoint in any layout ``load_checkpoint``
+    takes) to a ``.safetensors`` file (needs the ``safetensors`` package)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as exc:
+        raise ImportError("save_safetensors needs the safetensors package: pip install safetensors") from exc
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else \
+        checkpoint_state_dict(model_or_state)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.fspath(path))
