@@ -58,13 +58,72 @@ def test_cuda_backend_reasons_for_inputs_it_cannot_run():
     be = get_backend("cuda")
     t = torch.zeros(1, 2, 8, 32)
     assert "CUDA tensors only" in be.unsupported("attention", (t, t, t))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and _BUILD_ERROR is None:
         c = t.cuda()
-        long_k = torch.zeros(1, 2, 300, 32, device="cuda")
-        assert "exceed" in be.unsupported("attention", (c, long_k, long_k))
         assert "probability dropout" in be.unsupported("attention", (c, c, c), dropout_p=0.1)
         assert "float64" in be.unsupported("attention", (c.double(),) * 3)
-        assert "window 17" in be.unsupported("attention_with_importance", (c, c, c), window=17)
+        assert "head dim" in be.unsupported("attention", (torch.zeros(1, 2, 8, 130, device="cuda"),) * 3)
+        # Long key rows and large windows run (online softmax over key tiles).
+        long_k = torch.zeros(1, 2, 4096, 32, device="cuda")
+        assert be.unsupported("attention", (c, long_k, long_k)) is None
+        assert be.unsupported("attention_with_importance", (c, c, c), window=17) is None
+
+
+# ---------------------------------------------- host-side planner (no GPU needed)
+
+SM80, SM90 = 163 * 1024, 227 * 1024
+
+
+def _plan(dtype, B, h, N, M, d, window=None, hw=None, smem=SM90):
+    from sgattn.backends.cuda import plan_attention
+    return plan_attention(dtype, B, h, N, M, d, window, hw, smem)
+
+
+@built
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("d", (1, 24, 32, 40, 64, 72, 96, 100, 128))
+def test_planner_fits_every_head_dim_on_sm80_and_sm90(dtype, d):
+    for limit in (SM80, SM90):
+        for window, hw, N, M in ((None, None, 4099, 65536), (7, (57, 61), 57 * 61, 57 * 61),
+                                 (16, (33, 17), 33 * 17, 33 * 17)):
+            plan = _plan(dtype, 2, 3, N, M, d, window, hw, smem=limit)
+            assert plan["error"] is None, plan
+            assert plan["warps"] == 4  # the full 64-query tile fits both architectures
+            assert plan["smem"] <= limit and plan["imp_smem"] <= limit
+
+
+@built
+def test_planner_any_key_count_and_geometry():
+    # SG-Former S/M/B at 1024x1024: stage 1 global keys 32*32, sr 2 stage 3 reallocated rows, window 7.
+    for N, M in ((256 * 256, 32 * 32), (64 * 64, 32 * 32), (1, 1), (5, 300), (3136, 4096)):
+        plan = _plan(torch.float16, 1, 2, N, M, 32)
+        assert plan["error"] is None
+        assert plan["fwd_blocks"] == 2 * -(-N // 64)
+        assert plan["ktiles"] == -(-M // 64)
+        assert plan["imp_blocks"] == 2 * plan["ktiles"] * plan["splits"]
+        assert plan["partial_elems"] == 2 * plan["splits"] * M
+    plan = _plan(torch.float32, 2, 2, 10 * 9, 10 * 9, 32, 7, (10, 9))
+    assert plan["fwd_blocks"] == 2 * 2 * 4 and plan["ktiles"] == 1 and plan["splits"] == 1
+
+
+@built
+def test_planner_limits_have_reasons():
+    assert "head dim" in _plan(torch.float16, 1, 1, 8, 8, 129)["error"]
+    assert "shared memory" in _plan(torch.float32, 1, 1, 8, 8, 128, smem=16 * 1024)["error"]
+    # Smaller devices get fewer warps per block, never an oversized launch.
+    small = _plan(torch.bfloat16, 1, 1, 8, 8, 128, smem=64 * 1024)
+    assert small["error"] is None and small["warps"] < 4 and small["smem"] <= 64 * 1024
+    assert "2^31" in _plan(torch.float16, 65536, 65536, 64 * 64, 16, 32)["error"]  # B*h*tiles blocks
+    assert "32 bits" in _plan(torch.float16, 1, 1, 2 ** 31, 16, 32)["error"]
+    assert "window" in _plan(torch.float16, 1, 1, 49, 49, 32, 50000, (7, 7))["error"]
+
+
+@built
+def test_aggregate_launch_limits_have_reasons():
+    from sgattn.backends.cuda import aggregate_limits
+    assert aggregate_limits(2, 4, 3136, 60) is None
+    assert "output rows" in aggregate_limits(2, 2 ** 20, 4096, 2048)
+    assert "tokens" in aggregate_limits(2, 2 ** 20, 2 ** 14, 1)
 
 
 ATTN_CASES = [
@@ -77,6 +136,13 @@ ATTN_CASES = [
     (1, 3, 196, 196, 64, 7, (14, 14)),
     (2, 2, 91, 91, 40, 7, (13, 7)),
     (1, 2, 300, 300, 32, 16, (15, 20)),
+    # long key rows: online softmax over 64-key tiles, importance from the stored lse
+    (2, 2, 37, 300, 32, None, None),
+    (1, 3, 129, 1254, 40, None, None),
+    (1, 1, 65, 4096, 64, None, None),
+    (1, 2, 1100, 4096, 96, None, None),
+    (1, 2, 420, 420, 24, 20, (21, 20)),  # 400 keys per window
+    (2, 1, 1, 1, 8, None, None),
 ]
 
 
@@ -136,15 +202,106 @@ def test_cuda_aggregate_matches_reference(sr, N, C, dtype):
         assert_close_to_reference(t.grad, r.grad, t64.grad, factor=4.0, what=f"grad of leaf {i}")
 
 
+_BAD_INDEX_SCRIPT = r"""
+import sys, torch, sgattn._native as nat
+nat.load_extension("sgattn._C_cuda")
+kind = sys.argv[1]
+x = torch.randn(2, 8, 16, device="cuda", requires_grad=True)
+idx = torch.argsort(torch.rand(1, 2, 8, device="cuda"), -1)
+if kind == "range":
+    idx[0, 1, 3] = 8
+elif kind == "negative":
+    idx[0, 0, 0] = -1
+else:
+    idx[0, 1, 2] = idx[0, 1, 5]  # a duplicate: not a permutation
+w = torch.ones(3, device="cuda", requires_grad=True)
+b = torch.zeros(2, device="cuda", requires_grad=True)
+try:
+    out = nat.op("aggregate_fwd")(x, idx, w, b, [2, 1])
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+except Exception as exc:
+    print("RAISED", type(exc).__name__, exc)
+    sys.exit(3)
+print("NO ERROR")
+"""
+
+
 @gpu
-def test_cuda_aggregate_rejects_non_permutation_index():
+@pytest.mark.parametrize("kind", ("range", "negative", "duplicate"))
+def test_cuda_aggregate_reports_bad_index_on_the_device(kind):
+    # A device-side assertion poisons the CUDA context: run in a fresh process.
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", _BAD_INDEX_SCRIPT, kind], capture_output=True, text=True,
+                         timeout=300)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "NO ERROR" not in text, text
+    assert "sgattn" in text or "device-side assert" in text, text
+
+
+@gpu
+def test_cuda_aggregate_does_not_synchronise():
+    # The permutation check lives on the device: capturable in a CUDA graph.
     be = get_backend("cuda")
-    x = torch.randn(1, 8, 4, device="cuda")
-    idx = torch.zeros(1, 8, dtype=torch.long, device="cuda")
-    w = [torch.ones(2, device="cuda"), torch.ones(1, device="cuda")]
-    b = [torch.zeros(1, device="cuda"), torch.zeros(1, device="cuda")]
-    with pytest.raises(ValueError, match="permutation"):
-        be.aggregate_sorted(x, idx, w, b)
+    x = torch.randn(2, 90, 48, device="cuda")
+    idx = torch.stack([torch.argsort(torch.rand(2, 90, device="cuda"), -1) for _ in range(2)])
+    w = [torch.randn(49, device="cuda"), torch.randn(14, device="cuda"), torch.randn(7, device="cuda")]
+    b = [torch.randn(1, device="cuda") for _ in range(3)]
+    ref = be.aggregate_sorted(x, idx, w, b)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = be.aggregate_sorted(x, idx, w, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+
+
+@gpu
+def test_cuda_ops_validate_direct_calls():
+    from sgattn import _native
+    _native.load_extension("sgattn._C_cuda")
+    fwd = _native.op("attention_fwd")
+    q = torch.randn(1, 2, 12, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        fwd(q, q.cpu(), q, 1.0, 0, 0, 0, True)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        fwd(q, q.half(), q, 1.0, 0, 0, 0, True)
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        fwd(q, q, q, 1.0, -1, 3, 4, True)
+    with pytest.raises(RuntimeError, match="H\\*W == N"):
+        fwd(q, q, q, 1.0, 2, 3, 5, True)
+    with pytest.raises(RuntimeError, match="M == N"):
+        fwd(q, q[:, :, :6], q[:, :, :6], 1.0, 2, 3, 4, True)
+    with pytest.raises(RuntimeError, match="overflows"):
+        fwd(q, q, q, 1.0, 2, 2 ** 40, 2 ** 40, True)
+    with pytest.raises(RuntimeError, match="value dim"):
+        fwd(q, q, torch.randn(1, 2, 12, 4, device="cuda"), 1.0, 0, 0, 0, True)
+    with pytest.raises(RuntimeError, match="head dim"):
+        big = torch.randn(1, 1, 4, 130, device="cuda")
+        fwd(big, big, big, 1.0, 0, 0, 0, True)
+    # Empty batch or heads: empty outputs, no launch.
+    for shape in ((0, 2, 12, 8), (1, 0, 12, 8)):
+        e = torch.randn(*shape, device="cuda")
+        out, lse, imp = fwd(e, e, e, 1.0, 0, 0, 0, True)
+        assert out.shape == shape and lse.shape == shape[:3] and imp.shape == (shape[0], 12)
+        assert out.is_contiguous()
+    agg = _native.op("aggregate_fwd")
+    x = torch.randn(2, 8, 4, device="cuda")
+    idx = torch.argsort(torch.rand(1, 2, 8, device="cuda"), -1)
+    w, b = torch.ones(3, device="cuda"), torch.zeros(2, device="cuda")
+    with pytest.raises(RuntimeError, match="2 or 3 parts"):
+        agg(x, idx, w, b, [3])
+    with pytest.raises(RuntimeError, match="int64"):
+        agg(x, idx.int(), w, b, [2, 1])
+    with pytest.raises(RuntimeError, match="sum\\(group_sizes\\)"):
+        agg(x, idx, torch.ones(4, device="cuda"), b, [2, 1])
+    with pytest.raises(RuntimeError, match="group sizes"):
+        agg(x, idx, w, b, [0, 3])
+    with pytest.raises(RuntimeError, match="same CUDA device|CUDA tensor"):
+        agg(x, idx.cpu(), w, b, [2, 1])
+    assert agg(x[:0], idx[:, :0], w, b, [2, 1]).shape == (1, 0, 5, 4)
 
 
 @gpu
@@ -165,3 +322,34 @@ def test_cuda_self_guided_module_matches_reference():
             y, mask = hsa(x, 56, 56)
             outs[name] = sga(y, 56, 56, mask)[0]
     torch.testing.assert_close(outs["cuda"], outs["reference"], rtol=1e-3, atol=1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cuda_self_guided_long_reallocated_rows(dtype):
+    # sr 2 on a 30 x 34 grid: 765 reallocated keys (> the old 256-key limit), all through the CUDA kernels.
+    B, h, d, H, W = 2, 4, 16, 30, 34
+    N, C = H * W, h * d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    def rn(*s, std=1.0):
+        return (std * torch.randn(*s, generator=g, device="cuda", dtype=torch.float64)).requires_grad_()
+    leaves64 = [rn(B, h, N, d), rn(B, N, C), rn(C, C, std=C ** -0.5), rn(C), rn(C, C, std=C ** -0.5), rn(C),
+                rn(2, std=0.7), rn(1), rn(1), rn(1)]
+    imp = torch.rand(B, N, generator=g, device="cuda")
+    imp = (imp, imp.reshape(B, H, W).transpose(1, 2).reshape(B, N))
+    leavesT = [t.detach().to(dtype).requires_grad_() for t in leaves64]
+    leavesR = [t.detach().clone().requires_grad_() for t in leavesT]
+    def run(backend, L):
+        q, x, w1, b1, w2, b2, f1, f2, c1, c2 = L
+        return backend.self_guided_attention(q, x, imp, w1, b1, w2, b2, [f1, f2], [c1, c2], hw=(H, W))
+    ref_be = get_backend("reference")
+    out = run(get_backend("cuda"), leavesT)
+    ref = run(ref_be, leavesR)
+    ref64 = run(ref_be, leaves64)
+    assert_close_to_reference(out, ref, ref64, factor=3.0, what="self-guided out")
+    grad = torch.randn_like(ref64)
+    out.backward(grad.to(dtype))
+    ref.backward(grad.to(dtype))
+    ref64.backward(grad)
+    for i, (t, r, t64) in enumerate(zip(leavesT, leavesR, leaves64)):
+        assert_close_to_reference(t.grad, r.grad, t64.grad, factor=4.0, what=f"grad of leaf {i}")
