@@ -24,7 +24,6 @@
 namespace {
 
 using sgattn::ReallocPlan;
-using sgattn::WindowGeom;
 
 // Calls f(T{}) with T the C++ type of a floating dtype.
 template <typename F>
@@ -185,6 +184,135 @@ void tile_backward(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_t dp, i
   gemm<true>(Tr, nq, nk, nq, dO, dvp, dvp, dV, dvp);
 }
 
+// ------------------------------------------------------------------ scratch
+
+// Every registered op validates all of its arguments before it touches memory
+// (sizes with overflow-checked arithmetic, dtypes, devices, index contents) and
+// fails with a TORCH_CHECK (RuntimeError in Python) that names the problem.
+// Scratch is allocated before each parallel region, so no C++ exception can
+// leave an OpenMP region (which would terminate the process).
+
+// Scratch limits. Real inputs need a few MiB per thread (a tile of query rows
+// and one head's keys); sizes beyond these limits (e.g. expanded tensors with
+// billions of keys) are refused with a clear error instead of failing in the
+// allocator or swapping. Fewer threads run when the total would exceed
+// kMaxTotalScratch; results never depend on the thread count.
+constexpr int64_t kMaxThreadScratch = int64_t(1) << 30;  // 1 GiB per thread
+constexpr int64_t kMaxTotalScratch = int64_t(4) << 30;   // 4 GiB per call
+
+// Per-thread scratch arrays carved out of one zero-filled allocation.
+class Scratch {
+ public:
+  // Reserves a * b elements of E per thread; returns the array's handle.
+  template <typename E>
+  int64_t reserve(int64_t a, int64_t b) {
+    int64_t n = 0, nb = 0;
+    if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &n) ||
+        __builtin_mul_overflow(n, static_cast<int64_t>(sizeof(E)), &nb) || nb > kMaxThreadScratch) {
+      too_big_ = true;
+      return 0;
+    }
+    const int64_t off = bytes_;
+    bytes_ += (nb + 63) / 64 * 64;
+    if (bytes_ > kMaxThreadScratch) too_big_ = true;
+    return off;
+  }
+  bool too_big() const { return too_big_; }
+  // Allocates the reserved arrays (zero-filled) for the threads to run; returns their count.
+  int allocate() {
+    TORCH_INTERNAL_ASSERT(!too_big_);
+    per_ = std::max<int64_t>(bytes_, 64);
+    nthreads_ = static_cast<int>(
+        std::clamp<int64_t>(kMaxTotalScratch / per_, 1, std::max(1, omp_get_max_threads())));
+    buf_ = at::zeros({nthreads_, per_ / 8}, at::TensorOptions().dtype(at::kDouble));
+    base_ = static_cast<char*>(buf_.data_ptr());
+    return nthreads_;
+  }
+  // The calling thread's array (inside a parallel region of allocate()'s thread count).
+  template <typename E>
+  E* get(int64_t handle) const {
+    return reinterpret_cast<E*>(base_ + static_cast<int64_t>(omp_get_thread_num()) * per_ + handle);
+  }
+
+ private:
+  int64_t bytes_ = 0, per_ = 0;
+  bool too_big_ = false;
+  int nthreads_ = 1;
+  at::Tensor buf_;
+  char* base_ = nullptr;
+};
+
+// A shared (not per-thread) buffer of a * b elements, zero-filled, within the total limit.
+template <typename E>
+at::Tensor shared_buffer(int64_t a, int64_t b, at::ScalarType st, const char* op, const char* what) {
+  int64_t n = 0, nb = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(a, b, &n) && !__builtin_mul_overflow(n, static_cast<int64_t>(sizeof(E)), &nb) &&
+                  nb <= kMaxTotalScratch,
+              op, ": ", what, " would need ", a, " x ", b, " elements of scratch, above the cpu kernel's limit of ",
+              kMaxTotalScratch >> 30, " GiB; such sizes are not supported");
+  return at::zeros({a, b}, at::TensorOptions().dtype(st));
+}
+
+// ---------------------------------------------------------------- validation
+
+void check_dense_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (this is the cpu kernel), got a tensor on ",
+              t.device());
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ", t.layout());
+}
+
+bool is_low_float(at::ScalarType st) { return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf; }
+
+// dout is null for attention_fwd.
+void check_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor* dout, double scale, int64_t window, int64_t H, int64_t W,
+                          bool need_importance) {
+  check_dense_cpu(q, op, "q");
+  check_dense_cpu(k, op, "k");
+  check_dense_cpu(v, op, "v");
+  if (dout) check_dense_cpu(*dout, op, "dout");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q, k, v must be 4-D ([B, h, N, d], [B, h, M, d], [B, h, M, dv]), got ", q.sizes(), ", ", k.sizes(),
+              ", ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(is_low_float(q.scalar_type()), op,
+              ": the cpu kernel supports float32, bfloat16 and float16, got ", q.scalar_type());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
+              ": k must be [B, h, M, d] matching q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
+              ": v must be [B, h, M, dv] matching k ", k.sizes(), ", got ", v.sizes());
+  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3), dv = v.size(3);
+  TORCH_CHECK(N > 0 && M > 0 && d > 0 && dv > 0, op,
+              ": N, M, d and dv must be positive (a softmax over no keys or of no queries is undefined), got N=", N,
+              ", M=", M, ", d=", d, ", dv=", dv);
+  TORCH_CHECK(std::isfinite(scale) && std::isfinite(static_cast<float>(scale)), op,
+              ": scale must be finite in float32, got ", scale);
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: global attention), got ", window);
+  if (window == 0) {
+    TORCH_CHECK(H >= 0 && W >= 0, op, ": H and W must be >= 0 (unused in global mode), got H=", H, ", W=", W);
+  } else {
+    TORCH_CHECK(H > 0 && W > 0, op, ": window mode needs a grid with H > 0 and W > 0, got H=", H, ", W=", W);
+    int64_t HW = 0;
+    TORCH_CHECK(!__builtin_mul_overflow(H, W, &HW), op, ": H*W overflows int64 (H=", H, ", W=", W, ")");
+    TORCH_CHECK(HW == N, op, ": window mode needs H*W == N, got H*W=", HW, " (H=", H, ", W=", W, ") and N=", N);
+    TORCH_CHECK(M == N, op, ": window mode needs as many keys as queries (M == N), got M=", M, ", N=", N);
+  }
+  if (dout) {
+    TORCH_CHECK(dout->dim() == 4 && dout->size(0) == B && dout->size(1) == h && dout->size(2) == N &&
+                    dout->size(3) == dv,
+                op, ": dout must be [B, h, N, dv] = [", B, ", ", h, ", ", N, ", ", dv, "], got ", dout->sizes());
+    TORCH_CHECK(dout->scalar_type() == q.scalar_type(), op, ": dout must have q's dtype ", q.scalar_type(), ", got ",
+                dout->scalar_type());
+  }
+  TORCH_CHECK(!(need_importance && h == 0 && B > 0), op,
+              ": the importance is a mean over heads and h = 0 (with B > 0) has none; "
+              "pass need_importance=False or at least one head");
+}
+
+// ----------------------------------------------------------------- attention
+
 // A [B, h, L, c] view given by pointer and element strides.
 template <typename T>
 struct View4 {
@@ -195,13 +323,14 @@ struct View4 {
   const T* row(int64_t b, int64_t h, int64_t n) const { return p + b * s0 + h * s1 + n * s2; }
 };
 
-// Gathers rows `tok` of (b, h) as fp32, times mul: row-major dst[i * ld + e],
-// or transposed dst[e * ld + i]. The caller zero-fills padding.
+// Gathers n rows of (b, h), rows tok[i] (or first + i when tok is null), as
+// fp32 times mul: row-major dst[i * ld + e], or transposed dst[e * ld + i].
+// The caller zero-fills padding.
 template <typename T>
-void gather_rows(const View4<T>& v, int64_t b, int64_t h, const int64_t* tok, int64_t n, int64_t c,
+void gather_rows(const View4<T>& v, int64_t b, int64_t h, const int64_t* tok, int64_t first, int64_t n, int64_t c,
                  float mul, float* dst, int64_t ld, bool transpose) {
   for (int64_t i = 0; i < n; ++i) {
-    const T* src = v.row(b, h, tok[i]);
+    const T* src = v.row(b, h, tok ? tok[i] : first + i);
     if (v.s3 == 1 && !transpose) {  // the common layout: a contiguous row, vectorised convert
       float* d = dst + i * ld;
 #pragma omp simd
@@ -214,126 +343,162 @@ void gather_rows(const View4<T>& v, int64_t b, int64_t h, const int64_t* tok, in
   }
 }
 
+// Writes n rows src[i * ld + 0:c] to base[row * c + 0:c], row = tok[i] (or first + i).
+template <typename T>
+void put_rows(T* base, const float* src, int64_t ld, const int64_t* tok, int64_t first, int64_t n, int64_t c) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* dst = base + (tok ? tok[i] : first + i) * c;
+    for (int64_t e = 0; e < c; ++e) dst[e] = static_cast<T>(src[i * ld + e]);
+  }
+}
+
+// Non-overlapping w x w windows on the H x W grid (SPEC 2a), the same windows
+// as sgattn::WindowGeom, with the side clamped to max(H, W): a larger window
+// covers the whole grid in each direction exactly as the clamped one does, so
+// scratch is bounded by the grid and no size overflows. Tokens of a window
+// are listed row-major, padding skipped.
+struct Windows {
+  int64_t H, W, w, nwx, nwy;
+  Windows(int64_t H_, int64_t W_, int64_t window)
+      : H(H_), W(W_), w(std::min(window, std::max(H_, W_))), nwx((W_ + w - 1) / w), nwy((H_ + w - 1) / w) {}
+  int64_t count() const { return nwx * nwy; }
+  int64_t max_tokens() const { return std::min(w, H) * std::min(w, W); }
+  int64_t tokens(int64_t win, int64_t* tok) const {
+    const int64_t y0 = (win / nwx) * w, x0 = (win % nwx) * w;
+    const int64_t y1 = std::min(y0 + w, H), x1 = std::min(x0 + w, W);
+    int64_t n = 0;
+    for (int64_t y = y0; y < y1; ++y)
+      for (int64_t x = x0; x < x1; ++x) tok[n++] = y * W + x;
+    return n;
+  }
+};
+
+constexpr int64_t kQB = 64;      // query rows per tile
+constexpr int64_t kChunks = 64;  // global forward: work items per call (fewer per batch item as B grows)
+
+// Forward. Every work partition below depends on the shapes only, never on the
+// thread count, and every reduction runs in a fixed order: results are
+// bitwise independent of the number of threads.
 template <typename T>
 void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_d,
                        int64_t window, int64_t H, int64_t W, bool need_imp, at::Tensor& out,
                        at::Tensor& lse, at::Tensor& imp) {
+  const char* op = "attention_fwd";
   const int64_t B = q.size(0), h = q.size(1), N = q.size(2), d = q.size(3);
-  const int64_t M = k.size(2), dv = v.size(3);
+  const int64_t M = k.size(2), dv = v.size(3), dvp = pad16(dv);
   const float scale = static_cast<float>(scale_d);
   const View4<T> Q(q), K(k), V(v);
-  T* o = out.data_ptr<T>();  // contiguous [B, h, N, dv]
+  T* o = out.data_ptr<T>();          // contiguous [B, h, N, dv]
   float* l = lse.data_ptr<float>();  // contiguous [B, h, N]
-  const int nthreads = omp_get_max_threads();
-
-  // Writes one tile's rows back (out in T, lse fp32).
-  const int64_t dvp = pad16(dv);
-  auto store = [&](int64_t b, int64_t hh, const int64_t* tok, int64_t nq, const float* O, const float* L) {
-    for (int64_t i = 0; i < nq; ++i) {
-      T* dst = o + ((b * h + hh) * N + tok[i]) * dv;
-      for (int64_t c = 0; c < dv; ++c) dst[c] = static_cast<T>(O[i * dvp + c]);
-      l[(b * h + hh) * N + tok[i]] = L[i];
-    }
+  auto store = [&](int64_t b, int64_t hh, const int64_t* tok, int64_t first, int64_t nq, const float* O,
+                   const float* L) {
+    put_rows(o + (b * h + hh) * N * dv, O, dvp, tok, first, nq, dv);
+    float* lrow = l + (b * h + hh) * N;
+    for (int64_t i = 0; i < nq; ++i) lrow[tok ? tok[i] : first + i] = L[i];
   };
 
   if (window == 0) {
-    // Tasks (b, query block); heads loop inside so a task owns its importance partial.
-    const int64_t want = std::max<int64_t>(1, (B * N) / (4 * nthreads));
-    const int64_t QB = std::clamp<int64_t>(want, 16, 64);
+    // Work items (b, chunk of query blocks); the heads loop inside, so an item
+    // owns its importance partial and gathers each head's keys once.
+    const int64_t QB = std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, kQB);
     const int64_t nqb = (N + QB - 1) / QB;
-    std::vector<float> partial(need_imp ? B * nqb * M : 0);
-#pragma omp parallel
+    const int64_t per_b = std::min(nqb, (kChunks + B - 1) / B), ntask = B * per_b;
+    const int64_t Mp = pad16(M);
+    Scratch sc;
+    const int64_t hKt = sc.reserve<float>(d, Mp), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(QB, d),
+                  hS = sc.reserve<float>(QB, Mp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
+                  hC = sc.reserve<float>(Mp, 1);
+    TORCH_CHECK(!sc.too_big(), op, ": M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
+                kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
+    at::Tensor partial_t = need_imp ? shared_buffer<double>(ntask, M, at::kDouble, op, "the importance partials")
+                                    : at::Tensor();
+    double* partial = need_imp ? partial_t.data_ptr<double>() : nullptr;
+    const int nt = sc.allocate();
+#pragma omp parallel num_threads(nt)
     {
-      const int64_t Mp = pad16(M);
-      std::vector<float> Kt(d * Mp, 0.0f), Vf(Mp * dvp, 0.0f), Qs(QB * d), S(QB * Mp), O(QB * dvp), L(QB);
-      std::vector<int64_t> tok(std::max(M, QB));
+      // Padding (columns/rows M..Mp of Kt/V, columns dv..dvp of V) stays zero:
+      // every head fills the same M real columns/rows.
+      float *Kt = sc.get<float>(hKt), *Vf = sc.get<float>(hV), *Qs = sc.get<float>(hQ), *S = sc.get<float>(hS),
+            *O = sc.get<float>(hO), *L = sc.get<float>(hL), *cs = sc.get<float>(hC);
 #pragma omp for schedule(static)
-      for (int64_t task = 0; task < B * nqb; ++task) {
-        const int64_t b = task / nqb, i0 = (task % nqb) * QB, nq = std::min(QB, N - i0);
-        float* colsum = need_imp ? partial.data() + task * M : nullptr;
+      for (int64_t task = 0; task < ntask; ++task) {
+        const int64_t b = task / per_b, c = task % per_b;
+        const int64_t blk0 = c * nqb / per_b, blk1 = (c + 1) * nqb / per_b;
+        double* acc = need_imp ? partial + task * M : nullptr;
         for (int64_t hh = 0; hh < h; ++hh) {
-          for (int64_t j = 0; j < M; ++j) tok[j] = j;
-          // Padding stays zero: every (b, h) fills the same M real columns/rows.
-          gather_rows(K, b, hh, tok.data(), M, d, 1.0f, Kt.data(), Mp, true);
-          gather_rows(V, b, hh, tok.data(), M, dv, 1.0f, Vf.data(), dvp, false);
-          for (int64_t i = 0; i < nq; ++i) tok[i] = i0 + i;
-          gather_rows(Q, b, hh, tok.data(), nq, d, scale, Qs.data(), d, false);
-          tile_forward(Qs.data(), d, nq, d, Kt.data(), Vf.data(), M, Mp, dvp, S.data(), O.data(), L.data(),
-                       colsum);
-          store(b, hh, tok.data(), nq, O.data(), L.data());
+          gather_rows(K, b, hh, nullptr, 0, M, d, 1.0f, Kt, Mp, true);
+          gather_rows(V, b, hh, nullptr, 0, M, dv, 1.0f, Vf, dvp, false);
+          for (int64_t blk = blk0; blk < blk1; ++blk) {
+            const int64_t i0 = blk * QB, nq = std::min(QB, N - i0);
+            gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, d, false);
+            if (acc) std::fill(cs, cs + M, 0.0f);
+            tile_forward(Qs, d, nq, d, Kt, Vf, M, Mp, dvp, S, O, L, acc ? cs : nullptr);
+            store(b, hh, nullptr, i0, nq, O, L);
+            if (acc) {  // a tile's fp32 column sums, accumulated in double in a fixed order
+              for (int64_t j = 0; j < M; ++j) acc[j] += cs[j];
+            }
+          }
         }
       }
     }
     if (need_imp) {
-      // Fixed-order reduction of the per-block partials: deterministic.
       float* dst = imp.data_ptr<float>();
-      const float inv = 1.0f / static_cast<float>(h * N);
-#pragma omp parallel for schedule(static)
+      const double inv = 1.0 / (static_cast<double>(h) * static_cast<double>(N));
+#pragma omp parallel for schedule(static) num_threads(nt)
       for (int64_t bj = 0; bj < B * M; ++bj) {
         const int64_t b = bj / M, j = bj % M;
-        float acc = 0.0f;
-        for (int64_t t = 0; t < nqb; ++t) acc += partial[(b * nqb + t) * M + j];
-        dst[bj] = acc * inv;
+        double s = 0;
+        for (int64_t c = 0; c < per_b; ++c) s += partial[(b * per_b + c) * M + j];
+        dst[bj] = static_cast<float>(s * inv);
       }
     }
     return;
   }
 
-  // Window mode: tasks (b, window); only the real tokens of a window take part,
-  // which is exactly the reference's masking of padded queries and keys.
-  const WindowGeom geo(H, W, window);
-  const int64_t nW = geo.num_windows(), Lmax = geo.size();
+  // Window mode: work items (b, window); only the real tokens of a window take
+  // part, which is exactly the reference's masking of padded queries and keys.
+  const Windows geo(H, W, window);
+  const int64_t nW = geo.count(), Lmax = geo.max_tokens(), Lp = pad16(Lmax), QB = std::min(kQB, Lmax);
+  Scratch sc;
+  const int64_t hKt = sc.reserve<float>(d, Lp), hV = sc.reserve<float>(Lp, dvp), hQ = sc.reserve<float>(QB, d),
+                hS = sc.reserve<float>(QB, Lp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
+                hC = sc.reserve<float>(Lp, 1), hA = sc.reserve<double>(Lmax, 1), hT = sc.reserve<int64_t>(Lmax, 1);
+  TORCH_CHECK(!sc.too_big(), op, ": windows of ", Lmax, " tokens with d=", d, ", dv=", dv, " need more than ",
+              kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
   float* dst = need_imp ? imp.data_ptr<float>() : nullptr;
-#pragma omp parallel
+  const int nt = sc.allocate();
+#pragma omp parallel num_threads(nt)
   {
-    const int64_t Lp = pad16(Lmax);
-    std::vector<float> Kt(d * Lp), Vf(Lp * dvp), Qs(Lmax * d), S(Lmax * Lp), O(Lmax * dvp), L(Lmax),
-        colsum(Lmax);
-    std::vector<int64_t> tok(Lmax);
+    float *Kt = sc.get<float>(hKt), *Vf = sc.get<float>(hV), *Qs = sc.get<float>(hQ), *S = sc.get<float>(hS),
+          *O = sc.get<float>(hO), *L = sc.get<float>(hL), *cs = sc.get<float>(hC);
+    double* acc = sc.get<double>(hA);
+    int64_t* tok = sc.get<int64_t>(hT);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < B * nW; ++task) {
-      const int64_t b = task / nW, win = task % nW;
-      int64_t n = 0;
-      for (int64_t l = 0; l < Lmax; ++l) {
-        const int64_t t = geo.token(win, l);
-        if (t >= 0) tok[n++] = t;
-      }
-      std::fill(colsum.begin(), colsum.end(), 0.0f);
+      const int64_t b = task / nW, n = geo.tokens(task % nW, tok), np = pad16(n);
+      if (need_imp) std::fill(acc, acc + n, 0.0);
       for (int64_t hh = 0; hh < h; ++hh) {
         // Edge windows have fewer real tokens: clear what an earlier window left.
-        const int64_t np = pad16(n);
-        std::fill(Kt.begin(), Kt.end(), 0.0f);
-        std::fill(Vf.begin(), Vf.end(), 0.0f);
-        gather_rows(K, b, hh, tok.data(), n, d, 1.0f, Kt.data(), np, true);
-        gather_rows(V, b, hh, tok.data(), n, dv, 1.0f, Vf.data(), dvp, false);
-        gather_rows(Q, b, hh, tok.data(), n, d, scale, Qs.data(), d, false);
-        tile_forward(Qs.data(), d, n, d, Kt.data(), Vf.data(), n, np, dvp, S.data(), O.data(), L.data(),
-                     need_imp ? colsum.data() : nullptr);
-        store(b, hh, tok.data(), n, O.data(), L.data());
+        std::fill(Kt, Kt + d * np, 0.0f);
+        std::fill(Vf, Vf + np * dvp, 0.0f);
+        gather_rows(K, b, hh, tok, 0, n, d, 1.0f, Kt, np, true);
+        gather_rows(V, b, hh, tok, 0, n, dv, 1.0f, Vf, dvp, false);
+        for (int64_t i0 = 0; i0 < n; i0 += QB) {
+          const int64_t nq = std::min(QB, n - i0);
+          gather_rows(Q, b, hh, tok + i0, 0, nq, d, scale, Qs, d, false);
+          if (need_imp) std::fill(cs, cs + n, 0.0f);
+          tile_forward(Qs, d, nq, d, Kt, Vf, n, np, dvp, S, O, L, need_imp ? cs : nullptr);
+          store(b, hh, tok + i0, 0, nq, O, L);
+          if (need_imp) {
+            for (int64_t j = 0; j < n; ++j) acc[j] += cs[j];
+          }
+        }
       }
       if (need_imp) {
-        const float inv = 1.0f / static_cast<float>(h * n);
-        for (int64_t i = 0; i < n; ++i) dst[b * N + tok[i]] = colsum[i] * inv;
+        const double inv = 1.0 / (static_cast<double>(h) * static_cast<double>(n));
+        for (int64_t i = 0; i < n; ++i) dst[b * N + tok[i]] = static_cast<float>(acc[i] * inv);
       }
     }
-  }
-}
-
-void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          int64_t window, int64_t H, int64_t W) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_fwd: q, k, v must be 4-D");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "attention_fwd: q, k, v must share a dtype");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-              "attention_fwd: k must be [B, h, M, d] matching q");
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2),
-              "attention_fwd: v must be [B, h, M, dv] matching k");
-  TORCH_CHECK(q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0 && v.size(3) > 0,
-              "attention_fwd: empty input");
-  TORCH_CHECK(window >= 0, "attention_fwd: window must be >= 0 (0: global)");
-  if (window > 0) {
-    TORCH_CHECK(k.size(2) == q.size(2), "attention_fwd: window mode needs M == N");
-    TORCH_CHECK(H > 0 && W > 0 && H * W == q.size(2), "attention_fwd: H*W must equal N");
   }
 }
 
@@ -341,12 +506,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
                                                              const at::Tensor& v, double scale,
                                                              int64_t window, int64_t H, int64_t W,
                                                              bool need_importance) {
-  check_attention_args(q, k, v, window, H, W);
+  check_attention_args("attention_fwd", q, k, v, nullptr, scale, window, H, W, need_importance);
   const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), dv = v.size(3);
+  // Contract of every native op: contiguous outputs, whatever the inputs' strides.
   auto out = at::empty({B, h, N, dv}, q.options());
   auto lse = at::empty({B, h, N}, q.options().dtype(at::kFloat));
   auto imp = need_importance ? at::empty({B, window ? N : M}, q.options().dtype(at::kFloat))
                              : at::empty({0}, q.options().dtype(at::kFloat));
+  if (B == 0 || h == 0) return {out, lse, imp};  // empty results (importance [0, *] when B == 0)
   dispatch_floating(q.scalar_type(), false, "attention_fwd", [&](auto tag) {
     using T = decltype(tag);
     attention_fwd_cpu<T>(q, k, v, scale, window, H, W, need_importance, out, lse, imp);
@@ -355,12 +522,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
 }
 
 // Backward: recomputes each tile's probabilities (never the N x M matrix).
-// Global mode: tasks (b, h) own their dK, dV and walk the query blocks;
-// window mode: tasks (b, window) own the window's keys. Deterministic.
+// Global mode: work items (b, h) own their dK, dV and walk the query blocks;
+// window mode: items (b, window) own the window's keys. Deterministic and
+// independent of the thread count.
 template <typename T>
 void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        double scale_d, int64_t window, int64_t H, int64_t W, at::Tensor& dq, at::Tensor& dk,
                        at::Tensor& dv_t) {
+  const char* op = "attention_bwd";
   const int64_t B = q.size(0), h = q.size(1), N = q.size(2), d = q.size(3);
   const int64_t M = k.size(2), dv = v.size(3), dp = pad16(d), dvp = pad16(dv);
   const float scale = static_cast<float>(scale_d);
@@ -368,59 +537,54 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
   T* dqp = dq.data_ptr<T>();  // contiguous outputs
   T* dkp = dk.data_ptr<T>();
   T* dvp_ = dv_t.data_ptr<T>();
-  auto put = [](T* base, const float* src, int64_t ld, const int64_t* tok, int64_t n, int64_t c) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t e = 0; e < c; ++e) base[tok[i] * c + e] = static_cast<T>(src[i * ld + e]);
-  };
   const bool windowed = window > 0;
-  const WindowGeom geo(windowed ? H : 1, windowed ? W : 1, windowed ? window : 1);
-  const int64_t QB = 64;
-  const int64_t nk_max = windowed ? geo.size() : M, nq_max = windowed ? geo.size() : std::min(QB, N);
+  const Windows geo(windowed ? H : 1, windowed ? W : 1, windowed ? window : 1);
+  const int64_t nk_max = windowed ? geo.max_tokens() : M, nq_max = std::min(kQB, windowed ? nk_max : N);
   const int64_t nkp_max = pad16(nk_max);
-  const int64_t ntask = windowed ? B * geo.num_windows() : B * h;
-#pragma omp parallel
+  const int64_t nW = geo.count(), ntask = windowed ? B * nW : B * h;
+  Scratch sc;
+  const int64_t hQs = sc.reserve<float>(nq_max, dp), hKr = sc.reserve<float>(nkp_max, dp),
+                hKt = sc.reserve<float>(d, nkp_max), hVt = sc.reserve<float>(dv, nkp_max),
+                hdO = sc.reserve<float>(nq_max, dvp), hP = sc.reserve<float>(nq_max, nkp_max),
+                hdP = sc.reserve<float>(nq_max, nkp_max), hTr = sc.reserve<float>(nkp_max, nq_max),
+                hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(nkp_max, dp),
+                hdV = sc.reserve<float>(nkp_max, dvp), hT = sc.reserve<int64_t>(windowed ? nk_max : 0, 1);
+  TORCH_CHECK(!sc.too_big(), op, ": ", nk_max, " keys per row with d=", d, ", dv=", dv, " need more than ",
+              kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
+  const int nt = sc.allocate();
+#pragma omp parallel num_threads(nt)
   {
-    std::vector<float> Qs(nq_max * dp), Kr(nkp_max * dp), Kt(d * nkp_max), Vt(dv * nkp_max), dOs(nq_max * dvp),
-        P(nq_max * nkp_max), dP(nq_max * nkp_max), Tr(nkp_max * nq_max), dQ(nq_max * dp), dK(nkp_max * dp),
-        dV(nkp_max * dvp);
-    std::vector<int64_t> ktok(nk_max), qtok(nq_max);
+    float *Qs = sc.get<float>(hQs), *Kr = sc.get<float>(hKr), *Kt = sc.get<float>(hKt), *Vt = sc.get<float>(hVt),
+          *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *Tr = sc.get<float>(hTr),
+          *dQ = sc.get<float>(hdQ), *dK = sc.get<float>(hdK), *dV = sc.get<float>(hdV);
+    int64_t* ktok = windowed ? sc.get<int64_t>(hT) : nullptr;  // null: keys 0..M-1
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < ntask; ++task) {
-      // (b, heads, keys) of this task; global tasks hold one head, window tasks all heads.
-      const int64_t b = windowed ? task / geo.num_windows() : task / h;
-      int64_t nk = 0;
-      if (windowed) {
-        for (int64_t l = 0; l < geo.size(); ++l) {
-          const int64_t t = geo.token(task % geo.num_windows(), l);
-          if (t >= 0) ktok[nk++] = t;
-        }
-      } else {
-        for (int64_t j = 0; j < M; ++j) ktok[j] = j;
-        nk = M;
-      }
-      const int64_t nkp = pad16(nk);
+      // (b, heads, keys) of this item; global items hold one head, window items all heads.
+      const int64_t b = windowed ? task / nW : task / h;
+      const int64_t nk = windowed ? geo.tokens(task % nW, ktok) : M, nkp = pad16(nk);
       const int64_t h0 = windowed ? 0 : task % h, h1 = windowed ? h : h0 + 1;
       for (int64_t hh = h0; hh < h1; ++hh) {
-        std::fill(Kr.begin(), Kr.end(), 0.0f);
-        std::fill(Kt.begin(), Kt.end(), 0.0f);
-        std::fill(Vt.begin(), Vt.end(), 0.0f);
-        std::fill(dK.begin(), dK.end(), 0.0f);
-        std::fill(dV.begin(), dV.end(), 0.0f);
-        gather_rows(K, b, hh, ktok.data(), nk, d, 1.0f, Kr.data(), dp, false);
-        gather_rows(K, b, hh, ktok.data(), nk, d, 1.0f, Kt.data(), nkp, true);
-        gather_rows(V, b, hh, ktok.data(), nk, dv, 1.0f, Vt.data(), nkp, true);
+        std::fill(Kr, Kr + nkp * dp, 0.0f);
+        std::fill(Kt, Kt + d * nkp, 0.0f);
+        std::fill(Vt, Vt + dv * nkp, 0.0f);
+        std::fill(dK, dK + nkp * dp, 0.0f);
+        std::fill(dV, dV + nkp * dvp, 0.0f);
+        gather_rows(K, b, hh, ktok, 0, nk, d, 1.0f, Kr, dp, false);
+        gather_rows(K, b, hh, ktok, 0, nk, d, 1.0f, Kt, nkp, true);
+        gather_rows(V, b, hh, ktok, 0, nk, dv, 1.0f, Vt, nkp, true);
         const int64_t nqs = windowed ? nk : N;
-        for (int64_t i0 = 0; i0 < nqs; i0 += QB) {
-          const int64_t nq = std::min(QB, nqs - i0);
-          for (int64_t i = 0; i < nq; ++i) qtok[i] = windowed ? ktok[i0 + i] : i0 + i;
-          gather_rows(Q, b, hh, qtok.data(), nq, d, scale, Qs.data(), dp, false);
-          gather_rows(dO, b, hh, qtok.data(), nq, dv, 1.0f, dOs.data(), dvp, false);
-          tile_backward(nq, nk, nkp, d, dp, dv, dvp, scale, Qs.data(), Kr.data(), Kt.data(), Vt.data(),
-                        dOs.data(), P.data(), dP.data(), Tr.data(), dQ.data(), dK.data(), dV.data());
-          put(dqp + (b * h + hh) * N * d, dQ.data(), dp, qtok.data(), nq, d);
+        for (int64_t i0 = 0; i0 < nqs; i0 += nq_max) {
+          const int64_t nq = std::min(nq_max, nqs - i0);
+          const int64_t* qtok = windowed ? ktok + i0 : nullptr;  // null: queries i0..i0+nq-1
+          const int64_t first = windowed ? 0 : i0;
+          gather_rows(Q, b, hh, qtok, first, nq, d, scale, Qs, dp, false);
+          gather_rows(dO, b, hh, qtok, first, nq, dv, 1.0f, dOs, dvp, false);
+          tile_backward(nq, nk, nkp, d, dp, dv, dvp, scale, Qs, Kr, Kt, Vt, dOs, P, dP, Tr, dQ, dK, dV);
+          put_rows(dqp + (b * h + hh) * N * d, dQ, dp, qtok, first, nq, d);
         }
-        put(dkp + (b * h + hh) * M * d, dK.data(), dp, ktok.data(), nk, d);
-        put(dvp_ + (b * h + hh) * M * dv, dV.data(), dvp, ktok.data(), nk, dv);
+        put_rows(dkp + (b * h + hh) * M * d, dK, dp, ktok, 0, nk, d);
+        put_rows(dvp_ + (b * h + hh) * M * dv, dV, dvp, ktok, 0, nk, dv);
       }
     }
   }
@@ -429,13 +593,12 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              double scale, int64_t window, int64_t H, int64_t W) {
-  check_attention_args(q, k, v, window, H, W);
-  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == q.size(0) && dout.size(1) == q.size(1) &&
-                  dout.size(2) == q.size(2) && dout.size(3) == v.size(3) && dout.scalar_type() == q.scalar_type(),
-              "attention_bwd: dout must be [B, h, N, dv] in q's dtype");
+  check_attention_args("attention_bwd", q, k, v, &dout, scale, window, H, W, false);
+  // Contiguous outputs (at::empty of the sizes), whatever the inputs' strides.
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
+  if (q.size(0) == 0 || q.size(1) == 0) return {dq, dk, dv};  // empty gradients
   dispatch_floating(q.scalar_type(), false, "attention_bwd", [&](auto tag) {
     attention_bwd_cpu<decltype(tag)>(dout, q, k, v, scale, window, H, W, dq, dk, dv);
   });
@@ -444,33 +607,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 
 // ---------------------------------------------------------------- aggregation
 
-ReallocPlan make_plan(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights,
-                      c10::IntArrayRef group_sizes, const char* op) {
-  TORCH_CHECK(x.dim() == 3, op, ": x must be [B, N, C]");
-  TORCH_CHECK(index.dim() == 3 && index.scalar_type() == at::kLong, op, ": index must be [G, B, N] int64");
-  TORCH_CHECK(index.size(1) == x.size(0) && index.size(2) == x.size(1), op,
-              ": index must be [G, B, N] matching x [B, N, C]");
-  const int P = static_cast<int>(group_sizes.size());
-  TORCH_CHECK(P == 2 || P == 3, op, ": 2 or 3 parts, got ", P);
+// Validates the aggregation arguments (biases: null for aggregate_bwd) and
+// returns the reallocation plan.
+ReallocPlan make_plan(const char* op, const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights,
+                      const at::Tensor* biases, c10::IntArrayRef group_sizes) {
+  check_dense_cpu(x, op, "x");
+  check_dense_cpu(index, op, "index");
+  check_dense_cpu(weights, op, "weights");
+  if (biases) check_dense_cpu(*biases, op, "biases");
+  TORCH_CHECK(x.dim() == 3, op, ": x must be [B, N, C], got ", x.sizes());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(is_low_float(st) || st == at::kDouble, op,
+              ": x must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK(index.scalar_type() == at::kLong, op, ": index must be int64, got ", index.scalar_type());
+  TORCH_CHECK(index.dim() == 3 && index.size(1) == x.size(0) && index.size(2) == x.size(1), op,
+              ": index must be [G, B, N] matching x [B, N, C] = ", x.sizes(), ", got ", index.sizes());
+  const int64_t P = static_cast<int64_t>(group_sizes.size()), N = x.size(1);
+  TORCH_CHECK(P == 2 || P == 3, op, ": group_sizes must list 2 or 3 parts, got ", P, " (", group_sizes, ")");
   int64_t total = 0;
-  for (auto r : group_sizes) {
-    TORCH_CHECK(r >= 1, op, ": group sizes must be >= 1");
-    total += r;
+  for (const int64_t r : group_sizes) {
+    TORCH_CHECK(r >= 1, op, ": group sizes must be >= 1, got ", group_sizes);
+    int64_t unused = 0;
+    TORCH_CHECK(!__builtin_add_overflow(r, N, &unused) && !__builtin_add_overflow(total, r, &total), op,
+                ": group sizes ", group_sizes, " overflow int64");
   }
   TORCH_CHECK(weights.dim() == 1 && weights.numel() == total, op,
-              ": weights must hold sum(group_sizes) = ", total, " values");
-  TORCH_CHECK(weights.scalar_type() == x.scalar_type(), op, ": weights must have x's dtype");
-  return ReallocPlan(x.size(1), P, group_sizes.data());
+              ": weights must be 1-D with sum(group_sizes) = ", total, " values, got shape ", weights.sizes());
+  TORCH_CHECK(weights.scalar_type() == st, op, ": weights must have x's dtype ", st, ", got ",
+              weights.scalar_type());
+  if (biases) {
+    TORCH_CHECK(biases->dim() == 1 && biases->numel() == P, op, ": biases must be 1-D with one value per part (",
+                P, "), got shape ", biases->sizes());
+    TORCH_CHECK(biases->scalar_type() == st, op, ": biases must have x's dtype ", st, ", got ",
+                biases->scalar_type());
+  }
+  return ReallocPlan(N, static_cast<int>(P), group_sizes.data());
 }
 
-// Out-of-range rows would read or write out of bounds: refuse them up front.
-void check_index_range(const at::Tensor& idx, int64_t N, const char* op) {
-  const int64_t* p = idx.const_data_ptr<int64_t>();
-  const int64_t n = idx.numel();
-  bool ok = true;
-#pragma omp parallel for reduction(&& : ok) schedule(static)
-  for (int64_t i = 0; i < n; ++i) ok = ok && p[i] >= 0 && p[i] < N;
-  TORCH_CHECK(ok, op, ": index values must lie in [0, N) = [0, ", N, ")");
+// Every index row [g, b, :] must be a permutation of 0..N-1 (an argsort):
+// other values would read or write out of bounds, and the backward relies on
+// each token having exactly one sorted position per ordering. O(G*B*N).
+void check_permutations(const at::Tensor& idx, const char* op) {
+  const int64_t G = idx.size(0), B = idx.size(1), N = idx.size(2), rows = G * B;
+  if (rows == 0 || N == 0) return;
+  const int64_t* p = idx.const_data_ptr<int64_t>();  // contiguous
+  const int nt = static_cast<int>(std::clamp<int64_t>(kMaxTotalScratch / N, 1, std::max(1, omp_get_max_threads())));
+  at::Tensor seen_t = at::zeros({nt, N}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor bad_t = at::zeros({rows}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* seen = seen_t.data_ptr<uint8_t>();
+  uint8_t* bad = bad_t.data_ptr<uint8_t>();
+#pragma omp parallel num_threads(nt)
+  {
+    uint8_t* s = seen + static_cast<int64_t>(omp_get_thread_num()) * N;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t* row = p + r * N;
+      int64_t i = 0;
+      for (; i < N; ++i) {
+        const int64_t t = row[i];
+        if (t < 0 || t >= N || s[t]) break;
+        s[t] = 1;
+      }
+      bad[r] = i < N;
+      for (int64_t j = 0; j < i; ++j) s[row[j]] = 0;  // clear what this row set
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!bad[r]) continue;
+    const int64_t* row = p + r * N;
+    const int64_t g = r / B, b = r % B;
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK(row[i] >= 0 && row[i] < N, op, ": index values must lie in [0, N) = [0, ", N, "), got index[", g,
+                  ", ", b, ", ", i, "] = ", row[i]);
+    }
+    std::vector<uint8_t> s(N, 0);
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK(!s[row[i]], op, ": index[", g, ", ", b, "] is not a permutation of 0..N-1 (value ", row[i],
+                  " repeats at position ", i, "); each row must be the argsort of an importance vector");
+      s[row[i]] = 1;
+    }
+  }
 }
 
 template <typename T>
@@ -486,16 +702,20 @@ void aggregate_fwd_cpu(const at::Tensor& x, const at::Tensor& idx, const at::Ten
   const T* wp = w.const_data_ptr<T>();
   const T* bp = bias.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
-#pragma omp parallel
+  Scratch sc;
+  const int64_t hA = sc.reserve<A>(C, 1);
+  TORCH_CHECK(!sc.too_big(), "aggregate_fwd: C=", C, " channels are not supported");
+  const int nt = sc.allocate();
+#pragma omp parallel num_threads(nt)
   {
-    std::vector<A> acc(C);
+    A* acc = sc.get<A>(hA);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < G * B * M; ++row) {
       const int64_t gb = row / M, m = row % M, b = gb % B;
       const int p = plan.part_of_row(m);
       int64_t first, count;
       plan.members(m, p, first, count);
-      std::fill(acc.begin(), acc.end(), static_cast<A>(bp[p]));
+      std::fill(acc, acc + C, static_cast<A>(bp[p]));
       for (int64_t j = 0; j < count; ++j) {
         const A wj = static_cast<A>(wp[plan.woff[p] + j]);
         const T* src = xp + (b * N + ip[gb * N + first + j]) * C;
@@ -513,36 +733,50 @@ void aggregate_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
                        const at::Tensor& w, const ReallocPlan& plan, at::Tensor& dx, at::Tensor& dw,
                        at::Tensor& db) {
   using A = acc_t<T>;
+  const char* op = "aggregate_bwd";
   const int64_t G = idx.size(0), B = x.size(0), N = x.size(1), C = x.size(2), M = plan.M;
-  const int64_t R = w.numel(), P = plan.P;
+  const int64_t P = plan.P;
   const T* gp = grad.const_data_ptr<T>();  // contiguous [G, B, M, C]
   const T* xp = x.const_data_ptr<T>();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   const T* wp = w.const_data_ptr<T>();
   T* dxp = dx.data_ptr<T>();
-  // Tasks (b, channel chunk) own their dx rows, so repeated index values (not
-  // produced by a sort, but accepted) accumulate without races.
+  // Only the first min(r_p, n_p) weights of a part meet a token; the others get
+  // zero gradient. Partials are kept for those (compact offsets coff), so their
+  // size is bounded by N whatever the group sizes.
+  int64_t coff[3] = {0, 0, 0}, R = 0;
+  for (int p = 0; p < P; ++p) {
+    coff[p] = R;
+    R += std::min(plan.r[p], plan.len[p]);
+  }
+  // Work items (b, channel chunk) own their dx rows; a fixed partition and a
+  // fixed-order reduction of the per-item dweights/dbiases: deterministic.
   const int64_t CH = 64, ncc = (C + CH - 1) / CH, ntask = B * ncc;
-  std::vector<double> partial(ntask * (R + P), 0.0);  // per-task dweights, dbiases
-#pragma omp parallel
+  at::Tensor partial_t = shared_buffer<double>(ntask, R + P, at::kDouble, op, "the weight-gradient partials");
+  double* partial = partial_t.data_ptr<double>();
+  Scratch sc;
+  const int64_t hD = sc.reserve<A>(N, std::min(CH, C));
+  TORCH_CHECK(!sc.too_big(), op, ": N=", N, " tokens are not supported");
+  const int nt = sc.allocate();
+#pragma omp parallel num_threads(nt)
   {
-    std::vector<A> dxa;
+    A* dxa = sc.get<A>(hD);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < ntask; ++task) {
       const int64_t b = task / ncc, c0 = (task % ncc) * CH, cn = std::min(CH, C - c0);
-      dxa.assign(N * cn, A(0));
-      double* pw = partial.data() + task * (R + P);
+      std::fill(dxa, dxa + N * cn, A(0));
+      double* pw = partial + task * (R + P);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t* irow = ip + (g * B + b) * N;
         const T* grow = gp + (g * B + b) * M * C + c0;
         for (int64_t pos = 0; pos < N; ++pos) {
           const int p = plan.part_of_pos(pos);
           const int64_t off = pos - plan.start[p], m = plan.out[p] + off / plan.r[p];
-          const int64_t j = plan.woff[p] + off % plan.r[p];
-          const A wj = static_cast<A>(wp[j]);
+          const int64_t jw = plan.woff[p] + off % plan.r[p], jc = coff[p] + off % plan.r[p];
+          const A wj = static_cast<A>(wp[jw]);
           const T* gr = grow + m * C;
           const T* xr = xp + (b * N + irow[pos]) * C + c0;
-          A* dr = dxa.data() + irow[pos] * cn;
+          A* dr = dxa + irow[pos] * cn;
           // dweights/dbias sum over B*M*C terms: accumulate them in double.
           double dot = 0;
 #pragma omp simd reduction(+ : dot)
@@ -551,7 +785,7 @@ void aggregate_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
             dr[c] += wj * gv;
             dot += static_cast<double>(gv) * static_cast<double>(xr[c]);
           }
-          pw[j] += dot;
+          pw[jc] += dot;
         }
         for (int64_t m = 0; m < M; ++m) {
           const T* gr = grow + m * C;
@@ -566,27 +800,31 @@ void aggregate_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
       }
     }
   }
-  // Fixed-order reduction of the task partials: deterministic.
+  // Fixed-order reduction of the item partials.
   T* dwp = dw.data_ptr<T>();
   T* dbp = db.data_ptr<T>();
-  for (int64_t e = 0; e < R + P; ++e) {
+  auto total = [&](int64_t e) {
     double s = 0;
     for (int64_t t = 0; t < ntask; ++t) s += partial[t * (R + P) + e];
-    if (e < R) dwp[e] = static_cast<T>(s); else dbp[e - R] = static_cast<T>(s);
+    return s;
+  };
+  for (int p = 0; p < P; ++p) {
+    for (int64_t j = 0; j < plan.r[p]; ++j)
+      dwp[plan.woff[p] + j] = static_cast<T>(j < plan.len[p] ? total(coff[p] + j) : 0.0);
+    dbp[p] = static_cast<T>(total(R + p));
   }
 }
 
 at::Tensor aggregate_fwd(const at::Tensor& x_in, const at::Tensor& index, const at::Tensor& weights,
                          const at::Tensor& biases, c10::IntArrayRef group_sizes) {
   const char* op = "aggregate_fwd";
-  ReallocPlan plan = make_plan(x_in, index, weights, group_sizes, op);
-  TORCH_CHECK(biases.numel() == plan.P && biases.scalar_type() == x_in.scalar_type(), op,
-              ": biases must hold one value per part in x's dtype");
-  auto x = x_in.contiguous();
+  const ReallocPlan plan = make_plan(op, x_in, index, weights, &biases, group_sizes);
+  // Contiguous output [G, B, M, C].
+  auto out = at::empty({index.size(0), x_in.size(0), plan.M, x_in.size(2)}, x_in.options());
   auto idx = index.contiguous();
-  check_index_range(idx, x.size(1), op);
-  auto w = weights.contiguous(), b = biases.contiguous();
-  auto out = at::empty({idx.size(0), x.size(0), plan.M, x.size(2)}, x.options());
+  check_permutations(idx, op);
+  if (out.numel() == 0) return out;
+  auto x = x_in.contiguous(), w = weights.contiguous(), b = biases.contiguous();
   dispatch_floating(x.scalar_type(), true, op, [&](auto tag) {
     aggregate_fwd_cpu<decltype(tag)>(x, idx, w, b, plan, out);
   });
@@ -597,19 +835,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_bwd(const at::Tensor& g
                                                              const at::Tensor& index, const at::Tensor& weights,
                                                              c10::IntArrayRef group_sizes) {
   const char* op = "aggregate_bwd";
-  ReallocPlan plan = make_plan(x_in, index, weights, group_sizes, op);
-  auto x = x_in.contiguous();
+  const ReallocPlan plan = make_plan(op, x_in, index, weights, nullptr, group_sizes);
+  check_dense_cpu(grad_in, op, "grad");
+  const int64_t G = index.size(0), B = x_in.size(0), C = x_in.size(2);
+  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == G && grad_in.size(1) == B && grad_in.size(2) == plan.M &&
+                  grad_in.size(3) == C,
+              op, ": grad must be [G, B, M, C] = [", G, ", ", B, ", ", plan.M, ", ", C, "], got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), op, ": grad must have x's dtype ", x_in.scalar_type(),
+              ", got ", grad_in.scalar_type());
   auto idx = index.contiguous();
-  auto grad = grad_in.contiguous();
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == idx.size(0) && grad.size(1) == x.size(0) &&
-                  grad.size(2) == plan.M && grad.size(3) == x.size(2) &&
-                  grad.scalar_type() == x.scalar_type(),
-              op, ": grad must be [G, B, M, C] in x's dtype");
-  check_index_range(idx, x.size(1), op);
-  auto w = weights.contiguous();
-  auto dx = at::empty_like(x);
-  auto dw = at::empty_like(w);
-  auto db = at::empty({plan.P}, x.options());
+  check_permutations(idx, op);
+  // Contiguous outputs, whatever the inputs' strides.
+  auto dx = at::empty(x_in.sizes(), x_in.options());
+  auto dw = at::empty(weights.sizes(), weights.options());
+  auto db = at::empty({plan.P}, x_in.options());
+  auto x = x_in.contiguous(), w = weights.contiguous(), grad = grad_in.contiguous();
   dispatch_floating(x.scalar_type(), true, op, [&](auto tag) {
     aggregate_bwd_cpu<decltype(tag)>(grad, x, idx, w, plan, dx, dw, db);
   });

@@ -142,8 +142,9 @@ def _attention_grad(ctx, dout, _dlse, _dimp):
 
 
 def _attention_bwd_torch(dout, q, k, v, scale, window, H, W):
-    """The CUDA kernel of ``attention_bwd``: recomputation with torch ops."""
-    return attention_backward(dout, q, k, v, scale, window, (H, W))
+    """The CUDA kernel of ``attention_bwd``: recomputation with torch ops (contiguous results,
+    as every native op returns)."""
+    return tuple(t.contiguous() for t in attention_backward(dout, q, k, v, scale, window, (H, W)))
 
 
 def _attention_bwd_grad(ctx, *grads):
@@ -151,7 +152,9 @@ def _attention_bwd_grad(ctx, *grads):
 
 
 def _attention_bwd_fake(dout, q, k, v, scale, window, H, W):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # new_empty, not empty_like: the kernels return contiguous tensors whatever
+    # the inputs' strides (empty_like would keep a permuted q's layout).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _aggregate_fake(x, index, weights, biases, group_sizes):
@@ -160,7 +163,7 @@ def _aggregate_fake(x, index, weights, biases, group_sizes):
 
 
 def _aggregate_bwd_fake(grad, x, index, weights, group_sizes):
-    return torch.empty_like(x), torch.empty_like(weights), weights.new_empty(len(group_sizes))
+    return x.new_empty(x.shape), weights.new_empty(weights.shape), weights.new_empty(len(group_sizes))
 
 
 def _aggregate_setup(ctx, inputs, output):

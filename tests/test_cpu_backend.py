@@ -158,12 +158,11 @@ def test_aggregate_sorted_matches_reference(sr, N, G, dtype):
             assert_close_to_reference(t.grad, r.grad, t64.grad, factor=4.0, what=f"grad of leaf {i}")
 
 
-def test_aggregate_gradcheck_float64_with_repeated_index():
-    # Repeated rows (not produced by a sort, but accepted) must accumulate in dx.
+def test_aggregate_gradcheck_float64():
     x = rand(2, 11, 5).requires_grad_()
     w = [rand(r).requires_grad_() for r in (2, 1)]
     b = [rand(1).requires_grad_() for _ in range(2)]
-    idx = torch.randint(0, 11, (2, 2, 11))
+    idx = torch.stack([torch.stack([torch.randperm(11) for _ in range(2)]) for _ in range(2)])
     fn = lambda x, w0, w1, b0, b1: CPU.aggregate_sorted(x, idx, [w0, w1], [b0, b1])  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, *w, *b))
 
@@ -174,9 +173,15 @@ def test_bad_index_raises_instead_of_crashing():
     for bad in (8, -1):
         idx = torch.arange(8).reshape(1, 8)
         idx[0, 3] = bad
-        with pytest.raises(RuntimeError, match=r"index values must lie in \[0, N\)"):
+        with pytest.raises(RuntimeError, match=rf"index values must lie in \[0, N\) = \[0, 8\), got index\[0, 0, 3\] = {bad}"):
             CPU.aggregate_sorted(x, idx, w, b)
-    with pytest.raises(RuntimeError, match="int64"):
+    # Repeated rows (in range, but not an argsort) are refused too: the backward
+    # relies on one sorted position per token.
+    idx = torch.arange(8).reshape(1, 8)
+    idx[0, 5] = 2
+    with pytest.raises(RuntimeError, match=r"index\[0, 0\] is not a permutation of 0..N-1 \(value 2 repeats at position 5\)"):
+        CPU.aggregate_sorted(x, idx, w, b)
+    with pytest.raises(RuntimeError, match="index must be int64, got Int"):
         CPU.aggregate_sorted(x, torch.arange(8, dtype=torch.int32).reshape(1, 8), w, b)
 
 
