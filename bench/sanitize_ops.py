@@ -1,12 +1,19 @@
 """Call every sgattn kernel once on small shapes, forward and backward, for
 each GPU backend that can run: the program compute-sanitizer checks.
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-        --error-exitcode 1 python bench/sanitize_ops.py
+    for tool in memcheck racecheck initcheck; do
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool \
+          --error-exitcode 1 python bench/sanitize_ops.py [--backends cuda] [--dtypes float32,float16]
+    done
 
 (without the caching allocator an out-of-bounds access lands outside any
 allocation, where memcheck sees it). Exits non-zero if a call raises.
+CUDA backend kernels covered: attention forward with one and several key
+tiles (global, window with padded windows, windows of more than 64 keys),
+importance pass and reduction, reallocation forward, inverse, dx, row sums
+and reduction (3 and 2 parts). racecheck is slow: pass --backends cuda.
 """
+import argparse
 import sys
 
 import torch
@@ -24,6 +31,10 @@ def calls(device, dtype):
     B, h, d = 2, 2, 32
     yield "attention global", lambda: sgattn.attention_with_importance(r(B, h, 67, d), r(B, h, 23, d), r(B, h, 23, d))
     yield "attention plain", lambda: (ops.attention(r(B, h, 70, d), r(B, h, 70, d), r(B, h, 70, d)),)
+    yield "attention 300 keys d40", lambda: sgattn.attention_with_importance(
+        r(1, 1, 75, 40), r(1, 1, 300, 40), r(1, 1, 300, 40))
+    yield "attention window 9 on 10x11", lambda: sgattn.attention_with_importance(
+        r(1, h, 110, 24), r(1, h, 110, 24), r(1, h, 110, 24), window=9, hw=(10, 11))
     yield "attention window 10x9", lambda: sgattn.attention_with_importance(
         r(B, h, 90, d), r(B, h, 90, d), r(B, h, 90, d), window=7, hw=(10, 9))
     yield "hybrid 15x14 sr2", lambda: sgattn.hybrid_scale_attention(
@@ -40,15 +51,21 @@ def calls(device, dtype):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", default="triton,cuda")
+    ap.add_argument("--dtypes", default="float32,bfloat16,float16")
+    args = ap.parse_args()
+    wanted = args.backends.split(",")
+    dtypes = [getattr(torch, n) for n in args.dtypes.split(",")]
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to sanitize")
         return 0
     device = torch.device("cuda")
-    names = [n for n, why in sgattn.available_backends().items() if why is None and n in ("triton", "cuda")]
+    names = [n for n, why in sgattn.available_backends().items() if why is None and n in wanted]
     print("GPU backends:", names or "none", sgattn.available_backends())
     failed = 0
     for name in names:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             for label, make in calls(device, dtype):
                 try:
                     with sgattn.use_backend(name):
