@@ -44,6 +44,15 @@ def _check_input(module, x, H, W):
         raise ValueError(f"{type(module).__name__}: H*W = {H}*{W} = {H * W} does not match N = {x.shape[1]}")
 
 
+def tokens_to_grid(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """[B, N, C] row-major tokens -> a contiguous [B, C, H, W] image for the
+    convolutions. Contiguous, not the transposed view: under torch.compile
+    with dynamic shapes, inductor cannot order a view's symbolic strides
+    (1, C*W, C) ("cannot determine truth value of Relational")."""
+    B, N, C = x.shape
+    return x.transpose(1, 2).reshape(B, C, H, W).contiguous()
+
+
 class _AttentionBase(nn.Module):
     """What all three kinds share: locally-enhanced positional encoding (lepe),
     output projection, dropouts and the softmax scale."""
@@ -75,8 +84,7 @@ class _AttentionBase(nn.Module):
     def finish(self, out: torch.Tensor, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """Merge heads [B, h, N, d] -> [B, N, C], add lepe, project."""
         B, N, C = x.shape
-        lepe = self.lepe_linear(x).transpose(1, 2).reshape(B, C, H, W)
-        lepe = self.lepe_conv(lepe).reshape(B, C, N).transpose(1, 2)
+        lepe = self.lepe_conv(tokens_to_grid(self.lepe_linear(x), H, W)).reshape(B, C, N).transpose(1, 2)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out + lepe))
 
@@ -109,7 +117,7 @@ class HybridScaleAttention(_AttentionBase):
         _check_input(self, x, H, W)
         B, N, C = x.shape
         half = self.num_heads // 2
-        reduced = self.sr(x.transpose(1, 2).reshape(B, C, H, W))
+        reduced = self.sr(tokens_to_grid(x, H, W))
         reduced_hw = tuple(reduced.shape[-2:])
         reduced = self.act(self.norm(reduced.flatten(2).transpose(1, 2)))
         k_g, v_g = self.kv1(reduced).chunk(2, dim=-1)

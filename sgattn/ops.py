@@ -5,6 +5,7 @@ M key tokens, d head dim, C channels. See each function's docstring.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -19,11 +20,59 @@ def _fail(op: str, message: str):
     raise ValueError(f"{op}: {message}")
 
 
+# ---------------------------------------------------------------- autocast
+# The ops follow torch.autocast as F.scaled_dot_product_attention does: inside
+# an autocast region for the inputs' device, every fp16/bf16/fp32 tensor input
+# (not the importance, which is sorted and stays as given) is cast to the
+# autocast dtype, and the op runs with autocast off, so its own fp32
+# accumulation is not cast down again. Importance is returned in fp32.
+
+def _autocast_dtype(t: torch.Tensor):
+    """The dtype autocast gives this op's inputs on t's device, or None."""
+    device_type = t.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(dtype, value):
+    """``value`` (a tensor, a list/tuple of tensors, or anything else) with its
+    fp16/bf16/fp32 tensors cast to ``dtype``; fp64 and the rest unchanged."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(dtype, v) for v in value)
+    if isinstance(value, torch.Tensor) and value.dtype in FLOAT_DTYPES[:3]:
+        return value.to(dtype)
+    return value
+
+
+def _without_autocast(device_type):
+    return torch.autocast(device_type, enabled=False)
+
+
+# -------------------------------------------------------------- validation
+
 def _check_tensor(op, name, t, ndim):
     if not isinstance(t, torch.Tensor):
         _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         _fail(op, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
+def _check_int(op, name, value, minimum=1):
+    if not _is_int(value) or value < minimum:
+        _fail(op, f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_options(op, scale, dropout_p):
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                              or not math.isfinite(scale)):
+        _fail(op, f"scale must be a finite number or None, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
+        _fail(op, f"dropout_p must be a probability in [0, 1], got {dropout_p!r}")
 
 
 def _check_same(op, named):
@@ -38,17 +87,26 @@ def _check_same(op, named):
             _fail(op, f"device mismatch: {first_name} is on {first.device} but {name} is on {t.device}")
 
 
-def _check_hw(op, hw, n, what="N"):
-    if hw is None or len(hw) != 2 or any(int(s) < 1 for s in hw):
-        _fail(op, f"hw must be a pair (H, W) of positive ints, got {hw!r}")
+def _check_hw(op, hw, n, what="N", name="hw"):
+    if not isinstance(hw, (tuple, list)) or len(hw) != 2 or not all(_is_int(s) and s >= 1 for s in hw):
+        _fail(op, f"{name} must be a pair (H, W) of positive ints, got {hw!r}")
     if hw[0] * hw[1] != n:
         _fail(op, f"H*W = {hw[0]}*{hw[1]} = {hw[0] * hw[1]} does not match {what} = {n}")
 
 
-def _check_finite(op, name, t):
-    # A data-dependent check: skipped while torch.compile traces (it would break the graph).
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
-        _fail(op, f"{name} contains NaN or infinite values; importance must be finite to be sorted")
+def _check_importance_values(op, name, t):
+    """Importance must be finite to be sorted. Eager CPU tensors are checked
+    here (no device to wait for); on an accelerator, and while torch.compile
+    traces, the check is an asynchronous device-side assert: no host sync, so
+    it neither stalls the GPU nor breaks CUDA-graph capture."""
+    if not t.is_floating_point():
+        _fail(op, f"{name} must be a floating-point tensor, got {t.dtype}")
+    finite = torch.isfinite(t).all()
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(finite):
+            _fail(op, f"{name} contains NaN or infinite values; importance must be finite to be sorted")
+    else:
+        torch._assert_async(finite, f"sgattn.{op}: {name} contains NaN or infinite values")
 
 
 def _check_attention(op, q, k, v, window, hw):
@@ -60,11 +118,12 @@ def _check_attention(op, q, k, v, window, hw):
         _fail(op, f"k must be [B, h, M, d] = [{B}, {h}, M, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
         _fail(op, f"v must be [B, h, M, dv] matching k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if N == 0 or k.shape[2] == 0 or d == 0:
-        _fail(op, f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if h == 0:
+        _fail(op, f"zero heads: q {tuple(q.shape)}")
+    if N == 0 or k.shape[2] == 0 or d == 0 or v.shape[3] == 0:
+        _fail(op, f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if window is not None:
-        if int(window) < 1:
-            _fail(op, f"window must be a positive int, got {window!r}")
+        _check_int(op, "window", window)
         if k.shape[2] != N:
             _fail(op, f"window mode needs as many keys as queries, got N={N}, M={k.shape[2]}")
         _check_hw(op, hw, N)
@@ -77,14 +136,22 @@ def attention_with_importance(q, k, v, *, scale=None, window=None, hw=None, drop
     Global mode (``window=None``): importance [B, M], the mean over heads and
     queries of softmax(q k^T * scale). Window mode (``window=w``, ``hw=(H, W)``,
     M == N == H*W): attention inside non-overlapping w x w windows, the grid
-    zero-padded to multiples of w with padded tokens masked out; importance
-    [B, N] per key, averaged over heads and the real queries of its window.
+    zero-padded to multiples of w with padded tokens masked out (a window
+    larger than the grid covers it whole); importance [B, N] per key, averaged
+    over heads and the real queries of its window.
     ``scale`` defaults to d**-0.5. ``dropout_p`` > 0 drops probabilities.
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first.
     Returns (out [B, h, N, dv] in q's dtype, importance fp32 (fp64 for fp64 inputs)).
     Importance carries no gradient; out is differentiable in q, k, v.
     """
     op = "attention_with_importance"
     _check_attention(op, q, k, v, window, hw)
+    _check_options(op, scale, dropout_p)
+    dtype = _autocast_dtype(q)
+    if dtype is not None:
+        with _without_autocast(q.device.type):
+            return attention_with_importance(*_cast(dtype, (q, k, v)), scale=scale, window=window, hw=hw,
+                                             dropout_p=dropout_p)
     backend = select(op, (q, k, v), window=window, dropout_p=dropout_p)
     return backend.attention(q, k, v, scale=scale, window=window, hw=hw, dropout_p=dropout_p)
 
@@ -93,13 +160,18 @@ def attention(q, k, v, *, scale=None, dropout_p=0.0):
     """Plain global attention softmax(q k^T * scale) v (no importance): [B, h, N, dv]."""
     op = "attention"
     _check_attention(op, q, k, v, None, None)
+    _check_options(op, scale, dropout_p)
+    dtype = _autocast_dtype(q)
+    if dtype is not None:
+        with _without_autocast(q.device.type):
+            return attention(*_cast(dtype, (q, k, v)), scale=scale, dropout_p=dropout_p)
     backend = select(op, (q, k, v), dropout_p=dropout_p)
     return backend.attention(q, k, v, scale=scale, dropout_p=dropout_p, need_importance=False)[0]
 
 
 def hybrid_scale_attention(q_global, k_global, v_global, q_local, k_local, v_local, *,
                            hw, reduced_hw, window=7, scale=None, dropout_p=0.0):
-    """Hybrid-scale attention (SPEC 2a) with its importance map.
+    """Hybrid-scale attention of SG-Former with its importance map.
 
     q_global: [B, hg, N, d] attends to k_global, v_global: [B, hg, M, d], the
     spatially reduced map of ``reduced_hw`` = (Hr, Wr), M = Hr*Wr.
@@ -107,30 +179,43 @@ def hybrid_scale_attention(q_global, k_global, v_global, q_local, k_local, v_loc
     ``window`` windows of the ``hw`` = (H, W) grid, N = H*W.
     Returns (out [B, hg + hl, N, d], global heads first; importance map
     [B, H, W] fp32 = local importance + nearest-upsampled global importance).
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first.
     """
     op = "hybrid_scale_attention"
     _check_attention(op, q_global, k_global, v_global, None, None)
     _check_attention(op, q_local, k_local, v_local, window, hw)
+    _check_options(op, scale, dropout_p)
     _check_same(op, (("q_global", q_global), ("q_local", q_local)))
     if q_global.shape[0] != q_local.shape[0] or q_global.shape[2:] != q_local.shape[2:]:
         _fail(op, f"q_global {tuple(q_global.shape)} and q_local {tuple(q_local.shape)} "
                   "must share batch, tokens and head dim")
-    _check_hw(op, reduced_hw, k_global.shape[2], what="the number of global keys M")
-    backend = select(op, (q_global, k_global, v_global, q_local, k_local, v_local),
-                     window=window, dropout_p=dropout_p)
+    _check_hw(op, reduced_hw, k_global.shape[2], what="the number of global keys M", name="reduced_hw")
+    tensors = (q_global, k_global, v_global, q_local, k_local, v_local)
+    dtype = _autocast_dtype(q_global)
+    if dtype is not None:
+        with _without_autocast(q_global.device.type):
+            return hybrid_scale_attention(*_cast(dtype, tensors), hw=hw, reduced_hw=reduced_hw, window=window,
+                                          scale=scale, dropout_p=dropout_p)
+    backend = select(op, tensors, window=window, dropout_p=dropout_p)
     return backend.hybrid_scale_attention(
-        q_global, k_global, v_global, q_local, k_local, v_local,
-        hw=tuple(hw), reduced_hw=tuple(reduced_hw), window=window, scale=scale, dropout_p=dropout_p)
+        *tensors, hw=tuple(hw), reduced_hw=tuple(reduced_hw), window=window, scale=scale, dropout_p=dropout_p)
 
 
 def _check_aggregation(op, x, weights, biases):
     _check_tensor(op, "x", x, 3)
     if x.dtype not in FLOAT_DTYPES:
         _fail(op, f"x has unsupported dtype {x.dtype}")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        _fail(op, f"empty input: x {tuple(x.shape)}")
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        _fail(op, "weights and biases must be lists of tensors")
     if len(weights) not in (2, 3) or len(biases) != len(weights):
         _fail(op, f"need 2 or 3 parts with one weight and one bias each, got "
                   f"{len(weights)} weights and {len(biases)} biases")
     for p, (w, b) in enumerate(zip(weights, biases)):
+        for name, t in (("weight", w), ("bias", b)):
+            if not isinstance(t, torch.Tensor):
+                _fail(op, f"part {p}'s {name} must be a torch.Tensor, got {type(t).__name__}")
         if w.numel() < 1 or b.numel() != 1:
             _fail(op, f"part {p}: weight must be non-empty and bias one element, got "
                       f"{tuple(w.shape)} and {tuple(b.shape)}")
@@ -142,7 +227,7 @@ def _check_aggregation(op, x, weights, biases):
 
 
 def reallocate_tokens(x, importance, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
-    """Importance-guided token reallocation (SPEC 2b), one ordering.
+    """Importance-guided token reallocation of SG-Former, one ordering.
 
     x: [B, N, C]; importance: [B, N], in x's token order. Tokens are sorted
     by importance (stable, ascending); the sorted sequence is cut into parts
@@ -151,57 +236,83 @@ def reallocate_tokens(x, importance, weights: Sequence[torch.Tensor], biases: Se
     into ``sum_j weights[p][j] * token_j + biases[p]``; a short last group
     counts its missing members as zeros. Returns [B, M, C],
     M = sum_p ceil(n_p / r_p). Differentiable in x, weights and biases.
+    Under ``torch.autocast`` x and the parameters are cast to the autocast dtype.
     """
     op = "reallocate_tokens"
+    _check_tensor(op, "x", x, 3)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
+        with _without_autocast(x.device.type):
+            return reallocate_tokens(_cast(dtype, x), importance, _cast(dtype, weights), _cast(dtype, biases))
     _check_aggregation(op, x, weights, biases)
     _check_tensor(op, "importance", importance, 2)
     if importance.shape != x.shape[:2]:
         _fail(op, f"importance must be [B, N] = {tuple(x.shape[:2])}, got {tuple(importance.shape)}")
     if importance.device != x.device:
         _fail(op, f"device mismatch: x is on {x.device} but importance is on {importance.device}")
-    _check_finite(op, "importance", importance)
+    _check_importance_values(op, "importance", importance)
     index = reference.sort_index(importance)
     backend = select(op, (x,))
     return backend.aggregate_sorted(x, index, list(weights), list(biases))
 
 
+def _check_self_guided_importance(op, importance, B, N, hw, device):
+    """The importance argument as a tuple of one or two tensors, checked."""
+    pair = (importance,) if isinstance(importance, torch.Tensor) else importance
+    if not isinstance(pair, (tuple, list)) or len(pair) not in (1, 2):
+        _fail(op, "importance must be a tensor or a (row-major, column-major) pair of tensors")
+    # one tensor may also be the [B, H, W] map; a pair holds two [B, N] flattenings
+    shapes = [(B, N), (B, *hw)] if len(pair) == 1 else [(B, N)]
+    for i, imp in enumerate(pair):
+        if not isinstance(imp, torch.Tensor):
+            _fail(op, f"importance[{i}] must be a torch.Tensor, got {type(imp).__name__}")
+        if tuple(imp.shape) not in shapes or imp.device != device:
+            want = " or ".join(str(list(s)) for s in shapes)
+            _fail(op, f"importance[{i}] must be {want} on {device}, got {list(imp.shape)} on {imp.device}")
+        _check_importance_values(op, f"importance[{i}]", imp)
+    return tuple(imp.reshape(B, N) for imp in pair)
+
+
 def self_guided_attention(q, x, importance, kv1_weight, kv1_bias, kv2_weight, kv2_bias,
                           agg_weights: Sequence[torch.Tensor], agg_biases: Sequence[torch.Tensor], *,
                           hw, scale=None, dropout_p=0.0):
-    """Self-guided attention (SPEC 2b).
+    """Self-guided attention of SG-Former.
 
     q: [B, h, N, d] queries (h even); x: [B, N, C] row-major tokens, C = h*d;
     importance: the (row-major [B, N], column-major [B, N]) pair a hybrid-scale
     block hands on, or one row-major [B, N] / [B, H, W] tensor standing for
-    both. x is reallocated once per ordering (ordering 2 in column-major token
-    order); ``kv1`` ([C, C] weight, [C] bias or None; K channels then V
-    channels) projects ordering 1 to the K, V of heads [0, h/2), ``kv2``
-    ordering 2 to heads [h/2, h); all queries attend globally.
-    Returns out [B, h, N, d]. No gradient flows into importance.
+    both. x is reallocated once per ordering (as ``reallocate_tokens``;
+    ordering 2 in column-major token order); ``kv1`` ([C, C] weight, [C] bias
+    or None; K channels then V channels) projects ordering 1 to the K, V of
+    heads [0, h/2), ``kv2`` ordering 2 to heads [h/2, h); all queries attend
+    globally. Returns out [B, h, N, d]. No gradient flows into importance.
+    Under ``torch.autocast`` every input but the importance is cast to the
+    autocast dtype (SG-Former's LayerNorm hands on fp32 tokens there).
     """
     op = "self_guided_attention"
     _check_tensor(op, "q", q, 4)
+    dtype = _autocast_dtype(q)
+    if dtype is not None:
+        with _without_autocast(q.device.type):
+            return self_guided_attention(
+                *_cast(dtype, (q, x)), importance, *_cast(dtype, (kv1_weight, kv1_bias, kv2_weight, kv2_bias)),
+                _cast(dtype, agg_weights), _cast(dtype, agg_biases), hw=hw, scale=scale, dropout_p=dropout_p)
     _check_aggregation(op, x, agg_weights, agg_biases)
+    _check_options(op, scale, dropout_p)
     _check_same(op, (("q", q), ("x", x)))
     B, h, N, d = q.shape
+    if h == 0 or d == 0:
+        _fail(op, f"zero heads or head dim: q {tuple(q.shape)}")
     if x.shape != (B, N, h * d):
         _fail(op, f"x must be [B, N, h*d] = [{B}, {N}, {h * d}] to match q {tuple(q.shape)}, got {tuple(x.shape)}")
     if h % 2:
         _fail(op, f"the number of heads must be even (two orderings, h/2 heads each), got {h}")
     _check_hw(op, hw, N)
-    pair = (importance,) if isinstance(importance, torch.Tensor) else tuple(importance)
-    if len(pair) not in (1, 2):
-        _fail(op, "importance must be a tensor or a (row-major, column-major) pair")
-    for i, imp in enumerate(pair):
-        if not isinstance(imp, torch.Tensor):
-            _fail(op, f"importance[{i}] must be a torch.Tensor, got {type(imp).__name__}")
-        if imp.numel() != B * N or imp.shape[0] != B or imp.device != x.device:
-            _fail(op, f"importance[{i}] must hold [B, N] = [{B}, {N}] values on {x.device}, "
-                      f"got {tuple(imp.shape)} on {imp.device}")
-        _check_finite(op, f"importance[{i}]", imp)
-    pair = tuple(imp.reshape(B, N) for imp in pair)
+    pair = _check_self_guided_importance(op, importance, B, N, tuple(hw), x.device)
     C = h * d
     for name, w, b in (("kv1", kv1_weight, kv1_bias), ("kv2", kv2_weight, kv2_bias)):
+        if not isinstance(w, torch.Tensor) or not (b is None or isinstance(b, torch.Tensor)):
+            _fail(op, f"{name} weight must be a tensor and bias a tensor or None")
         if w.shape != (C, C) or (b is not None and b.shape != (C,)):
             _fail(op, f"{name} weight must be [{C}, {C}] and bias [{C}] or None, got "
                       f"{tuple(w.shape)} and {None if b is None else tuple(b.shape)}")

@@ -74,26 +74,38 @@ def _global_attention(q, k, v, scale, dropout_p, need_importance):
     return out.to(q.dtype), importance
 
 
+def window_shape(window: int, hw) -> tuple[int, int]:
+    """The (height, width) of the windows on an (H, W) grid. A window larger
+    than the grid in one direction covers it whole in that direction, exactly
+    as a w x w window over the grid zero-padded to w would (the padding is
+    masked), so it is clipped to the grid: scratch stays O(H*W) however
+    large ``window`` is."""
+    H, W = hw
+    return min(window, H), min(window, W)
+
+
 def window_partition(t: torch.Tensor, window: int, hw) -> torch.Tensor:
-    """[B, h, H*W, d] row-major tokens -> [B, h, nW, w*w, d] windows, zero-padded
-    at the bottom and right up to multiples of w (SPEC 2a generalisation)."""
+    """[B, h, H*W, d] row-major tokens -> [B, h, nW, wh*ww, d] windows, zero-padded
+    at the bottom and right up to multiples of the window (``window_shape``)."""
     B, h, _, d = t.shape
     H, W = hw
-    Hp, Wp = -(-H // window) * window, -(-W // window) * window
+    wh, ww = window_shape(window, hw)
+    nh, nw = -(-H // wh), -(-W // ww)
     t = t.reshape(B, h, H, W, d)
-    if (Hp, Wp) != (H, W):
-        t = F.pad(t, (0, 0, 0, Wp - W, 0, Hp - H))
-    t = t.reshape(B, h, Hp // window, window, Wp // window, window, d)
-    return t.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, -1, window * window, d)
+    if (nh * wh, nw * ww) != (H, W):
+        t = F.pad(t, (0, 0, 0, nw * ww - W, 0, nh * wh - H))
+    t = t.reshape(B, h, nh, wh, nw, ww, d)
+    return t.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, nh * nw, wh * ww, d)
 
 
 def window_reverse(t: torch.Tensor, window: int, hw) -> torch.Tensor:
-    """Inverse of ``window_partition``: [B, h, nW, w*w, d] -> [B, h, H*W, d]."""
+    """Inverse of ``window_partition``: [B, h, nW, wh*ww, d] -> [B, h, H*W, d]."""
     B, h, _, _, d = t.shape
     H, W = hw
-    Hp, Wp = -(-H // window) * window, -(-W // window) * window
-    t = t.reshape(B, h, Hp // window, Wp // window, window, window, d)
-    t = t.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, Hp, Wp, d)
+    wh, ww = window_shape(window, hw)
+    nh, nw = -(-H // wh), -(-W // ww)
+    t = t.reshape(B, h, nh, nw, wh, ww, d)
+    t = t.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, h, nh * wh, nw * ww, d)
     return t[:, :, :H, :W].reshape(B, h, H * W, d)
 
 
@@ -200,7 +212,7 @@ def aggregate_sorted(x, index, weights, biases):
         part = part.reshape(G * B, groups, r, C).transpose(2, 3)  # [., groups, C, r]
         pieces.append(F.linear(part, w.reshape(1, r).to(x.dtype), b.reshape(1).to(x.dtype))[..., 0])
         start += n_p
-    out = torch.cat(pieces, dim=1).reshape(G, B, -1, C)
+    out = torch.cat(pieces, dim=1).reshape(G, B, reallocated_length(N, [w.numel() for w in weights]), C)
     return out if grouped else out[0]
 
 

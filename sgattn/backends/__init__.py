@@ -23,7 +23,8 @@ from .. import reference
 # Order in which automatic dispatch tries backends.
 PREFERENCE = ("triton", "cuda", "cpu", "reference")
 
-# The backend forced by the user; SGATTN_BACKEND is read once, at import.
+# The backend forced by the user; SGATTN_BACKEND is read once, at import
+# (and checked at the end of this module).
 _forced: str | None = os.environ.get("SGATTN_BACKEND") or None
 
 
@@ -152,7 +153,10 @@ def use_backend(name: str | None):
 
 def select(op: str, tensors, **options) -> Backend:
     """The backend that runs ``op`` on ``tensors``: the forced one, or the first
-    in ``PREFERENCE`` that can."""
+    in ``PREFERENCE`` that can. An empty batch runs on the reference backend
+    (plain torch ops handle it; there is nothing for a kernel to do)."""
+    if tensors[0].shape[0] == 0:
+        return _registry["reference"]
     if _forced is not None:
         backend = get_backend(_forced)
         why = backend.unavailable() or backend.unsupported(op, tensors, **options)
@@ -171,3 +175,16 @@ def select(op: str, tensors, **options) -> Backend:
                 return backend
         reasons.append(f"{name}: {why}")
     raise BackendError(f"no sgattn backend can run {op}: " + "; ".join(reasons))
+
+
+def _load_all():
+    """Import every backend and its extension now, at ``import sgattn``: a
+    first call inside a torch.compile region must not import modules or load
+    libraries while it is being traced."""
+    for name in _registry:
+        unavailable_reason(name)
+
+
+_load_all()
+if _forced is not None and _forced not in _registry:
+    raise ValueError(f"SGATTN_BACKEND={_forced!r} is not a sgattn backend; known: {', '.join(_registry)}")
