@@ -1,122 +1,310 @@
-"""Offline compilation of every kernel configuration SG-Former S/M/B uses, for
-real GPUs, without a GPU (``triton.compile`` + ``GPUTarget``).
+"""Offline compilation of every kernel configuration the Triton backend
+accepts, for real GPUs, without a GPU (``triton.compile`` + ``GPUTarget``),
+with the register, spill, stack and shared-memory numbers of each.
 
-Run as ``python -m sgattn.triton.compile_check [--full] 80 90`` with TRITON_INTERPRET
-unset (under the interpreter the kernels are not JIT functions). Prints one
-line per configuration and exits non-zero if any fails to compile or needs
-more shared memory than the architecture has.
+What is compiled is what runs: every configuration is described by the
+launchers' own launch specs (``attention.forward_launches`` /
+``backward_launches``, the reallocation and importance launchers' blocks)
+built from representative real tensors, and the signature, constexprs and
+specialisation attributes (stride == 1, divisibility by 16, pointer
+alignment) are derived by Triton's own launcher code
+(``create_function_from_signature`` + ``JITFunction._pack_args``, the path
+``JITFunction.run`` takes), for the installed Triton version.
+
+Configurations: kinds fp16, bf16, fp32-tf32, fp32-ieee (fp32 follows torch's
+matmul precision setting, so both are reachable) x padded head dims 32, 64,
+128 (d in 16..128) x every key-tile path (single tiles of 64/128/256 keys with
+and without importance, multi-tile rows, key-major importance pass) x window
+blocks 64, 128, 256 (w 1..8, 9..11, 12..16) x forward/backward (every mode)
+x head dims divisible by 16 or not (the vectorisation the runtime specialises
+on), plus the importance and reallocation kernels.
+
+Gate (exit status 1): a configuration that fails to compile, spills
+registers, uses a stack frame in fp16/bf16, needs more shared memory than
+sm_80 (163 KiB opt-in) / sm_90 (227 KiB opt-in) allow, or more than the
+``attention.SHARED_BYTES`` table that ``unsupported()`` relies on.
+
+Run as ``python -m sgattn.triton.compile_check [-j JOBS] [--only SUBSTR] 80 90``
+with TRITON_INTERPRET unset (under the interpreter the kernels are not JIT
+functions). Prints a table: config, registers, spill bytes, stack bytes,
+shared bytes, seconds.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import sys
-
-import triton
-from triton.backends.compiler import GPUTarget
-
-from . import attention as A
-from . import importance as I
-from . import reallocation as R
-from ..reference import REALLOCATION_GROUPS
+import time
 
 # Shared memory per block an sm_80 / sm_90 kernel may use (opt-in maximum).
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
-TT = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
-FLOAT_SCALARS = {"scale", "scale_log2", "wa", "wg"}
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "tf32": "float32", "ieee": "float32"}
 
 
-def _signature(kernel, pointers: dict, constexprs: dict):
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = "*" + pointers[name]
-        elif name in FLOAT_SCALARS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+@contextlib.contextmanager
+def _fp32_precision(kind):
+    import torch
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if kind == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
-def configurations(full: bool = False):
-    """(label, kernel, pointer dtypes, constexprs, num_warps) of every launch
-    SG-Former S/M/B makes at 224x224, training included; ``full`` adds head
-    dim 64 and the paths other resolutions take (long key rows, importance
-    over a 256-key tile, key-major importance)."""
+def _qkv(B, h, N, M, d, dtype):
+    """q as a transposed [B, N, h, d] view (what the modules pass), k and v
+    as views into one kv tensor [B, M, 2, h, d] (K then V channels)."""
+    import torch
+    q = torch.empty(B, N, h, d, dtype=dtype).transpose(1, 2)
+    kv = torch.empty(B, M, 2, h, d, dtype=dtype)
+    k = kv[:, :, 0].transpose(1, 2)
+    v = kv[:, :, 1].transpose(1, 2)
+    return q, k, v
+
+
+def _attention_specs(kind, bd, d):
+    """Launch specs of every path of one (kind, padded head dim) with head dim d."""
+    import torch
+    from . import attention as A
+    dtype = getattr(torch, TORCH_DTYPES[kind])
+    plan = A.PLANS[(kind, bd)]
+    specs = []
+    B, h = 2, 2
+    with _fp32_precision(kind):
+        assert A.kind_of(dtype) == kind
+        # global: single tiles of each width (with and without importance), then long rows
+        key_counts = [n - 7 for n in plan.single_blocks()] + [plan.single_max + 5]
+        for M in key_counts:
+            for imp in (True, False):
+                N = 97
+                q, k, v = _qkv(B, h, N, M, d, dtype)
+                out = A.new_out(q, d)
+                lse = torch.empty(B, h, N, dtype=torch.float32)
+                part = torch.empty(B, A.partial_rows(plan, h, N, M, 0, imp), M, dtype=torch.float32)
+                single, block_n = A.global_config(plan, M)
+                tag = f"keys<={block_n}" if single else "long-rows"
+                for spec in A.forward_launches(q, k, v, out, lse, part, 0.1, 0, None, imp):
+                    specs.append((f"fwd {tag} imp={int(imp)}", spec))
+                if imp:
+                    continue
+                do = torch.empty(B, N, h, d, dtype=dtype).transpose(1, 2)
+                dq = torch.empty(B, h, N, d, dtype=dtype)
+                dk = torch.empty(B, h, M, d, dtype=dtype)
+                delta = torch.empty(B, h, N, dtype=torch.float32)
+                for spec in A.backward_launches(do, q, k, v, out, lse, dq, dk, dk, delta, 0.1, 0, None):
+                    specs.append(("bwd", spec))
+        # windows: one per padded window size
+        for w in (7, 11, 16):
+            hw = (w + 3, w + 2)
+            N = hw[0] * hw[1]
+            q, k, v = _qkv(B, h, N, N, d, dtype)
+            out = A.new_out(q, d)
+            lse = torch.empty(B, h, N, dtype=torch.float32)
+            L = A.window_block(w)
+            for imp in (True, False):
+                part = torch.empty(B, A.partial_rows(plan, h, N, N, w, imp), N, dtype=torch.float32)
+                for spec in A.forward_launches(q, k, v, out, lse, part, 0.1, w, hw, imp):
+                    specs.append((f"window{L} fwd imp={int(imp)}", spec))
+            do = torch.empty(B, N, h, d, dtype=dtype).transpose(1, 2)
+            dq = torch.empty(B, h, N, d, dtype=dtype)
+            for spec in A.backward_launches(do, q, k, v, out, lse, dq, dq, dq, lse, 0.1, w, hw):
+                specs.append((f"window{L} bwd mode={spec[3]['MODE']}", spec))
+    return [(f"{kind} D{bd} d{d} {label}", spec) for label, spec in specs]
+
+
+def _other_specs(kind):
+    """Importance reduction (fp32 partials, once) and token reallocation."""
+    import torch
+    from . import importance as I
+    from . import reallocation as R
+    from ..reference import REALLOCATION_GROUPS
+    specs = []
+    if kind == "fp16":
+        for has_g in (False, True):
+            part = torch.empty(2, 4, 100, dtype=torch.float32)
+            g = torch.empty(2, 2, 25, dtype=torch.float32)
+            src = torch.empty(100, dtype=torch.int64)
+            out = torch.empty(2, 100, dtype=torch.float32)
+            specs.append((f"importance has_g={int(has_g)}", (
+                I._importance_reduce, 1, [part, g if has_g else part, src if has_g else part, out, 4, 2, 100, 25, 1,
+                                          0.5, 0.5], dict(BLOCK=I.BLOCK, HAS_G=has_g), 4)))
+    if kind == "ieee":
+        return specs  # the aggregation kernels do not use tf32: fp32 once
+    dtype = getattr(torch, TORCH_DTYPES[kind])
+    # channels: every BLOCK_C the forward picks (16..128), C divisible by 16 or not
+    for C in (24, 32, 40, 64, 96, 128, 200, 256):
+        for sizes in sorted(set(REALLOCATION_GROUPS.values()) | {(7, 3, 2)}):
+            block_c, block_r = R.fwd_blocks(C, sizes)
+            x = torch.empty(2, 97, C, dtype=dtype)
+            idx = torch.empty(2, 2, 97, dtype=torch.int64)
+            w = torch.empty(sum(sizes), dtype=dtype)
+            b = torch.empty(len(sizes), dtype=dtype)
+            p, _, groups = R.plan(97, sizes)
+            out = torch.empty(2, 2, sum(groups), C, dtype=dtype)
+            specs.append((f"aggregate_fwd C{C} R{block_r}", (
+                R._aggregate_fwd, 1, [x, idx, w, b, out, x.stride(0), x.stride(1), 2, 97, C, sum(groups), 1, *p.values()],
+                dict(BLOCK_R=block_r, BLOCK_C=block_c), 4)))
+        p, _, groups = R.plan(97, (7, 3, 2))
+        dout = torch.empty(2, 2, sum(groups), C, dtype=dtype)
+        x = torch.empty(2, 97, C, dtype=dtype)
+        t = torch.empty(2, 2, 97, dtype=torch.float32)
+        for two in (True, False):
+            specs.append((f"aggregate_bwd C{C} two={int(two)}", (
+                R._aggregate_bwd, 1, [x, idx, w, dout, x, t, x.stride(0), x.stride(1), *dout.stride()[:3],
+                                      2, 97, C, sum(groups), 1, *p.values()],
+                dict(TWO=two, BLOCK_T=R.BWD_BLOCKS[0], BLOCK_C=min(R.BWD_BLOCKS[1], 1 << (C - 1).bit_length())), 4)))
+    return [(f"{kind} {label}", spec) for label, spec in specs]
+
+
+def configurations():
+    """(label, launch spec) of every configuration, before deduplication."""
+    from . import attention as A
     out = []
-    # head dims: S/M d=32, B d=24 and 32 -> BLOCK_D 32 (d is a runtime argument)
-    for dt in ("fp16", "bf16", "fp32"):
-        flags = {"UPCAST": False, "IEEE": dt == "fp32"}
-        for bd in ((32, 64) if full else (32,)):
-            t = dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ", "DK", "DVp"), dt)
-            f32 = dict.fromkeys(("LSE", "PART", "DELTA"), "fp32")
-            # keys at 224: 49 (HSA global heads with importance; stage 4 without),
-            # 60 (SGA sr 8/4), 147 (SGA sr 2): single tiles of 64 or 256 keys
-            singles = ((64, True), (64, False), (256, False)) + (((256, True),) if full else ())
-            for block_n, imp in singles:
-                out.append((f"attn_fwd {dt} d{bd} keys<={block_n} imp={imp}", A._attn_fwd, {**t, **f32},
-                            dict(BLOCK_M=A.BLOCK, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bd, SINGLE_TILE=True,
-                                 NEED_IMP=imp, **flags), 8 if block_n >= 256 else 4))
-            if full:
-                out.append((f"attn_fwd {dt} d{bd} long rows", A._attn_fwd, {**t, **f32},
-                            dict(BLOCK_M=A.BLOCK, BLOCK_N=A.BLOCK, BLOCK_D=bd, BLOCK_DV=bd, SINGLE_TILE=False,
-                                 NEED_IMP=False, **flags), 4))
-            out.append((f"attn_bwd_q {dt} d{bd}", A._attn_bwd_q, {**t, **f32},
-                        dict(BLOCK_M=A.BLOCK, BLOCK_N=A.BLOCK, BLOCK_D=bd, BLOCK_DV=bd, **flags), 4))
-            for grads, imp in ((True, False),) + (((False, True),) if full else ()):
-                out.append((f"attn_key_major {dt} d{bd} grads={grads} imp={imp}", A._attn_key_major,
-                            {**t, **f32}, dict(BLOCK_M=A.BLOCK, BLOCK_N=A.BLOCK, BLOCK_D=bd, BLOCK_DV=bd,
-                                               GRADS=grads, NEED_IMP=imp, **flags), 4))
-            for win in ((7, 12) if full else (7,)):
-                L, S = A.window_blocks(win)
-                for mode in ((0, 1) if L == S else (0, 2, 3)):
-                    out.append((f"window_attn w{win} {dt} d{bd} mode={mode}", A._window_attn, {**t, **f32},
-                                dict(WIN=win, BLOCK_L=L, BLOCK_S=S, BLOCK_D=bd, BLOCK_DV=bd, MODE=mode,
-                                     NEED_IMP=mode == 0, **flags), 4))
-        # reallocation: channels 64..384 -> BLOCK_C 64 or 128; group sizes of every plan
-        p = {"X": dt, "IDX": "i64", "W": dt, "BIAS": dt, "OUT": dt}
-        block_rs = sorted({min(64, triton.next_power_of_2(max(g))) for g in REALLOCATION_GROUPS.values()})
-        for block_r in block_rs:
-            for bc in (64, 128):
-                out.append((f"aggregate_fwd {dt} member-block {block_r} C-block {bc}", R._aggregate_fwd, p,
-                            dict(BLOCK_R=block_r, BLOCK_C=bc), 4))
-        out.append((f"aggregate_bwd {dt}", R._aggregate_bwd,
-                    {"X": dt, "INV": "i64", "W": dt, "DOUT": dt, "DX": dt, "T": "fp32"},
-                    dict(TWO=True, BLOCK_T=32, BLOCK_C=64), 4))
-    for has_g in (False, True):
-        out.append((f"importance_reduce has_g={has_g}", I._importance_reduce,
-                    {"A": "fp32", "G": "fp32", "SRC": "i64", "OUT": "fp32"}, dict(BLOCK=256, HAS_G=has_g), 4))
+    for kind in A.KINDS:
+        for bd in A.HEAD_BLOCKS:
+            # head dims: the padded size itself (divisible by 16) and one that is not
+            for d in (bd, bd - 8):
+                out += _attention_specs(kind, bd, d)
+        out += _other_specs(kind)
     return out
 
 
-def compile_one(label, kernel, pointers, constexprs, num_warps, arch):
-    src = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, pointers, constexprs),
-                                    constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+def _bind(spec, arch):
+    """(ASTSource, options dict) exactly as JITFunction.run would build them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    kernel, _grid, args, constexprs, num_warps = spec
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(constexprs, num_warps=num_warps, debug=False)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, consts, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return ASTSource(kernel, signature, consts, attrs), options
+
+
+def unique_configurations(arch=90):
+    """Configurations deduplicated by what Triton would compile."""
+    seen, out = set(), []
+    for label, spec in configurations():
+        src, options = _bind(spec, arch)
+        key = (spec[0].__name__, str(src.signature), str(sorted(src.constants.items(), key=str)), str(src.attrs),
+               spec[4])
+        if key not in seen:
+            seen.add(key)
+            out.append((label, spec))
+    return out
+
+
+_PTXAS = [(re.compile(r"Used (\d+) registers"), "regs"),
+          (re.compile(r"(\d+) bytes stack frame"), "stack"),
+          (re.compile(r"(\d+) bytes spill stores"), "spill_st"),
+          (re.compile(r"(\d+) bytes spill loads"), "spill_ld")]
+
+
+def compile_one(label, spec, arch):
+    """Compile one configuration; returns a dict of its numbers."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    src, options = _bind(spec, arch)
+    knobs.nvidia.dump_ptxas_log = True
+    buf = io.StringIO()
+    t0 = time.time()
+    with contextlib.redirect_stdout(buf):
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+    res = {"label": label, "arch": arch, "seconds": time.time() - t0, "shared": int(compiled.metadata.shared)}
+    log = buf.getvalue()
+    for rx, name in _PTXAS:
+        m = rx.search(log)
+        res[name] = int(m.group(1)) if m else -1
     ptx = compiled.asm["ptx"]
-    shared = compiled.metadata.shared
-    ok = ".entry" in ptx and shared <= MAX_SHARED[arch]
-    mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "no-mma"
-    return ok, f"sm_{arch} {label}: ptx {len(ptx)} chars, {mma}, shared {shared} B"
+    res["mma"] = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "fma"
+    return res
 
 
-def main(archs, full=False):
+def verdict(res):
+    """Reasons this configuration fails the gate (empty: it passes)."""
+    from . import attention as A
+    why = []
+    if res["regs"] < 0:
+        why.append("no ptxas log")
+    if res["spill_st"] > 0 or res["spill_ld"] > 0:
+        why.append(f"spills {res['spill_st']}/{res['spill_ld']} B")
+    kind = res["label"].split()[0]
+    if res["stack"] > 0 and kind in ("fp16", "bf16"):
+        why.append(f"stack frame {res['stack']} B")
+    if res["shared"] > MAX_SHARED[res["arch"]]:
+        why.append(f"shared {res['shared']} B > sm_{res['arch']} limit {MAX_SHARED[res['arch']]}")
+    m = re.match(r"(\w+) D(\d+) ", res["label"])
+    table = A.SHARED_BYTES[(m.group(1), int(m.group(2)))] if m else A.SHARED_BYTES_AGGREGATE
+    if res["shared"] > table:
+        why.append(f"shared {res['shared']} B > attention.SHARED_BYTES entry {table}")
+    return why
+
+
+def _work(item):
+    label, arch, index = item
+    spec = _UNIQUE[index][1]
+    try:
+        return compile_one(label, spec, arch)
+    except Exception as exc:  # report every failing configuration, not only the first
+        return {"label": label, "arch": arch, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+
+
+_UNIQUE: list = []
+
+
+def main(argv):
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the JIT functions")
-    failures = 0
-    for arch in archs:
-        for cfg in configurations(full):
-            try:
-                ok, line = compile_one(*cfg, arch)
-            except Exception as exc:  # report every failing configuration, not only the first
-                ok, line = False, f"sm_{arch} {cfg[0]}: {type(exc).__name__}: {exc}"
-            failures += not ok
-            print(("ok   " if ok else "FAIL ") + line, flush=True)
-    print(f"{failures} failures")
+    jobs = os.cpu_count() or 1
+    only = None
+    archs = []
+    it = iter(argv)
+    for a in it:
+        if a == "-j":
+            jobs = int(next(it))
+        elif a == "--only":
+            only = next(it)
+        else:
+            archs.append(int(a))
+    archs = archs or [80, 90]
+    global _UNIQUE
+    _UNIQUE = unique_configurations()
+    items = [(label, arch, i) for arch in archs for i, (label, _) in enumerate(_UNIQUE)
+             if only is None or re.search(only, label)]
+    print(f"{len(items)} configurations ({len(_UNIQUE)} per architecture), {jobs} processes", flush=True)
+    t0 = time.time()
+    if jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(jobs) as pool:
+            results = pool.imap_unordered(_work, items)
+            results = list(_report(results))
+    else:
+        results = list(_report(map(_work, items)))
+    failures = sum(1 for r in results if r.get("error") or verdict(r))
+    print(f"{failures} failures, {len(results)} compiled in {time.time() - t0:.0f} s")
     return 1 if failures else 0
 
 
+def _report(results):
+    print(f"{'':5} {'arch':6} {'regs':>4} {'spill':>9} {'stack':>6} {'shared':>7} {'mma':>5} {'s':>5}  config",
+          flush=True)
+    for r in results:
+        if r.get("error"):
+            print(f"FAIL  sm_{r['arch']}  {r['label']}: {r['error']}", flush=True)
+        else:
+            why = verdict(r)
+            print(f"{'FAIL ' if why else 'ok   '} sm_{r['arch']} {r['regs']:4d} {r['spill_st']:4d}/{r['spill_ld']:<4d} "
+                  f"{r['stack']:6d} {r['shared']:7d} {r['mma']:>5} {r['seconds']:5.1f}  {r['label']}"
+                  + (f"  <- {'; '.join(why)}" if why else ""), flush=True)
+        yield r
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    sys.exit(main([int(a) for a in args if a != "--full"] or [80, 90], full="--full" in args))
+    sys.exit(main(sys.argv[1:]))

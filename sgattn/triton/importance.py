@@ -14,28 +14,33 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _importance_reduce(A, G, SRC, OUT, RA, RG, N, MG, wa, wg,
+@triton.jit(do_not_specialize=["RA", "RG", "N", "MG", "NT"])
+def _importance_reduce(A, G, SRC, OUT, RA, RG, N, MG, NT, wa, wg,
                        BLOCK: tl.constexpr, HAS_G: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # 1-D grid: program = b * NT + token tile
+    pid = tl.program_id(0) % NT
+    b = (tl.program_id(0) // NT).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     acc = tl.zeros([BLOCK], tl.float32)
-    a_base = A + b * RA * N
+    a_ptr = A + b * RA * N + offs
     for r in range(0, RA):  # fixed order: deterministic
-        acc += tl.load(a_base + r * N + offs, mask=ok, other=0.0)
+        acc += tl.load(a_ptr, mask=ok, other=0.0)
+        a_ptr += N
     acc = acc * wa
     if HAS_G:
         src = tl.load(SRC + offs, mask=ok, other=0)
+        gok = ok & (src >= 0) & (src < MG)  # never read out of bounds
         g = tl.zeros([BLOCK], tl.float32)
-        g_base = G + b * RG * MG
+        g_ptr = G + b * RG * MG + src
         for r in range(0, RG):
-            g += tl.load(g_base + r * MG + src, mask=ok, other=0.0)
+            g += tl.load(g_ptr, mask=gok, other=0.0)
+            g_ptr += MG
         acc += g * wg
     tl.store(OUT + b * N + offs, acc, mask=ok)
 
 
+BLOCK = 256
 _SRC_CACHE: dict = {}
 
 
@@ -61,8 +66,14 @@ def reduce_importance(part, weight: float, part_g=None, weight_g: float = 0.0, h
     has_g = part_g is not None
     src = nearest_source(hw, reduced_hw, part.device) if has_g else part
     g = part_g if has_g else part
-    BLK = 256
-    _importance_reduce[(triton.cdiv(N, BLK), B)](
-        part, g, src, out, R, g.shape[1] if has_g else 0, N, g.shape[2] if has_g else 0,
-        float(weight), float(weight_g), BLOCK=BLK, HAS_G=has_g)
+    if B * N == 0:
+        return out
+    nt = triton.cdiv(N, BLOCK)
+    part = part.contiguous()
+    g = g.contiguous()
+    from .attention import device_guard
+    with device_guard(part):
+        _importance_reduce[(nt * B,)](
+            part, g, src, out, R, g.shape[1] if has_g else 0, N, g.shape[2] if has_g else 0, nt,
+            float(weight), float(weight_g), BLOCK=BLOCK, HAS_G=has_g)
     return out

@@ -1,6 +1,6 @@
 """torch.library custom ops (namespace ``sgattn``) over the Triton launchers,
-with fake implementations (shapes/dtypes only) for torch.compile and
-autograd registered with ``register_autograd``.
+with fake implementations (shapes, dtypes and strides of the real outputs)
+for torch.compile and autograd registered with ``register_autograd``.
 
 Ops:
 - ``sgattn::triton_attention_fwd(q, k, v, scale, window, H, W, need_importance)
@@ -9,9 +9,16 @@ Ops:
 - ``sgattn::triton_importance(part, weight, part_g, weight_g, H, W, Hr, Wr) -> [B, N]``
 - ``sgattn::triton_aggregate_fwd(x, index, w_cat, b_cat, group_sizes) -> [G, B, M, C]``
 - ``sgattn::triton_aggregate_bwd(dout, x, index, w_cat, group_sizes) -> (dx, dw, db)``
+
+Every op validates its arguments itself (ValueError naming the problem), with
+no host synchronisation on CUDA tensors; only under the interpreter (CPU
+tensors) is an aggregation index checked to be a permutation. The kernels
+never read or write out of bounds whatever the index holds (loads through it
+are masked; the backward inverts it with a sort, not a scatter).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -21,32 +28,126 @@ from . import attention as _attn
 from . import importance as _imp
 from . import reallocation as _realloc
 
+INT32_MAX = 2 ** 31 - 1
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _fail(op, message):
+    raise ValueError(f"sgattn::{op}: {message}")
+
+
+def _device_ok(op, tensors):
+    want = "cpu" if _attn.INTERPRET else "cuda"
+    first = tensors[0][1]
+    for name, t in tensors:
+        if t.device.type != want and t.device.type != "meta":
+            where = "the Triton interpreter runs CPU tensors" if _attn.INTERPRET else "Triton kernels run CUDA tensors"
+            _fail(op, f"{name} is on {t.device}: {where}")
+        if t.device != first.device:
+            _fail(op, f"device mismatch: {tensors[0][0]} is on {first.device} but {name} is on {t.device}")
+
+
+def _dims(op, name, t, n):
+    if not isinstance(t, Tensor):
+        _fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != n:
+        _fail(op, f"{name} must have {n} dimensions, got shape {tuple(t.shape)}")
+
+
+def _float_same(op, tensors):
+    first_name, first = tensors[0]
+    if first.dtype not in FLOATS:
+        _fail(op, f"{first_name} has dtype {first.dtype}; the Triton kernels take float16, bfloat16 or float32")
+    for name, t in tensors[1:]:
+        if t.dtype != first.dtype:
+            _fail(op, f"dtype mismatch: {first_name} is {first.dtype} but {name} is {t.dtype}")
+
+
+def _check_attention(op, q, k, v, scale, window, H, W):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _dims(op, name, t, 4)
+    _float_same(op, (("q", q), ("k", k), ("v", v)))
+    _device_ok(op, (("q", q), ("k", k), ("v", v)))
+    B, h, N, d = q.shape
+    if tuple(k.shape[:2]) != (B, h) or k.shape[3] != d:
+        _fail(op, f"k must be [B, h, M, d] = [{B}, {h}, M, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        _fail(op, f"v must be [B, h, M, dv] matching k {tuple(k.shape)}, got {tuple(v.shape)}")
+    M, dv = k.shape[2], v.shape[3]
+    if N < 1 or M < 1:
+        _fail(op, f"need at least one query and one key, got N={N}, M={M}")
+    lo, hi = _attn.HEAD_DIM_RANGE
+    for name, n in (("head dim d", d), ("value head dim dv", dv)):
+        if not lo <= n <= hi:
+            _fail(op, f"{name} = {n} is outside {lo}..{hi}")
+    if not math.isfinite(scale):
+        _fail(op, f"scale must be finite, got {scale}")
+    if window < 0:
+        _fail(op, f"window must be >= 0 (0: global attention), got {window}")
+    if window > _attn.MAX_WINDOW:
+        _fail(op, f"window {window} is larger than {_attn.MAX_WINDOW}")
+    if window:
+        if M != N:
+            _fail(op, f"window mode needs as many keys as queries, got N={N}, M={M}")
+        if H < 1 or W < 1:
+            _fail(op, f"window mode needs a grid H, W >= 1, got H={H}, W={W}")
+        if H * W > INT32_MAX:
+            _fail(op, f"H*W = {H}*{W} overflows int32")
+        if H * W != N:
+            _fail(op, f"H*W = {H}*{W} = {H * W} does not match N = {N}")
+    if N > INT32_MAX or M > INT32_MAX:
+        _fail(op, f"token counts must fit int32, got N={N}, M={M}")
+    plan = _attn.plan_for(q.dtype, d, dv)
+    programs = _attn.grid_programs(plan, B, h, N, M, window, (H, W))
+    if programs > INT32_MAX:
+        _fail(op, f"the launch needs {programs} programs, more than a grid's 2**31-1")
+
 
 # ---------------------------------------------------------------- attention
 @torch.library.custom_op("sgattn::triton_attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int, H: int, W: int,
                   need_importance: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_attention("triton_attention_fwd", q, k, v, scale, window, H, W)
     return _attn.attention_forward(q, k, v, scale, window, (H, W), need_importance)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, scale, window, H, W, need_importance):
-    B, h, N, _ = q.shape
+    _check_attention("triton_attention_fwd", q, k, v, scale, window, H, W)
+    B, h, N, d = q.shape
     M = k.shape[2]
     out = _attn.new_out(q, v.shape[3])
-    lse = q.new_empty((0,) if window else (B, h, N), dtype=torch.float32)
-    rows = _attn.partial_rows(h, N, M, window, need_importance)
+    lse = q.new_empty(_attn.lse_shape(B, h, N, window), dtype=torch.float32)
+    rows = _attn.partial_rows(_attn.plan_for(q.dtype, d, v.shape[3]), h, N, M, window, need_importance)
     return out, lse, q.new_empty((B, rows, M), dtype=torch.float32)
+
+
+def _check_backward(op, dout, q, k, v, out, lse, scale, window, H, W):
+    _check_attention(op, q, k, v, scale, window, H, W)
+    B, h, N, _ = q.shape
+    want = (B, h, N, v.shape[3])
+    for name, t in (("dout", dout), ("out", out)):
+        _dims(op, name, t, 4)
+        if tuple(t.shape) != want:
+            _fail(op, f"{name} must be [B, h, N, dv] = {list(want)}, got {tuple(t.shape)}")
+    _float_same(op, (("q", q), ("dout", dout), ("out", out)))
+    _dims(op, "lse", lse, 3)
+    if tuple(lse.shape) != (B, h, N) or lse.dtype != torch.float32:
+        _fail(op, f"lse must be float32 [B, h, N] = [{B}, {h}, {N}] (the forward's), "
+                  f"got {lse.dtype} {tuple(lse.shape)}")
+    _device_ok(op, (("q", q), ("dout", dout), ("out", out), ("lse", lse)))
 
 
 @torch.library.custom_op("sgattn::triton_attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float, window: int, H: int, W: int) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_backward("triton_attention_bwd", dout, q, k, v, out, lse, scale, window, H, W)
     return _attn.attention_backward(dout, q, k, v, out, lse, scale, window, (H, W))
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, scale, window, H, W):
+    _check_backward("triton_attention_bwd", dout, q, k, v, out, lse, scale, window, H, W)
     return (torch.empty(q.shape, device=q.device, dtype=q.dtype),
             torch.empty(k.shape, device=k.device, dtype=k.dtype),
             torch.empty(v.shape, device=v.device, dtype=v.dtype))
@@ -70,30 +171,48 @@ attention_fwd.register_autograd(_attention_backward, setup_context=_attention_se
 
 
 # --------------------------------------------------------------- importance
+def _check_importance(op, part, part_g, H, W, Hr, Wr):
+    _dims(op, "part", part, 3)
+    named = [("part", part)]
+    if part.dtype != torch.float32:
+        _fail(op, f"part must be float32, got {part.dtype}")
+    if part_g is not None:
+        _dims(op, "part_g", part_g, 3)
+        named.append(("part_g", part_g))
+        if part_g.dtype != torch.float32:
+            _fail(op, f"part_g must be float32, got {part_g.dtype}")
+        if part_g.shape[0] != part.shape[0]:
+            _fail(op, f"part {tuple(part.shape)} and part_g {tuple(part_g.shape)} differ in batch")
+        for name, a, b in (("H, W", H, W), ("Hr, Wr", Hr, Wr)):
+            if a < 1 or b < 1 or a * b > INT32_MAX:
+                _fail(op, f"{name} must be >= 1 with a product that fits int32, got {a}, {b}")
+        if H * W != part.shape[2]:
+            _fail(op, f"H*W = {H}*{W} = {H * W} does not match the {part.shape[2]} tokens of part")
+        if Hr * Wr != part_g.shape[2]:
+            _fail(op, f"Hr*Wr = {Hr}*{Wr} = {Hr * Wr} does not match the {part_g.shape[2]} tokens of part_g")
+    _device_ok(op, named)
+    if part.shape[0] * triton_cdiv(part.shape[2], _imp.BLOCK) > INT32_MAX:
+        _fail(op, "too many programs for one launch")
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
 @torch.library.custom_op("sgattn::triton_importance", mutates_args=())
 def importance(part: Tensor, weight: float, part_g: Optional[Tensor], weight_g: float,
                H: int, W: int, Hr: int, Wr: int) -> Tensor:
+    _check_importance("triton_importance", part, part_g, H, W, Hr, Wr)
     return _imp.reduce_importance(part, weight, part_g, weight_g, (H, W), (Hr, Wr))
 
 
 @importance.register_fake
 def _(part, weight, part_g, weight_g, H, W, Hr, Wr):
+    _check_importance("triton_importance", part, part_g, H, W, Hr, Wr)
     return part.new_empty((part.shape[0], part.shape[2]), dtype=torch.float32)
 
 
 # ------------------------------------------------------------- reallocation
-@torch.library.custom_op("sgattn::triton_aggregate_fwd", mutates_args=())
-def aggregate_fwd(x: Tensor, index: Tensor, w_cat: Tensor, b_cat: Tensor, group_sizes: List[int]) -> Tensor:
-    return _realloc.aggregate_forward(x, index, w_cat, b_cat, group_sizes)
-
-
-@aggregate_fwd.register_fake
-def _(x, index, w_cat, b_cat, group_sizes):
-    G, B, N = index.shape
-    M = sum(-(-n // r) for n, r in zip(_parts(N, len(group_sizes)), group_sizes))
-    return x.new_empty((G, B, M, x.shape[2]))
-
-
 def _parts(N, P):
     # reference.reallocation_parts with SymInt-friendly arithmetic
     if P == 3:
@@ -102,9 +221,70 @@ def _parts(N, P):
     return [N // 2, N - N // 2]
 
 
+def _merged_length(N, group_sizes):
+    return sum(-(-n // r) for n, r in zip(_parts(N, len(group_sizes)), group_sizes))
+
+
+def _check_aggregate(op, x, index, w_cat, group_sizes, b_cat=None):
+    _dims(op, "x", x, 3)
+    _dims(op, "index", index, 3)
+    _dims(op, "w_cat", w_cat, 1)
+    named = [("x", x), ("w_cat", w_cat)] + ([("b_cat", b_cat)] if b_cat is not None else [])
+    _float_same(op, named)
+    _device_ok(op, named + [("index", index)])
+    if len(group_sizes) not in (2, 3) or any(int(r) < 1 for r in group_sizes):
+        _fail(op, f"group_sizes must be 2 or 3 positive ints, got {list(group_sizes)}")
+    if w_cat.shape[0] != sum(group_sizes):
+        _fail(op, f"w_cat must hold sum(group_sizes) = {sum(group_sizes)} weights, got {w_cat.shape[0]}")
+    if b_cat is not None:
+        _dims(op, "b_cat", b_cat, 1)
+        if b_cat.shape[0] != len(group_sizes):
+            _fail(op, f"b_cat must hold one bias per part ({len(group_sizes)}), got {b_cat.shape[0]}")
+    if index.dtype != torch.int64:
+        _fail(op, f"index must be int64, got {index.dtype}")
+    G, B, N = index.shape
+    if G not in (1, 2):
+        _fail(op, f"index must be [G, B, N] with G = 1 or 2 orderings, got {tuple(index.shape)}")
+    if tuple(x.shape[:2]) != (B, N):
+        _fail(op, f"x must be [B, N, C] = [{B}, {N}, C] to match index {tuple(index.shape)}, got {tuple(x.shape)}")
+    if N < 1 or x.shape[2] < 1:
+        _fail(op, f"need at least one token and one channel, got x {tuple(x.shape)}")
+    if N > INT32_MAX:
+        _fail(op, f"N = {N} does not fit int32")
+    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+        # a permutation check needs the values: only where it costs no device sync
+        expected = torch.arange(N, dtype=torch.int64).expand(G, B, N)
+        if not torch.equal(index.sort(dim=2).values, expected):
+            _fail(op, "index must hold a permutation of 0..N-1 in every row (argsort output)")
+
+
+@torch.library.custom_op("sgattn::triton_aggregate_fwd", mutates_args=())
+def aggregate_fwd(x: Tensor, index: Tensor, w_cat: Tensor, b_cat: Tensor, group_sizes: List[int]) -> Tensor:
+    _check_aggregate("triton_aggregate_fwd", x, index, w_cat, group_sizes, b_cat)
+    return _realloc.aggregate_forward(x, index, w_cat, b_cat, group_sizes)
+
+
+@aggregate_fwd.register_fake
+def _(x, index, w_cat, b_cat, group_sizes):
+    G, B, N = index.shape
+    return x.new_empty((G, B, _merged_length(N, group_sizes), x.shape[2]))
+
+
+def _check_aggregate_bwd(op, dout, x, index, w_cat, group_sizes):
+    _check_aggregate(op, x, index, w_cat, group_sizes)
+    _dims(op, "dout", dout, 4)
+    G, B, N = index.shape
+    want = (G, B, _merged_length(N, group_sizes), x.shape[2])
+    if tuple(dout.shape) != want:
+        _fail(op, f"dout must be [G, B, M, C] = {list(want)}, got {tuple(dout.shape)}")
+    _float_same(op, (("x", x), ("dout", dout)))
+    _device_ok(op, (("x", x), ("dout", dout)))
+
+
 @torch.library.custom_op("sgattn::triton_aggregate_bwd", mutates_args=())
 def aggregate_bwd(dout: Tensor, x: Tensor, index: Tensor, w_cat: Tensor,
                   group_sizes: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_aggregate_bwd("triton_aggregate_bwd", dout, x, index, w_cat, group_sizes)
     return _realloc.aggregate_backward(dout, x, index, w_cat, group_sizes)
 
 

@@ -1,18 +1,22 @@
 """Triton kernels of the token-reallocation family (SPEC 2b steps 2-4).
 
-Forward ``_aggregate_fwd``: grid (M, G*B, C tiles); one program makes one
+Forward ``_aggregate_fwd``: 1-D grid over (G*B, M, C tiles); one program makes one
 merged token (all parts and both orderings in one launch): it gathers the r_p
 sorted source rows of its group in blocks of BLOCK_R, weights them, sums in
 fp32 and adds the part's bias. Members past the end of a short last group are
 masked (they count as zeros).
 
-Backward ``_aggregate_bwd``: grid (N tiles, B); one program owns a block of
+Backward ``_aggregate_bwd``: 1-D grid over (B, N tiles); one program owns a block of
 source tokens. Each token sits in exactly one group per ordering (the index
 is a permutation), found through the inverse permutation, so
 dx[n] = sum_g w[slot_g(n)] * dout[g, row_g(n)] is written once, summing the
 orderings in a fixed order: no atomics. The same pass writes
 t[g, b, pos] = <dout[g, row], x[n]> per sorted position, from which
 d weight and d bias are fixed-order PyTorch reductions.
+
+Indices are only ever argsort output (a permutation per row), but the kernels
+stay in bounds whatever they hold: gathers through an index are masked to
+[0, N), and the inverse permutation is computed with a sort, not a scatter.
 """
 from __future__ import annotations
 
@@ -37,14 +41,19 @@ def _part_params(j, O1, O2, S1, S2, N, R0, R1, R2):
     return part, start, end, r, jj
 
 
-@triton.jit
-def _aggregate_fwd(X, IDX, W, BIAS, OUT, sxb, sxn, sxc,
-                   B, N, C, MT, O1, O2, S1, S2, R0, R1, R2,
+_NOSPEC = ["B", "N", "C", "MT", "CT", "NT", "O1", "O2", "S1", "S2", "R0", "R1", "R2"]
+
+
+@triton.jit(do_not_specialize=_NOSPEC)
+def _aggregate_fwd(X, IDX, W, BIAS, OUT, sxb, sxn,
+                   B, N, C, MT, CT, O1, O2, S1, S2, R0, R1, R2,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    j = tl.program_id(0)
-    gb = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)  # = (gb * MT + j) * CT + channel tile
+    ct = pid % CT
+    j = (pid // CT) % MT
+    gb = (pid // CT // MT).to(tl.int64)
     b = gb % B
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     part, start, end, r, jj = _part_params(j, O1, O2, S1, S2, N, R0, R1, R2)
     w_off = tl.where(part == 2, R0 + R1, tl.where(part == 1, R0, 0))
@@ -55,8 +64,9 @@ def _aggregate_fwd(X, IDX, W, BIAS, OUT, sxb, sxn, sxc,
         pos = first + ii
         ok = (ii < r) & (pos < end)
         src = tl.load(IDX + gb * N + pos, mask=ok, other=0)
+        ok = ok & (src >= 0) & (src < N)  # never gather out of bounds
         w = tl.load(W + w_off + ii, mask=ok, other=0.0).to(tl.float32)
-        xt = tl.load(X + b * sxb + src[:, None] * sxn + offs_c[None, :] * sxc,
+        xt = tl.load(X + b * sxb + src[:, None] * sxn + offs_c[None, :],
                      mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(xt * w[:, None], 0)
     acc += tl.load(BIAS + part).to(tl.float32)
@@ -79,12 +89,13 @@ def _member(INV, W, gb, N, offs_t, t_ok, O1, O2, S1, S2, R0, R1, R2):
     return pos, row, w
 
 
-@triton.jit
-def _aggregate_bwd(X, INV, W, DOUT, DX, T, sxb, sxn, sxc, sog, sob, son, soc,
-                   B, N, C, MT, O1, O2, S1, S2, R0, R1, R2,
+@triton.jit(do_not_specialize=_NOSPEC)
+def _aggregate_bwd(X, INV, W, DOUT, DX, T, sxb, sxn, sog, sob, son,
+                   B, N, C, MT, NT, O1, O2, S1, S2, R0, R1, R2,
                    TWO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid = tl.program_id(0)  # = b * NT + token tile
+    b = (pid // NT).to(tl.int64)
+    offs_t = (pid % NT) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = offs_t < N
     tok = offs_t.to(tl.int64)
     pos0, row0, w0 = _member(INV, W, b, N, offs_t, t_ok, O1, O2, S1, S2, R0, R1, R2)
@@ -98,18 +109,30 @@ def _aggregate_bwd(X, INV, W, DOUT, DX, T, sxb, sxn, sxc, sog, sob, son, soc,
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         m2 = t_ok[:, None] & (offs_c[None, :] < C)
-        xt = tl.load(X + b * sxb + tok[:, None] * sxn + offs_c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
-        d0 = tl.load(d0_base + offs_c[None, :] * soc, mask=m2, other=0.0).to(tl.float32)
+        xt = tl.load(X + b * sxb + tok[:, None] * sxn + offs_c[None, :], mask=m2, other=0.0).to(tl.float32)
+        d0 = tl.load(d0_base + offs_c[None, :], mask=m2, other=0.0).to(tl.float32)
         dx = w0[:, None] * d0
         t0 += tl.sum(d0 * xt, 1)
         if TWO:
-            d1 = tl.load(d1_base + offs_c[None, :] * soc, mask=m2, other=0.0).to(tl.float32)
+            d1 = tl.load(d1_base + offs_c[None, :], mask=m2, other=0.0).to(tl.float32)
             dx += w1[:, None] * d1
             t1 += tl.sum(d1 * xt, 1)
         tl.store(DX + (b * N + tok[:, None]) * C + offs_c[None, :], dx.to(DX.dtype.element_ty), mask=m2)
     tl.store(T + b * N + pos0, t0, mask=t_ok)
     if TWO:
         tl.store(T + (B + b) * N + pos1, t1, mask=t_ok)
+
+
+BWD_BLOCKS = (32, 64)  # tokens, channels
+
+
+def fwd_blocks(C: int, group_sizes):
+    """(BLOCK_C, BLOCK_R) of the forward: channel tile and member block."""
+    return min(128, max(16, triton.next_power_of_2(C))), min(64, max(16, triton.next_power_of_2(max(group_sizes))))
+
+
+def _rows(t):
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def plan(N: int, group_sizes):
@@ -133,12 +156,17 @@ def aggregate_forward(x, index, w_cat, b_cat, group_sizes):
     p, _, groups = plan(N, group_sizes)
     MT = sum(groups)
     out = torch.empty(G, B, MT, C, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    from .attention import device_guard
+    x = _rows(x)
     idx = index.contiguous()
-    BLOCK_C = min(128, triton.next_power_of_2(C))
-    BLOCK_R = min(64, triton.next_power_of_2(max(group_sizes)))
-    _aggregate_fwd[(MT, G * B, triton.cdiv(C, BLOCK_C))](
-        x, idx, w_cat.contiguous(), b_cat.contiguous(), out, *x.stride(), B, N, C, MT, **p,
-        BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    BLOCK_C, BLOCK_R = fwd_blocks(C, group_sizes)
+    ct = triton.cdiv(C, BLOCK_C)
+    with device_guard(x):
+        _aggregate_fwd[(G * B * MT * ct,)](
+            x, idx, w_cat.contiguous(), b_cat.contiguous(), out, x.stride(0), x.stride(1), B, N, C, MT, ct, **p,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return out
 
 
@@ -152,16 +180,21 @@ def aggregate_backward(dout, x, index, w_cat, group_sizes):
     if tuple(dout.shape) != (G, B, MT, C):
         raise ValueError(f"aggregate backward: dout must be {(G, B, MT, C)}, got {tuple(dout.shape)}")
     # inverse permutation: sorted position of every source token, per ordering
-    inv = torch.empty(G, B, N, device=index.device, dtype=torch.int64)
-    inv.scatter_(2, index, torch.arange(N, device=index.device).expand(G, B, N))
+    # (argsort of a permutation is its inverse; unlike a scatter it cannot
+    # write out of bounds, whatever the index holds)
+    inv = torch.argsort(index, dim=2)
     dx = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
     t = torch.empty(G, B, N, device=x.device, dtype=torch.float32)
+    x, dout = _rows(x), _rows(dout)
     ds = dout.stride()
-    BLOCK_T = 32
-    BLOCK_C = min(64, triton.next_power_of_2(C))
-    _aggregate_bwd[(triton.cdiv(N, BLOCK_T), B)](
-        x, inv, w_cat.contiguous(), dout, dx, t, *x.stride(), *ds,
-        B, N, C, MT, **p, TWO=G == 2, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    BLOCK_T, BLOCK_C = BWD_BLOCKS[0], min(BWD_BLOCKS[1], triton.next_power_of_2(C))
+    nt = triton.cdiv(N, BLOCK_T)
+    if B > 0:
+        from .attention import device_guard
+        with device_guard(x):
+            _aggregate_bwd[(nt * B,)](
+                x, inv, w_cat.contiguous(), dout, dx, t, x.stride(0), x.stride(1), ds[0], ds[1], ds[2],
+                B, N, C, MT, nt, **p, TWO=G == 2, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
     dws, dbs = [], []
     # d weight / d bias sum G*B*groups*C terms: accumulate them in fp64 (the
     # terms are small tensors), so the sum adds no error of its own.
