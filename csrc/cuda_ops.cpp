@@ -73,15 +73,13 @@ void strides_of(const at::Tensor& t, int64_t* s) {
   for (int i = 0; i < 4; ++i) s[i] = t.stride(i);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                                  const at::Tensor& v, double scale,
-                                                                  int64_t window, int64_t H, int64_t W,
-                                                                  bool need_importance) {
-  const char* op = "attention_fwd";
+// Validates the attention arguments (shared by forward and backward); fills the sizes of p.
+sgattn::AttnParams attention_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  double scale, int64_t window, int64_t H, int64_t W) {
   check_devices(op, {{"q", &q}, {"k", &k}, {"v", &v}});
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, " (cuda): q, k, v must be 4-D [B, h, N|M, d], got ",
               q.dim(), "-D, ", k.dim(), "-D, ", v.dim(), "-D");
-  const DType dt = dtype_of(q, op, "q");
+  dtype_of(q, op, "q");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               " (cuda): q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
@@ -104,6 +102,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
   } else {
     TORCH_CHECK(M >= 1 || B * h * N == 0, op, " (cuda): global attention needs at least one key (M = 0)");
   }
+  sgattn::AttnParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  strides_of(q, p.q_stride);
+  strides_of(k, p.k_stride);
+  strides_of(v, p.v_stride);
+  p.B = B; p.h = h; p.N = N; p.M = M; p.d = d;
+  p.scale = static_cast<float>(scale);
+  p.window = window; p.H = window > 0 ? H : 0; p.W = window > 0 ? W : 0;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, double scale,
+                                                                  int64_t window, int64_t H, int64_t W,
+                                                                  bool need_importance) {
+  const char* op = "attention_fwd";
+  sgattn::AttnParams p = attention_args(op, q, k, v, scale, window, H, W);
+  const DType dt = dtype_of(q, op, "q");
+  const int64_t B = p.B, h = p.h, N = p.N, M = p.M, d = p.d;
   c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({B, h, N, d}, q.options());
   auto lse = at::empty({B, h, N}, q.options().dtype(at::kFloat));
@@ -114,19 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
                                      : at::empty({0}, fopts);
     return {out, lse, imp};
   }
-
-  sgattn::AttnParams p{};
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.v = v.const_data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  strides_of(q, p.q_stride);
-  strides_of(k, p.k_stride);
-  strides_of(v, p.v_stride);
-  p.B = B; p.h = h; p.N = N; p.M = M; p.d = d;
-  p.scale = static_cast<float>(scale);
-  p.window = window; p.H = window > 0 ? H : 0; p.W = window > 0 ? W : 0;
   const sgattn::AttnPlan plan = sgattn::plan_attention(dt, p, max_smem_optin(op));
   TORCH_CHECK(plan.error == nullptr, op, " (cuda): ", plan.error);
 
@@ -140,6 +148,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
                                        c10::cuda::getCurrentCUDAStream().stream()),
              op);
   return {out, lse, imp};
+}
+
+// dq, dk, dv by the fused backward kernels (kernels/attention_bwd.cuh); the
+// forward is rerun inside (the schema hands over q, k, v, not out and lse).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  double scale, int64_t window, int64_t H,
+                                                                  int64_t W) {
+  const char* op = "attention_bwd";
+  check_devices(op, {{"q", &q}, {"dout", &dout}});
+  sgattn::AttnParams p = attention_args(op, q, k, v, scale, window, H, W);
+  const DType dt = dtype_of(q, op, "q");
+  TORCH_CHECK(dout.dim() == 4 && dout.sizes() == q.sizes(), op, " (cuda): dout must have q's shape ", q.sizes(),
+              ", got ", dout.sizes());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type(), op, " (cuda): dout must have q's dtype ", q.scalar_type(),
+              ", got ", dout.scalar_type());
+  c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = p.B, h = p.h, N = p.N, M = p.M, d = p.d;
+  auto dq = at::empty({B, h, N, d}, q.options());
+  auto dk = at::empty({B, h, M, d}, q.options());
+  auto dv = at::empty({B, h, M, d}, q.options());
+  if (B * h * N == 0) {  // no query: no gradient reaches k or v
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const sgattn::AttnPlan plan = sgattn::plan_attention(dt, p, max_smem_optin(op));
+  TORCH_CHECK(plan.error == nullptr, op, " (cuda): ", plan.error);
+  TORCH_CHECK(plan.bwd_error == nullptr, op, " (cuda): ", plan.bwd_error);
+  // Every real key is a key of exactly one segment (window), so the kernels write every row of dk, dv.
+  auto fopts = q.options().dtype(at::kFloat);
+  auto lse = at::empty({B, h, N}, fopts);
+  auto out32 = at::empty({B, h, N, d}, fopts);
+  auto delta = at::empty({B, h, N}, fopts);
+  p.lse = lse.data_ptr<float>();
+  sgattn::AttnBwdArgs g{};
+  g.dout = dout.const_data_ptr();
+  strides_of(dout, g.do_stride);
+  g.out32 = out32.data_ptr<float>();
+  g.delta = delta.data_ptr<float>();
+  g.dq = dq.data_ptr();
+  g.dk = dk.data_ptr();
+  g.dv = dv.data_ptr();
+  check_cuda(sgattn::attention_backward(dt, p, plan, g, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {dq, dk, dv};
 }
 
 // Shapes and plan of the reallocation ops (index values are checked on the device).
@@ -250,11 +303,16 @@ PyObject* py_plan_attention(PyObject*, PyObject* args) {
   p.B = B; p.h = h; p.N = N; p.M = M; p.d = d; p.window = window; p.H = H; p.W = W;
   const sgattn::AttnPlan plan = sgattn::plan_attention(dt, p, static_cast<size_t>(max_smem));
   if (plan.error != nullptr) return Py_BuildValue("{s:s}", "error", plan.error);
-  return Py_BuildValue("{s:O,s:i,s:i,s:n,s:n,s:L,s:L,s:L,s:L,s:L}", "error", Py_None, "warps", plan.warps, "QT",
-                       plan.QT, "smem", static_cast<Py_ssize_t>(plan.smem), "imp_smem",
-                       static_cast<Py_ssize_t>(plan.imp_smem), "fwd_blocks", (long long)plan.fwd_blocks,
-                       "imp_blocks", (long long)plan.imp_blocks, "splits", (long long)plan.splits, "ktiles",
-                       (long long)plan.ktiles, "partial_elems", (long long)plan.partial_elems);
+  PyObject* bwd_error = plan.bwd_error ? PyUnicode_FromString(plan.bwd_error) : (Py_INCREF(Py_None), Py_None);
+  PyObject* res = Py_BuildValue(
+      "{s:O,s:i,s:i,s:n,s:n,s:L,s:L,s:L,s:L,s:L,s:N,s:i,s:i,s:n,s:n,s:L,s:L}", "error", Py_None, "warps", plan.warps,
+      "QT", plan.QT, "smem", static_cast<Py_ssize_t>(plan.smem), "imp_smem", static_cast<Py_ssize_t>(plan.imp_smem),
+      "fwd_blocks", (long long)plan.fwd_blocks, "imp_blocks", (long long)plan.imp_blocks, "splits",
+      (long long)plan.splits, "ktiles", (long long)plan.ktiles, "partial_elems", (long long)plan.partial_elems,
+      "bwd_error", bwd_error, "kv_warps", plan.kv_warps, "dq_warps", plan.dq_warps, "kv_smem",
+      static_cast<Py_ssize_t>(plan.kv_smem), "dq_smem", static_cast<Py_ssize_t>(plan.dq_smem), "kv_blocks",
+      (long long)plan.kv_blocks, "dq_blocks", (long long)plan.dq_blocks);
+  return res;
 }
 
 // device_smem_optin(device_index) -> int (opt-in shared memory per block, bytes).
@@ -300,6 +358,7 @@ PyMethodDef methods[] = {
 
 TORCH_LIBRARY_IMPL(sgattn, CUDA, m) {
   m.impl(SGATTN_OP_ATTENTION_FWD, &attention_fwd_cuda);
+  m.impl(SGATTN_OP_ATTENTION_BWD, &attention_bwd_cuda);
   m.impl(SGATTN_OP_AGGREGATE_FWD, &aggregate_fwd_cuda);
   m.impl(SGATTN_OP_AGGREGATE_BWD, &aggregate_bwd_cuda);
 }

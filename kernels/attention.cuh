@@ -74,7 +74,7 @@ __device__ __forceinline__ T* carve(unsigned char*& at, size_t bytes) {
 }  // namespace detail
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(128) attention_fwd_kernel(AttnParams p, AttnPlan plan) {
+__global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, AttnPlan plan) {
   using namespace nvcuda;
   constexpr bool TC = !std::is_same<T, float>::value;
   constexpr int LDK = DP + (TC ? 8 : 1);
@@ -219,7 +219,11 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(AttnParams p, AttnPl
     const int qt = seg.query(q0 + r);
     if (qt < 0) continue;
     const float l = Lrow[r], inv = 1.0f / l;
-    for (int c = lane; c < d; c += 32) out[int64_t(qt) * d + c] = from_f<T>(O[r * LDO + c] * inv);
+    if (p.out32 != nullptr) {
+      for (int c = lane; c < d; c += 32) p.out32[(int64_t(bh) * p.N + qt) * d + c] = O[r * LDO + c] * inv;
+    } else {
+      for (int c = lane; c < d; c += 32) out[int64_t(qt) * d + c] = from_f<T>(O[r * LDO + c] * inv);
+    }
     if (lane == 0) p.lse[int64_t(bh) * p.N + qt] = (Mrow[r] + log2f(l)) * 0.6931471805599453f;
   }
 }
@@ -227,7 +231,7 @@ __global__ void __launch_bounds__(128) attention_fwd_kernel(AttnParams p, AttnPl
 // Key-major importance pass: partial[b, hh * splits + split, col] = sum over
 // this split's queries of exp(s - lse), for the 64 keys of one key tile.
 template <typename T, int DP>
-__global__ void __launch_bounds__(128) attention_imp_kernel(AttnParams p, AttnPlan plan, float* partial) {
+__global__ void __launch_bounds__(128, 1) attention_imp_kernel(AttnParams p, AttnPlan plan, float* partial) {
   using namespace nvcuda;
   constexpr bool TC = !std::is_same<T, float>::value;
   constexpr int LDK = DP + (TC ? 8 : 1);

@@ -14,6 +14,7 @@ enum class DType { F32 = 0, F16 = 1, BF16 = 2 };
 constexpr int kKeyTile = 64;      // keys per step of the online-softmax loop / key tile of the importance pass
 constexpr int kQueryChunk = 64;   // queries per step of the importance pass
 constexpr int kImpWarps = 4;      // warps of the importance kernel (16 keys each)
+constexpr int kBwdQueryChunk = 32;  // queries per step of the dK/dV kernel
 constexpr int kMaxHeadDim = 128;
 constexpr int64_t kMaxBlocks = 0x7fffffff;  // grid.x limit: all work is linearised on grid.x
 constexpr int64_t kMaxGroupSize = 1 << 20;  // reallocation group size bound (r_p)
@@ -23,11 +24,23 @@ struct AttnParams {
   const void* k;  // [B, h, M, d]
   const void* v;  // [B, h, M, d]
   void* out;      // [B, h, N, d] contiguous
+  float* out32;   // when set, the forward writes out here in fp32 instead ([B, h, N, d], backward scratch)
   float* lse;     // [B, h, N] contiguous: natural-log log-sum-exp of the scaled scores
   int64_t q_stride[4], k_stride[4], v_stride[4];
   int64_t B, h, N, M, d;
   float scale;
   int64_t window, H, W;  // window 0: global mode
+};
+
+// Extra arguments of the attention backward (dO strided like q; outputs contiguous).
+struct AttnBwdArgs {
+  const void* dout;        // [B, h, N, d] with strides do_stride
+  int64_t do_stride[4];
+  float* out32;            // [B, h, N, d] fp32 scratch: the forward output
+  float* delta;            // [B, h, N] fp32 scratch: rowsum(dO * O)
+  void* dq;                // [B, h, N, d]
+  void* dk;                // [B, h, M, d]
+  void* dv;                // [B, h, M, d]
 };
 
 // Launch geometry; computed on the host by plan_attention (also sizes the partials).
@@ -47,6 +60,11 @@ struct AttnPlan {
   int64_t partial_elems = 0;      // [B, h * splits, ncols]
   size_t smem = 0, imp_smem = 0;  // dynamic shared memory of the two kernels
   const char* error = nullptr;    // why the kernels cannot run these inputs
+  // Backward (dK/dV key-major with 16 * kv_warps keys per block; dQ query-major with 16 * dq_warps queries).
+  int kv_warps = 0, dq_warps = 0;
+  int64_t kv_ktiles = 0, dq_subtiles = 0, kv_blocks = 0, dq_blocks = 0;
+  size_t kv_smem = 0, dq_smem = 0;
+  const char* bwd_error = nullptr;
 };
 
 inline size_t round128(size_t x) { return (x + 127) / 128 * 128; }
@@ -66,6 +84,20 @@ inline size_t attention_imp_smem(DType t, int DP) {
   const size_t es = dtype_size(t), ld = tile_ld(t, DP);
   return round128(kKeyTile * ld * es) + round128(kQueryChunk * ld * es) +
          round128(size_t(kKeyTile) * (kQueryChunk + 4) * 4) + 2 * round128(kQueryChunk * 4);
+}
+
+// Backward, dK/dV: K, V tiles, Q, dO chunks, scores and dP (transposed), dK, dV accumulators, lse and D.
+inline size_t attention_kv_smem(DType t, int DP, int KTb) {
+  const size_t es = dtype_size(t), ld = tile_ld(t, DP);
+  return 2 * round128(KTb * ld * es) + 2 * round128(kBwdQueryChunk * ld * es) +
+         2 * round128(size_t(KTb) * (kBwdQueryChunk + 4) * 4) + 2 * round128(size_t(KTb) * (DP + 4) * 4) +
+         2 * round128(kBwdQueryChunk * 4);
+}
+// Backward, dQ: Q, dO tiles, K, V tiles, scores and dP, dQ accumulator, lse and D.
+inline size_t attention_dq_smem(DType t, int DP, int QTb) {
+  const size_t es = dtype_size(t), ld = tile_ld(t, DP);
+  return 2 * round128(QTb * ld * es) + 2 * round128(kKeyTile * ld * es) + 2 * round128(size_t(QTb) * (kKeyTile + 4) * 4) +
+         round128(size_t(QTb) * (DP + 4) * 4) + 2 * round128(QTb * 4);
 }
 
 // Plans both attention kernels for the inputs (warps chosen to fit max_smem);
@@ -119,6 +151,26 @@ inline AttnPlan plan_attention(DType dtype, const AttnParams& p, size_t max_smem
   plan.imp_blocks = bh * plan.segments * plan.ktiles * plan.splits;
   plan.partial_elems = bh * plan.splits * plan.ncols;
   if (p.B * plan.ncols > kMaxBlocks * 256) { plan.error = "importance too large for one launch"; return plan; }
+  // Backward.
+  for (int warps = 4; warps >= 1 && plan.kv_warps == 0; warps /= 2)
+    if (attention_kv_smem(dtype, DP, 16 * warps) <= max_smem) plan.kv_warps = warps;
+  for (int warps = 4; warps >= 1 && plan.dq_warps == 0; warps /= 2)
+    if (attention_dq_smem(dtype, DP, 16 * warps) <= max_smem) plan.dq_warps = warps;
+  if (plan.kv_warps == 0 || plan.dq_warps == 0) {
+    plan.bwd_error = "not enough shared memory per block on this device for the backward kernels";
+    return plan;
+  }
+  plan.kv_smem = attention_kv_smem(dtype, DP, 16 * plan.kv_warps);
+  plan.dq_smem = attention_dq_smem(dtype, DP, 16 * plan.dq_warps);
+  plan.kv_ktiles = (plan.seg_keys + 16 * plan.kv_warps - 1) / (16 * plan.kv_warps);
+  plan.dq_subtiles = (plan.seg_queries + 16 * plan.dq_warps - 1) / (16 * plan.dq_warps);
+  if (over(bh * plan.segments, plan.kv_ktiles) || over(bh * plan.segments, plan.dq_subtiles) ||
+      bh * p.N / 8 >= kMaxBlocks) {
+    plan.bwd_error = "too many tiles for one backward launch (> 2^31-1 blocks)";
+    return plan;
+  }
+  plan.kv_blocks = bh * plan.segments * plan.kv_ktiles;
+  plan.dq_blocks = bh * plan.segments * plan.dq_subtiles;
   return plan;
 }
 

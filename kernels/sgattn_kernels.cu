@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "attention.cuh"
+#include "attention_bwd.cuh"
 #include "reallocation.cuh"
 #include "sgattn_cuda_api.h"
 
@@ -42,6 +43,14 @@ cudaError_t attention_forward(DType dtype, const AttnParams& p, const AttnPlan& 
     return with_head_dim<T>(p.d, [&](auto dp) {
       return attention_forward_launch<T, decltype(dp)::value>(p, plan, partial, importance, stream);
     });
+  });
+}
+
+cudaError_t attention_backward(DType dtype, const AttnParams& p, const AttnPlan& plan, const AttnBwdArgs& g,
+                               cudaStream_t stream) {
+  return with_type(dtype, [&](auto t) {
+    using T = decltype(t);
+    return with_head_dim<T>(p.d, [&](auto dp) { return attention_backward_launch<T, decltype(dp)::value>(p, plan, g, stream); });
   });
 }
 

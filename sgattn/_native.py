@@ -184,7 +184,6 @@ def _register_python_side():
         return
     torch.library.register_fake(qualified("attention_fwd"))(_attention_fake)
     torch.library.register_fake(qualified("attention_bwd"))(_attention_bwd_fake)
-    torch.library.impl(qualified("attention_bwd"), "CUDA")(_attention_bwd_torch)
     torch.library.register_fake(qualified("aggregate_fwd"))(_aggregate_fake)
     torch.library.register_fake(qualified("aggregate_bwd"))(_aggregate_bwd_fake)
     torch.library.register_autograd(qualified("attention_fwd"), _attention_grad, setup_context=_attention_setup)

@@ -170,9 +170,32 @@ def test_cuda_attention_matches_reference(case, dtype):
     ref64.backward(grad)
     for name, t, r, t64 in zip("qkv", (qT, kT, vT), (qR, kR, vR), (q64, k64, v64)):
         assert_close_to_reference(t.grad, r.grad, t64.grad, factor=3.0, what=f"d{name}")
-    # Deterministic: same inputs, same bits.
+    # Deterministic: same inputs, same bits (forward, importance and the fused backward).
     out2, imp2 = be.attention(qT, kT, vT, window=window, hw=hw)
     assert torch.equal(out, out2) and torch.equal(imp, imp2)
+    grads = [t.grad.clone() for t in (qT, kT, vT)]
+    for t in (qT, kT, vT):
+        t.grad = None
+    out2.backward(grad.to(dtype))
+    assert all(torch.equal(a, t.grad) for a, t in zip(grads, (qT, kT, vT)))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_cuda_attention_backward_direct_strided_dout(dtype):
+    from sgattn import _native
+    _native.load_extension("sgattn._C_cuda")
+    B, h, N, M, d = 2, 3, 77, 130, 40
+    q, k, v = (torch.randn(B, h, n, d, device="cuda", dtype=torch.float64) for n in (N, M, M))
+    dout = torch.randn(B, N, h, d, device="cuda", dtype=torch.float64).transpose(1, 2)  # not contiguous
+    dq, dk, dv = _native.op("attention_bwd")(dout.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype), d ** -0.5, 0, 0, 0)
+    assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+    ref = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    ref64 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    reference.attention(*ref, need_importance=False)[0].backward(dout.to(dtype))
+    reference.attention(*ref64, need_importance=False)[0].backward(dout)
+    for name, got, r, r64 in zip("qkv", (dq, dk, dv), ref, ref64):
+        assert_close_to_reference(got, r.grad, r64.grad, factor=3.0, what=f"d{name}")
 
 
 @gpu
@@ -301,7 +324,7 @@ def test_cuda_ops_validate_direct_calls():
         agg(x, idx, w, b, [0, 3])
     with pytest.raises(RuntimeError, match="same CUDA device|CUDA tensor"):
         agg(x, idx.cpu(), w, b, [2, 1])
-    assert agg(x[:0], idx[:, :0], w, b, [2, 1]).shape == (1, 0, 5, 4)
+    assert agg(x[:0], idx[:, :0], w, b, [2, 1]).shape == (1, 0, 6, 4)  # M = 4/2 + 4/1
 
 
 @gpu

@@ -45,7 +45,9 @@ int main(int argc, char** argv) {
   p.H = p.W = 64; p.N = p.M = 4096;  // any sizes: shared memory depends on dtype, head dim and warps only
   sgattn::AttnPlan plan = sgattn::plan_attention(t, p, strtoull(argv[4], nullptr, 10));
   if (plan.error) { printf("error: %s\n", plan.error); return 0; }
-  printf("%d %zu %zu\n", plan.warps, plan.smem, plan.imp_smem);
+  if (plan.bwd_error) { printf("error: %s\n", plan.bwd_error); return 0; }
+  printf("%d %zu %zu %d %zu %d %zu\n", plan.warps, plan.smem, plan.imp_smem, plan.kv_warps, plan.kv_smem,
+         plan.dq_warps, plan.dq_smem);
   return 0;
 }
 CPPEOF
@@ -92,7 +94,7 @@ for arch in ("80", "90"):
             bad.append(f"sm_{arch} {short}: {stack} B stack, {st} B spill stores, {ld} B spill loads")
         if smem > 48 * 1024:
             bad.append(f"sm_{arch} {short}: {smem} B static shared memory (> 48 KiB)")
-        m = re.search(r"attention_(fwd|imp)_kernel<(\w+), (\d+)>", short)
+        m = re.search(r"attention_(fwd|imp|bwd_kv|bwd_dq)_kernel<(\w+), (\d+)>", short)
         if m:
             static[(m.group(1), TNAME[m.group(2)], int(m.group(3)))] = smem
     if not rows:
@@ -100,24 +102,24 @@ for arch in ("80", "90"):
     # Every configuration the planner accepts: dtype x padded head dim, global and window mode.
     for dtype in ("float32", "float16", "bfloat16"):
         for d in (32, 64, 96, 128):
-            sf, si = static.get(("fwd", dtype, d)), static.get(("imp", dtype, d))
-            if sf is None or si is None:
-                bad.append(f"sm_{arch}: attention kernels for {dtype}, head dim {d} not instantiated")
+            st = {k: static.get((k, dtype, d)) for k in ("fwd", "imp", "bwd_kv", "bwd_dq")}
+            if None in st.values():
+                bad.append(f"sm_{arch}: attention kernels for {dtype}, head dim {d} not all instantiated: {st}")
                 continue
             for window in (0, 7):
                 res = subprocess.run([f"{out}/plan", dtype, str(d), str(window),
-                                      str(LIMIT[arch] - max(sf, si))], capture_output=True, text=True).stdout
+                                      str(LIMIT[arch] - max(st.values()))], capture_output=True, text=True).stdout
                 if res.startswith("error"):
                     bad.append(f"sm_{arch} {dtype} d={d} window={window}: planner refuses ({res.strip()})")
                     continue
-                warps, fwd, imp = map(int, res.split())
-                tot_f, tot_i = sf + fwd, si + imp
-                print(f"sm_{arch} {dtype:8s} d={d:3d} window={window}: forward {warps} warps "
-                      f"{tot_f} B smem, importance {tot_i} B smem (limit {LIMIT[arch]})")
-                if tot_f > LIMIT[arch] or tot_i > LIMIT[arch]:
-                    bad.append(f"sm_{arch} {dtype} d={d}: shared memory {max(tot_f, tot_i)} B > {LIMIT[arch]} B")
-                if warps < 4:
-                    print(f"   note: only {warps} warps fit")
+                w_f, fwd, imp, w_kv, kv, w_dq, dq = map(int, res.split())
+                tot = {"forward": st["fwd"] + fwd, "importance": st["imp"] + imp,
+                       "backward dK/dV": st["bwd_kv"] + kv, "backward dQ": st["bwd_dq"] + dq}
+                print(f"sm_{arch} {dtype:8s} d={d:3d} window={window}: warps fwd/kv/dq {w_f}/{w_kv}/{w_dq}, smem "
+                      + ", ".join(f"{k} {v}" for k, v in tot.items()) + f" (limit {LIMIT[arch]})")
+                for k, v in tot.items():
+                    if v > LIMIT[arch]:
+                        bad.append(f"sm_{arch} {dtype} d={d}: {k} shared memory {v} B > {LIMIT[arch]} B")
 if bad:
     print("FAIL:\n  " + "\n  ".join(bad))
     sys.exit(1)

@@ -12,8 +12,10 @@
   assertion, no host synchronisation (CUDA-graph capturable).
 - Self-guided attention (inference and training): reallocation kernel ->
   kv projections (cuBLAS through torch) -> attention kernel, at every length.
-- Attention backward: recomputation with torch ops in query chunks
-  (``sgattn._native.attention_backward``); the forward saves q, k, v only.
+- Attention backward: fused CUDA kernels (op ``attention_bwd``; the forward
+  saves q, k, v only, so it reruns the forward kernel for the fp32 output and
+  the log-sum-exp, then D = rowsum(dO * O), a key-major dK/dV kernel and a
+  query-major dQ kernel; deterministic, no atomics).
 - Probability dropout is not implemented (``unsupported`` says so).
 
 The launch limits (shared memory per device, grid sizes, 32-bit index ranges)

@@ -1,0 +1,296 @@
+// Fused attention backward (dQ, dK, dV) for global and window attention, any
+// key count, fp16/bf16 on tensor cores (WMMA, fp32 accumulation) and fp32 SIMT.
+// The op's schema hands over dO, q, k, v only, so the backward first reruns
+// the forward kernel (fp32 output and row log-sum-exp into scratch), then:
+//   delta kernel: D = rowsum(dO * O) per query (fp32);
+//   dK/dV kernel (key-major): one block owns 16 * kv_warps keys of one
+//     (batch, head, segment) and loops over that segment's queries in chunks
+//     of 32: P^T = exp(K Q^T * scale - lse), dP^T = V dO^T,
+//     dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q * scale;
+//   dQ kernel (query-major): one block owns 16 * dq_warps queries and loops
+//     over key tiles of 64: dQ += dS K * scale.
+// Every output element is written by exactly one block in a fixed order:
+// deterministic, no atomics.
+#pragma once
+#include "attention.cuh"
+
+namespace sgattn {
+
+namespace detail {
+
+// C[16][NC] (fp32, ldc) = A[16][DP] * B[NC][DP]^T for one warp; A and B row-major T in smem.
+template <typename T, int DP, int NC>
+__device__ __forceinline__ void warp_abt(float* C, int ldc, const T* A, int lda, const T* B, int ldb) {
+  using namespace nvcuda;
+  if constexpr (!std::is_same<T, float>::value) {
+#pragma unroll 1
+    for (int nt = 0; nt < NC / 16; ++nt) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+        wmma::load_matrix_sync(fa, A + kk * 16, lda);
+        wmma::load_matrix_sync(fb, B + nt * 16 * ldb + kk * 16, ldb);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(C + nt * 16, acc, ldc, wmma::mem_row_major);
+    }
+  } else {
+    const int lane = threadIdx.x & 31;
+    for (int r = 0; r < 16; ++r) {
+#pragma unroll
+      for (int t = 0; t < NC / 32; ++t) {
+        const int j = lane + 32 * t;
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int c = 0; c < DP; ++c) acc += A[r * lda + c] * B[j * ldb + c];
+        C[r * ldc + j] = acc;
+      }
+    }
+  }
+}
+
+// C[16][DP] (fp32, ldc) += A[16][KC] * B[KC][DP] for one warp; A sits in an fp32
+// buffer with row stride ldf floats, narrowed in place to T for tensor cores
+// (row stride 2 * ldf elements); B row-major T in smem.
+template <typename T, int DP, int KC>
+__device__ __forceinline__ void warp_ab_acc(float* C, int ldc, const float* A, int ldf, const T* B, int ldb) {
+  using namespace nvcuda;
+  if constexpr (!std::is_same<T, float>::value) {
+    const T* At = reinterpret_cast<const T*>(A);
+#pragma unroll 1
+    for (int nt = 0; nt < DP / 16; ++nt) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::load_matrix_sync(acc, C + nt * 16, ldc, wmma::mem_row_major);
+#pragma unroll
+      for (int kk = 0; kk < KC / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::load_matrix_sync(fa, At + kk * 16, 2 * ldf);
+        wmma::load_matrix_sync(fb, B + kk * 16 * ldb + nt * 16, ldb);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(C + nt * 16, acc, ldc, wmma::mem_row_major);
+    }
+  } else {
+    const int lane = threadIdx.x & 31;
+    for (int r = 0; r < 16; ++r) {
+#pragma unroll
+      for (int t = 0; t < DP / 32; ++t) {
+        const int c = lane + 32 * t;
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int j = 0; j < KC; ++j) acc += A[r * ldf + j] * B[j * ldb + c];
+        C[r * ldc + c] += acc;
+      }
+    }
+  }
+}
+
+// Writes one row of values (lane-owned columns) over an fp32 row: as T in
+// place for tensor cores (the caller has read the row), as fp32 otherwise.
+template <typename T, int PER>
+__device__ __forceinline__ void put_row(float* row, const float (&v)[PER]) {
+  const int lane = threadIdx.x & 31;
+  if constexpr (!std::is_same<T, float>::value) {
+    T* rt = reinterpret_cast<T*>(row);
+#pragma unroll
+    for (int t = 0; t < PER; ++t) rt[lane + 32 * t] = from_f<T>(v[t]);
+  } else {
+#pragma unroll
+    for (int t = 0; t < PER; ++t) row[lane + 32 * t] = v[t];
+  }
+}
+
+}  // namespace detail
+
+// D[bh, n] = sum_c dO[b, hh, n, c] * O[bh, n, c]; one warp per query row.
+template <typename T>
+__global__ void __launch_bounds__(256) attention_bwd_delta_kernel(AttnParams p, AttnBwdArgs g) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (row >= p.B * p.h * p.N) return;
+  const int64_t bh = row / p.N, n = row - bh * p.N, b = bh / p.h, hh = bh - b * p.h;
+  const T* dO = static_cast<const T*>(g.dout) + b * g.do_stride[0] + hh * g.do_stride[1] + n * g.do_stride[2];
+  const float* o = g.out32 + row * p.d;
+  float s = 0.0f;
+  for (int c = lane; c < p.d; c += 32) s += to_f(dO[c * g.do_stride[3]]) * o[c];
+  s = warp_sum(s);
+  if (lane == 0) g.delta[row] = s;
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, AttnPlan plan, AttnBwdArgs g) {
+  constexpr bool TC = !std::is_same<T, float>::value;
+  constexpr int LDK = DP + (TC ? 8 : 1), QC = kBwdQueryChunk, LDQ = QC + 4, LDO = DP + 4;
+  const int KTb = 16 * plan.kv_warps;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, k0w = warp * 16;
+  const int ktiles = int(plan.kv_ktiles), per_bh = int(plan.segments) * ktiles;
+  const int bh = int(blockIdx.x) / per_bh, rest = int(blockIdx.x) - bh * per_bh;
+  const int seg_id = rest / ktiles, k0 = (rest - seg_id * ktiles) * KTb;
+  const int b = bh / int(p.h), hh = bh - b * int(p.h), d = int(p.d);
+  const detail::Segment seg(p, seg_id);
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* at = smem;
+  T* Ks = detail::carve<T>(at, size_t(KTb) * LDK * sizeof(T));
+  T* Vs = detail::carve<T>(at, size_t(KTb) * LDK * sizeof(T));
+  T* Qs = detail::carve<T>(at, size_t(QC) * LDK * sizeof(T));
+  T* dOs = detail::carve<T>(at, size_t(QC) * LDK * sizeof(T));
+  float* St = detail::carve<float>(at, size_t(KTb) * LDQ * 4);   // P^T (T in place for TC)
+  float* dPt = detail::carve<float>(at, size_t(KTb) * LDQ * 4);  // dP^T, then dS^T
+  float* dKa = detail::carve<float>(at, size_t(KTb) * LDO * 4);
+  float* dVa = detail::carve<float>(at, size_t(KTb) * LDO * 4);
+  float* L2 = detail::carve<float>(at, size_t(QC) * 4);
+  float* Dq = detail::carve<float>(at, size_t(QC) * 4);
+
+  auto ktok = [&](int j) { return seg.key(k0 + j); };
+  detail::load_tile<T, DP>(Ks, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KTb, d, ktok);
+  detail::load_tile<T, DP>(Vs, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, KTb, d, ktok);
+  for (int i = threadIdx.x; i < KTb * LDO; i += blockDim.x) { dKa[i] = 0.0f; dVa[i] = 0.0f; }
+
+  const float sl2 = p.scale * 1.4426950408889634f;
+  const float* lse = p.lse + int64_t(bh) * p.N;
+  const float* delta = g.delta + int64_t(bh) * p.N;
+  for (int c0 = 0; c0 < seg.nq; c0 += QC) {
+    auto qtok = [&](int r) { return seg.query(c0 + r); };
+    __syncthreads();  // previous chunk fully read
+    detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QC, d, qtok);
+    detail::load_tile<T, DP>(dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QC, d, qtok);
+    for (int r = threadIdx.x; r < QC; r += blockDim.x) {
+      const int t = qtok(r);
+      L2[r] = t >= 0 ? lse[t] * 1.4426950408889634f : INFINITY;  // masked queries: P = 0
+      Dq[r] = t >= 0 ? delta[t] : 0.0f;
+    }
+    __syncthreads();
+    detail::warp_abt<T, DP, QC>(St + k0w * LDQ, LDQ, Ks + k0w * LDK, LDK, Qs, LDK);
+    detail::warp_abt<T, DP, QC>(dPt + k0w * LDQ, LDQ, Vs + k0w * LDK, LDK, dOs, LDK);
+    __syncwarp();
+    for (int j = k0w; j < k0w + 16; ++j) {
+      float pv[QC / 32], ds[QC / 32];
+#pragma unroll
+      for (int t = 0; t < QC / 32; ++t) {
+        const int r = lane + 32 * t;
+        pv[t] = exp2f(St[j * LDQ + r] * sl2 - L2[r]);
+        ds[t] = pv[t] * (dPt[j * LDQ + r] - Dq[r]);
+      }
+      __syncwarp();
+      detail::put_row<T, QC / 32>(St + j * LDQ, pv);
+      detail::put_row<T, QC / 32>(dPt + j * LDQ, ds);
+    }
+    __syncwarp();
+    detail::warp_ab_acc<T, DP, QC>(dVa + k0w * LDO, LDO, St + k0w * LDQ, LDQ, dOs, LDK);
+    detail::warp_ab_acc<T, DP, QC>(dKa + k0w * LDO, LDO, dPt + k0w * LDQ, LDQ, Qs, LDK);
+  }
+  __syncwarp();
+  T* dk = static_cast<T*>(g.dk) + int64_t(bh) * p.M * d;
+  T* dv = static_cast<T*>(g.dv) + int64_t(bh) * p.M * d;
+  for (int j = k0w; j < k0w + 16; ++j) {
+    const int key = seg.key(k0 + j);
+    if (key < 0) continue;
+    for (int c = lane; c < d; c += 32) {
+      dk[int64_t(key) * d + c] = from_f<T>(dKa[j * LDO + c] * p.scale);
+      dv[int64_t(key) * d + c] = from_f<T>(dVa[j * LDO + c]);
+    }
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, AttnPlan plan, AttnBwdArgs g) {
+  constexpr bool TC = !std::is_same<T, float>::value;
+  constexpr int LDK = DP + (TC ? 8 : 1), KT = kKeyTile, LDS = KT + 4, LDO = DP + 4;
+  const int QTb = 16 * plan.dq_warps;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = warp * 16;
+  const int subtiles = int(plan.dq_subtiles), per_bh = int(plan.segments) * subtiles;
+  const int bh = int(blockIdx.x) / per_bh, rest = int(blockIdx.x) - bh * per_bh;
+  const int seg_id = rest / subtiles, q0 = (rest - seg_id * subtiles) * QTb;
+  const int b = bh / int(p.h), hh = bh - b * int(p.h), d = int(p.d);
+  const detail::Segment seg(p, seg_id);
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* at = smem;
+  T* Qs = detail::carve<T>(at, size_t(QTb) * LDK * sizeof(T));
+  T* dOs = detail::carve<T>(at, size_t(QTb) * LDK * sizeof(T));
+  T* Ks = detail::carve<T>(at, size_t(KT) * LDK * sizeof(T));
+  T* Vs = detail::carve<T>(at, size_t(KT) * LDK * sizeof(T));
+  float* S = detail::carve<float>(at, size_t(QTb) * LDS * 4);   // scores, then dS (T in place for TC)
+  float* dP = detail::carve<float>(at, size_t(QTb) * LDS * 4);
+  float* dQa = detail::carve<float>(at, size_t(QTb) * LDO * 4);
+  float* L2 = detail::carve<float>(at, size_t(QTb) * 4);
+  float* Dr = detail::carve<float>(at, size_t(QTb) * 4);
+
+  auto qtok = [&](int r) { return seg.query(q0 + r); };
+  detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QTb, d, qtok);
+  detail::load_tile<T, DP>(dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QTb, d, qtok);
+  const float* lse = p.lse + int64_t(bh) * p.N;
+  const float* delta = g.delta + int64_t(bh) * p.N;
+  for (int r = threadIdx.x; r < QTb; r += blockDim.x) {
+    const int t = qtok(r);
+    L2[r] = t >= 0 ? lse[t] * 1.4426950408889634f : INFINITY;
+    Dr[r] = t >= 0 ? delta[t] : 0.0f;
+  }
+  for (int i = threadIdx.x; i < QTb * LDO; i += blockDim.x) dQa[i] = 0.0f;
+
+  const float sl2 = p.scale * 1.4426950408889634f;
+  const int ktiles = (seg.nk + KT - 1) / KT;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    const int k0 = kt * KT;
+    auto ktok = [&](int j) { return seg.key(k0 + j); };
+    __syncthreads();  // previous K, V tiles fully read (and the setup above done)
+    detail::load_tile<T, DP>(Ks, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KT, d, ktok);
+    detail::load_tile<T, DP>(Vs, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, KT, d, ktok);
+    __syncthreads();
+    detail::warp_abt<T, DP, KT>(S + r0 * LDS, LDS, Qs + r0 * LDK, LDK, Ks, LDK);
+    detail::warp_abt<T, DP, KT>(dP + r0 * LDS, LDS, dOs + r0 * LDK, LDK, Vs, LDK);
+    __syncwarp();
+    bool valid[KT / 32];
+#pragma unroll
+    for (int t = 0; t < KT / 32; ++t) valid[t] = seg.key(k0 + lane + 32 * t) >= 0;
+    for (int r = r0; r < r0 + 16; ++r) {
+      float ds[KT / 32];
+#pragma unroll
+      for (int t = 0; t < KT / 32; ++t) {
+        const int j = lane + 32 * t;
+        const float pv = valid[t] ? exp2f(S[r * LDS + j] * sl2 - L2[r]) : 0.0f;
+        ds[t] = pv * (dP[r * LDS + j] - Dr[r]);
+      }
+      __syncwarp();
+      detail::put_row<T, KT / 32>(S + r * LDS, ds);
+    }
+    __syncwarp();
+    detail::warp_ab_acc<T, DP, KT>(dQa + r0 * LDO, LDO, S + r0 * LDS, LDS, Ks, LDK);
+  }
+  __syncwarp();
+  T* dq = static_cast<T*>(g.dq) + int64_t(bh) * p.N * d;
+  for (int r = r0; r < r0 + 16; ++r) {
+    const int qt = seg.query(q0 + r);
+    if (qt < 0) continue;
+    for (int c = lane; c < d; c += 32) dq[int64_t(qt) * d + c] = from_f<T>(dQa[r * LDO + c] * p.scale);
+  }
+}
+
+// Backward: forward rerun (fp32 O and lse into scratch), delta, dK/dV, dQ.
+// p.lse and g.out32 / g.delta are scratch; p.out is unused.
+template <typename T, int DP>
+cudaError_t attention_backward_launch(AttnParams p, const AttnPlan& plan, const AttnBwdArgs& g, cudaStream_t stream) {
+  static int fwd_set[64] = {}, kv_set[64] = {}, dq_set[64] = {};
+  if (plan.fwd_blocks == 0) return cudaSuccess;
+  p.out32 = g.out32;
+  auto fwd = attention_fwd_kernel<T, DP>;
+  cudaError_t err = ensure_smem(fwd, plan.smem, fwd_set);
+  if (err != cudaSuccess) return err;
+  fwd<<<unsigned(plan.fwd_blocks), 32 * plan.warps, plan.smem, stream>>>(p, plan);
+  const int64_t rows = p.B * p.h * p.N;
+  attention_bwd_delta_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p, g);
+  auto kv = attention_bwd_kv_kernel<T, DP>;
+  if ((err = ensure_smem(kv, plan.kv_smem, kv_set)) != cudaSuccess) return err;
+  kv<<<unsigned(plan.kv_blocks), 32 * plan.kv_warps, plan.kv_smem, stream>>>(p, plan, g);
+  auto dq = attention_bwd_dq_kernel<T, DP>;
+  if ((err = ensure_smem(dq, plan.dq_smem, dq_set)) != cudaSuccess) return err;
+  dq<<<unsigned(plan.dq_blocks), 32 * plan.dq_warps, plan.dq_smem, stream>>>(p, plan, g);
+  return cudaGetLastError();
+}
+
+}  // namespace sgattn
