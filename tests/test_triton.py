@@ -240,18 +240,26 @@ def test_dropout_falls_back_to_reference(device):
 # ------------------------------------------------------- hardening (issue 8)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 4])
-def test_backward_large_gradients_saturated_softmax(dtype, window, device, poison):
-    """|dO.v| far beyond fp16's 65504 and a saturated softmax: ds stays in fp32
-    range and precision (split hi/lo dots), so dq, dk match the fp64 rule."""
+@pytest.mark.parametrize("case", ["large_ds", "saturated"])
+def test_backward_large_gradients_saturated_softmax(case, dtype, window, device, poison):
+    """large_ds: nearly equal keys, |dO.v| ~ 1e6: ds = P (dP - delta) ~ 1e5 is
+    beyond fp16's 65504 while dq, dk, dv are small (sum_j ds_ij = 0). saturated:
+    logits of std ~10. ds stays in fp32 range and precision (split hi/lo dots)."""
     B, h, N, d = 1, 2, 36, 32
     hw = (6, 6) if window else None
-    q, k, v = _inputs(((B, h, N, d), (N, d)), dtype, device)
-    q = (q.float() * 6).to(dtype)  # logits ~ 6*6*sqrt(32)/sqrt(32) ~ 36: saturated
-    v = (v.float() * 300).to(dtype)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    r = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).to(device)  # noqa: E731
+    if case == "large_ds":
+        q = r(B, h, N, d, s=1e-2)
+        k = r(1, 1, 1, d) + r(B, h, N, d, s=1e-3)
+        v = r(B, h, N, d, s=1e4)
+        dout = r(B, h, N, d, s=100.0)
+    else:
+        q, k, v, dout = r(B, h, N, d, s=10.0), r(B, h, N, d), r(B, h, N, d), r(B, h, N, d)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with sgattn.use_backend("triton"):
         out, _ = sgattn.attention_with_importance(*leaves, window=window, hw=hw)
-    dout = (torch.randn(out.shape, device=device) * 300).to(dtype)
     out.backward(dout)
     poison()
     ref_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -273,6 +281,8 @@ def test_empty_batch_or_heads(B, h, window, device):
     assert out.shape == (B, h, 12, 16) and lse.shape == (B, h, 12) and part.shape[0] == B
     out.sum().backward()
     assert q.grad.shape == q.shape
+    if h == 0:
+        return  # the public layer rejects zero heads (sgattn.ops)
     with sgattn.use_backend("triton"):
         o, imp = sgattn.attention_with_importance(q, q, q)
     ref_o, ref_imp = reference.attention(q, q, q)
@@ -333,7 +343,7 @@ def test_op_argument_errors(device):
         with pytest.raises(ValueError, match=message):
             ops.triton_attention_fwd(*args)
     out, lse, _ = ops.triton_attention_fwd(q, q, q, 0.25, 0, 0, 0, False)
-    with pytest.raises(ValueError, match="lse must be float32"):
+    with pytest.raises(ValueError, match="lse must"):
         ops.triton_attention_bwd(out, q, q, q, out, lse[0], 0.25, 0, 0, 0)
     with pytest.raises(ValueError, match=r"dout must be \[B, h, N, dv\]"):
         ops.triton_attention_bwd(out[:, :, :5], q, q, q, out, lse, 0.25, 0, 0, 0)
@@ -360,7 +370,7 @@ def test_aggregate_op_argument_errors(device):
         ((x, index, w, b[:1], [3, 2]), "b_cat must hold one bias per part"),
         ((x, index.int(), w, b, [3, 2]), "index must be int64"),
         ((x, index[:, :1], w, b, [3, 2]), r"x must be \[B, N, C\] = \[1, 12, C\]"),
-        ((x, index.expand(3, 2, 12), w, b, [3, 2]), "G = 1 or 2 orderings"),
+        ((x, torch.cat([index, index[:1]]), w, b, [3, 2]), "G = 1 or 2 orderings"),
         ((x.half(), index, w, b, [3, 2]), "dtype mismatch"),
         ((x, index + 1, w, b, [3, 2]), "permutation of 0..N-1"),
         ((x, torch.zeros_like(index), w, b, [3, 2]), "permutation of 0..N-1"),
@@ -396,3 +406,10 @@ def test_unsupported_states_grid_limit(device):
     assert why is not None and "grid limit 2**31-1" in why
     small = torch.empty(1, 2, 64, 32, device=device)
     assert backend.unsupported("attention", (small, small, small)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_window_chunked_half(dtype, device, poison):
+    # w = 9: 81 positions in a 128 block, sub-blocks and key chunks (modes 0, 2, 3) with split ds
+    _check_attention(*_inputs(((1, 2, 10 * 9, 16), (10 * 9, 16)), dtype, device), window=9, hw=(10, 9),
+                     poison=poison)

@@ -136,3 +136,28 @@ def test_fake_impls_give_right_shapes(device):
         agg = ops.triton_aggregate_fwd(x, idx, w, bias, [7, 3, 2])
         from sgattn.reference import reallocated_length
         assert agg.shape == (2, 2, reallocated_length(97, (7, 3, 2)), 64) and agg.dtype == torch.float16
+
+
+def test_opcheck_noncontiguous_inputs_and_fake_strides(device):
+    """Fakes give the real ops' strides, also for permuted, non-contiguous
+    inputs (last dims not contiguous included)."""
+    torch.manual_seed(0)
+    ops = torch.ops.sgattn
+    base = torch.randn(1, 16, 12, 2, device=device)      # [B, d, N, h]: permuted views below
+    q = base.permute(0, 3, 2, 1).requires_grad_()         # [1, 2, 12, 16], last-dim stride 24
+    k = torch.randn(12, 2, 1, 16, device=device).permute(2, 1, 0, 3).requires_grad_()
+    v = torch.randn(1, 2, 16, 12, device=device).transpose(2, 3).requires_grad_()
+    assert q.stride(-1) != 1 and v.stride(-1) != 1
+    for window, H, W in ((0, 0, 0), (3, 3, 4)):
+        torch.library.opcheck(ops.triton_attention_fwd.default, (q, k, v, 0.25, window, H, W, True))
+        out, lse, _ = ops.triton_attention_fwd(q, k, v, 0.25, window, H, W, True)
+        do = torch.randn(1, 12, 16, 2, device=device).permute(0, 3, 1, 2)
+        torch.library.opcheck(ops.triton_attention_bwd.default,
+                              (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, 0.25, window, H, W))
+    x = torch.randn(2, 8, 12, device=device).transpose(1, 2).requires_grad_()  # [2, 12, 8], channel stride 12
+    index = torch.stack([torch.stack([torch.randperm(12) for _ in range(2)]) for _ in range(2)]).to(device)
+    w = torch.randn(5, device=device, requires_grad=True)
+    b = torch.randn(2, device=device, requires_grad=True)
+    torch.library.opcheck(ops.triton_aggregate_fwd.default, (x, index, w, b, [3, 2]))
+    dout = torch.randn(2, 2, 8, 5, device=device).transpose(2, 3)
+    torch.library.opcheck(ops.triton_aggregate_bwd.default, (dout, x.detach(), index, w.detach(), [3, 2]))

@@ -176,13 +176,31 @@ def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ,
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=dmask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=dvmask, other=0.0)
     o = tl.load(O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :], mask=dvmask, other=0.0)
-    # delta_i = sum_j P_ij dP_ij = rowsum(dO * O); stored for the key-major pass.
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + bh * N + offs_m, delta, mask=row_ok)
     lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
+    # delta_i = sum_j P_ij dP_ij; stored for the key-major pass. rowsum(dO * O)
+    # equals it, but O rounded to fp16/bf16 makes dP - delta lose everything
+    # when it cancels (saturated softmax, large dO): there (SPLIT_DS) it is
+    # summed from P and dP in fp32, one more pass over the keys.
+    if SPLIT_DS:
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, M, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < M
+            cols = offs_n.to(tl.int64)
+            k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :],
+                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :],
+                        mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
+            s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+            p = tl.math.exp2(s - lse[:, None])
+            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+            delta += tl.sum(p * _dot(do, tl.trans(v), UPCAST, PREC), 1)
+    else:
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh * N + offs_m, delta, mask=row_ok)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
@@ -282,7 +300,8 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
     #         sub-block)); one pass when the window is one chunk, else a
     #         statistics pass and an output pass over the key chunks;
     # MODE 1  backward of a whole window in one program (BLOCK_S == BLOCK_C == BLOCK_L);
-    # MODE 2  backward dQ of the sub-block's queries (probabilities from lse);
+    # MODE 2  backward dQ of the sub-block's queries (probabilities from lse;
+    #         fp16/bf16: also delta = rowsum(P dP) into PART, for MODE 3);
     # MODE 3  backward dK, dV of the sub-block's keys (loops over query chunks).
     SPLIT: tl.constexpr = BLOCK_L // BLOCK_S
     pid = tl.program_id(0)
@@ -367,13 +386,12 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
         k = tl.load(k_base + tok_s[:, None] * skn + offs_d[None, :], mask=dmask_s, other=0.0)
         v = tl.load(v_base + tok_s[:, None] * svn + offs_d[None, :], mask=dvmask_s, other=0.0)
         do = tl.load(do_base + tok_s[:, None] * sdn + offs_d[None, :], mask=dvmask_s, other=0.0)
-        o = tl.load(o_base + tok_s[:, None] * son + offs_d[None, :], mask=dvmask_s, other=0.0)
         lse = tl.load(lse_base + tok_s, mask=real_s, other=0.0)
         s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(real_s[:, None] & real_s[None, :], p, 0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         dp = _dot(do, tl.trans(v), UPCAST, PREC)
+        delta = tl.sum(p * dp, 1)  # in fp32 from P and dP (see _attn_bwd_q)
         ds = p * (dp - delta[:, None])
         dq = _ds_dot(ds, k, UPCAST, PREC, SPLIT_DS) * scale
         tl.store(dq_base + tok_s[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=dmask_s)
@@ -386,7 +404,21 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
         do = tl.load(do_base + tok_s[:, None] * sdn + offs_d[None, :], mask=dvmask_s, other=0.0)
         o = tl.load(o_base + tok_s[:, None] * son + offs_d[None, :], mask=dvmask_s, other=0.0)
         lse = tl.load(lse_base + tok_s, mask=real_s, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        if SPLIT_DS:  # delta from P and dP in fp32 (see _attn_bwd_q); stored for MODE 3
+            delta = tl.zeros([BLOCK_S], tl.float32)
+            for c0 in range(0, BLOCK_L, BLOCK_C):
+                tok_c, real_c = _window_tokens(c0 + tl.arange(0, BLOCK_C), wy, wx, GH, GW, WIN)
+                k = tl.load(k_base + tok_c[:, None] * skn + offs_d[None, :],
+                            mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
+                v = tl.load(v_base + tok_c[:, None] * svn + offs_d[None, :],
+                            mask=real_c[:, None] & (offs_d[None, :] < DV), other=0.0)
+                s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+                p = tl.math.exp2(s - lse[:, None])
+                p = tl.where(real_s[:, None] & real_c[None, :], p, 0.0)
+                delta += tl.sum(p * _dot(do, tl.trans(v), UPCAST, PREC), 1)
+            tl.store(PART + bh * N + tok_s, delta, mask=real_s)
+        else:
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         dq = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         for c0 in range(0, BLOCK_L, BLOCK_C):
             tok_c, real_c = _window_tokens(c0 + tl.arange(0, BLOCK_C), wy, wx, GH, GW, WIN)
@@ -416,7 +448,10 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
             do = tl.load(do_base + tok_q[:, None] * sdn + offs_d[None, :], mask=qmask_v, other=0.0)
             o = tl.load(o_base + tok_q[:, None] * son + offs_d[None, :], mask=qmask_v, other=0.0)
             lse = tl.load(lse_base + tok_q, mask=real_q, other=0.0)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            if SPLIT_DS:  # written by MODE 2
+                delta = tl.load(PART + bh * N + tok_q, mask=real_q, other=0.0)
+            else:
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             s = _dot(q, tl.trans(ks), UPCAST, PREC) * scale_log2
             p = tl.math.exp2(s - lse[:, None])
             p = tl.where(real_q[:, None] & real_s[None, :], p, 0.0)
@@ -463,7 +498,7 @@ def _make_plan(kind, bd):
             return Plan(kind, bd, 64, 64, 256, 64, 64, 64, 64)
         if bd <= 64:
             return Plan(kind, bd, 64, 64, 128, 64, 64, 64, 0)
-        return Plan(kind, bd, 64, 64, 64, 32, 32, 64, 0)
+        return Plan(kind, bd, 64, 64, 64, 32, 32, 32, 0)
     if kind == "tf32":
         if bd <= 32:
             return Plan(kind, bd, 64, 64, 128, 64, 64, 64, 0)
@@ -639,7 +674,7 @@ def backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, h
         L, S, C, modes = window_config(plan, window)
         tiles = nwy * nwx * (L // S)
         return [(_window_attn, tiles * B * h,
-                 [q, k, v, out, lse, q, do, dq, dk, dv, *qkv, *out.stride()[:3], *do.stride()[:3],
+                 [q, k, v, out, lse, delta, do, dq, dk, dv, *qkv, *out.stride()[:3], *do.stride()[:3],
                   h, N, hw[0], hw[1], nwx, window, tiles, D, DV, scale, scale_log2],
                  dict(BLOCK_L=L, BLOCK_S=S, BLOCK_C=C, BLOCK_D=plan.bd, MODE=mode, NEED_IMP=False, **fl),
                  plan.warps) for mode in modes]
@@ -694,7 +729,7 @@ def attention_backward(do, q, k, v, out, lse, scale: float, window: int, hw):
     dv = torch.empty(B, h, M, DV, device=q.device, dtype=v.dtype)
     if B * h == 0:
         return dq, dk, dv
-    delta = lse if window else torch.empty(B, h, N, device=q.device, dtype=torch.float32)
+    delta = torch.empty(B, h, N, device=q.device, dtype=torch.float32)
     _run(backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, hw), q)
     return dq, dk, dv
 
@@ -703,8 +738,15 @@ def attention_backward(do, q, k, v, out, lse, scale: float, window: int, hw):
 # maximum over sm_80 and sm_90 as compile_check measures it (the compile test
 # fails when a measurement exceeds its entry). ``unsupported`` compares it with
 # the GPU's opt-in limit.
-SHARED_BYTES = {(kind, bd): 0 for kind in KINDS for bd in HEAD_BLOCKS}
-SHARED_BYTES_AGGREGATE = 0
+# Provisional entries (sm_90 measurements of the largest plans, rounded up;
+# the full compile check refines them): the gate fails when one is exceeded.
+SHARED_BYTES = {
+    ("fp16", 32): 64 * 1024, ("fp16", 64): 96 * 1024, ("fp16", 128): 128 * 1024,
+    ("bf16", 32): 64 * 1024, ("bf16", 64): 96 * 1024, ("bf16", 128): 128 * 1024,
+    ("tf32", 32): 96 * 1024, ("tf32", 64): 128 * 1024, ("tf32", 128): 160 * 1024,
+    ("ieee", 32): 96 * 1024, ("ieee", 64): 128 * 1024, ("ieee", 128): 160 * 1024,
+}
+SHARED_BYTES_AGGREGATE = 32 * 1024
 
 
 def shared_bytes_needed(dtypes, head_dims) -> int:
