@@ -7,13 +7,18 @@ kernels for ``torch.compile`` and the autograd formulas.
 Attention backward (op ``attention_bwd``): the forward saves only q, k and v;
 the backward recomputes the probabilities one query block at a time (whole key
 rows, never the full N x M matrix; window mode per window) and applies the
-standard softmax-attention gradient. CPU: C++ (csrc/cpu_ops.cpp); CUDA: the
-torch-ops version below (``attention_backward``), registered as the op's CUDA
-kernel, so it traces under torch.compile. Recomputing the softmax of each row
-(rather than exp(s - lse) from the saved fp32 log-sum-exp, which shifts a
-whole row by the lse rounding) keeps the gradients as accurate as the
-reference's. The forward kernels still return lse [B, h, N] for a future fused
-backward.
+standard softmax-attention gradient. CPU: C++ (csrc/cpu_ops.cpp); CUDA: C++
+(csrc/cuda_ops.cpp, kernels/). ``attention_backward`` below is the same
+recomputation in torch ops (device-independent, not registered). Recomputing
+the softmax of each row (rather than exp(s - lse) from the saved fp32
+log-sum-exp, which shifts a whole row by the lse rounding) keeps the gradients
+as accurate as the reference's.
+
+Layout contract: every native op (attention_fwd, attention_bwd, aggregate_fwd,
+aggregate_bwd, on every device) returns contiguous tensors whatever its
+inputs' strides, and the fake kernels below return exactly those layouts
+(``new_empty`` of the shape, never ``empty_like`` of a possibly permuted
+input), as torch.compile checks at run time.
 """
 from __future__ import annotations
 
@@ -139,12 +144,6 @@ def _attention_grad(ctx, dout, _dlse, _dimp):
     H, W = ctx.hw
     dq, dk, dv = op("attention_bwd")(dout, q, k, v, ctx.scale, ctx.window, H, W)
     return dq, dk, dv, None, None, None, None, None
-
-
-def _attention_bwd_torch(dout, q, k, v, scale, window, H, W):
-    """The CUDA kernel of ``attention_bwd``: recomputation with torch ops (contiguous results,
-    as every native op returns)."""
-    return tuple(t.contiguous() for t in attention_backward(dout, q, k, v, scale, window, (H, W)))
 
 
 def _attention_bwd_grad(ctx, *grads):

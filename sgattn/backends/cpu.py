@@ -2,9 +2,17 @@
 
 Forward attention computes exact softmax rows one query block at a time
 (never the N x M matrix) and the importance in the same pass; the backward
-recomputes probabilities from the saved log-sum-exp (``sgattn._native``).
+recomputes the probabilities from q, k and v (``sgattn._native``).
 Aggregation forward and backward are C++. float32, bfloat16 and float16
 inputs accumulate in fp32; float64 attention is left to the reference backend.
+
+Every result (outputs, lse, importance, gradients) is bitwise independent of
+the thread count: the work partition depends on the shapes only and every
+reduction runs in a fixed order. The registered ops validate their arguments
+themselves (a direct ``torch.ops.sgattn.*`` call with bad input raises a
+RuntimeError naming the problem); aggregation index rows must be permutations
+of 0..N-1 (argsorts), which the kernels check. A window at least as large as
+the grid is one window over the whole grid.
 """
 from __future__ import annotations
 
