@@ -4,9 +4,12 @@
 // the forward kernel (fp32 output and row log-sum-exp into scratch), then:
 //   delta kernel: D = rowsum(dO * O) per query (fp32);
 //   dK/dV kernel (key-major): one block owns 16 * kv_warps keys of one
-//     (batch, head, segment) and loops over that segment's queries in chunks
-//     of 32: P^T = exp(K Q^T * scale - lse), dP^T = V dO^T,
+//     (batch, head, segment) and loops over that segment's queries (or one
+//     query split of them: long global rows) in chunks of 32:
+//     P^T = exp(K Q^T * scale - lse), dP^T = V dO^T,
 //     dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q * scale;
+//     with several splits, fp32 partials are summed in split order by a
+//     small reduction kernel;
 //   dQ kernel (query-major): one block owns 16 * dq_warps queries and loops
 //     over key tiles of 64: dQ += dS K * scale.
 // Every output element is written by exactly one block in a fixed order:
@@ -127,9 +130,13 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
   constexpr int LDK = DP + (TC ? 8 : 1), QC = kBwdQueryChunk, LDQ = QC + 4, LDO = DP + 4;
   const int KTb = 16 * plan.kv_warps;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, k0w = warp * 16;
-  const int ktiles = int(plan.kv_ktiles), per_bh = int(plan.segments) * ktiles;
-  const int bh = int(blockIdx.x) / per_bh, rest = int(blockIdx.x) - bh * per_bh;
-  const int seg_id = rest / ktiles, k0 = (rest - seg_id * ktiles) * KTb;
+  const int ktiles = int(plan.kv_ktiles), splits = int(plan.kv_splits);
+  const int per_bh = int(plan.segments) * ktiles * splits;
+  const int bh = int(blockIdx.x) / per_bh;
+  int rest = int(blockIdx.x) - bh * per_bh;
+  const int seg_id = rest / (ktiles * splits);
+  rest -= seg_id * ktiles * splits;
+  const int kt = rest / splits, split = rest - kt * splits, k0 = kt * KTb;
   const int b = bh / int(p.h), hh = bh - b * int(p.h), d = int(p.d);
   const detail::Segment seg(p, seg_id);
 
@@ -154,8 +161,9 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
   const float sl2 = p.scale * 1.4426950408889634f;
   const float* lse = p.lse + int64_t(bh) * p.N;
   const float* delta = g.delta + int64_t(bh) * p.N;
-  for (int c0 = 0; c0 < seg.nq; c0 += QC) {
-    auto qtok = [&](int r) { return seg.query(c0 + r); };
+  const int qbeg = split * int(plan.kv_split_queries), qend = min(seg.nq, qbeg + int(plan.kv_split_queries));
+  for (int c0 = qbeg; c0 < qend; c0 += QC) {
+    auto qtok = [&](int r) { return c0 + r < qend ? seg.query(c0 + r) : -1; };
     __syncthreads();  // previous chunk fully read
     detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QC, d, qtok);
     detail::load_tile<T, DP>(dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QC, d, qtok);
@@ -185,6 +193,20 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
     detail::warp_ab_acc<T, DP, QC>(dKa + k0w * LDO, LDO, dPt + k0w * LDQ, LDQ, Qs, LDK);
   }
   __syncwarp();
+  if (splits > 1) {  // per-split fp32 partials, summed in split order by attention_bwd_kv_reduce_kernel
+    const int64_t elems = p.B * p.h * p.M * d;
+    float* pk = g.kv_partial + split * elems + int64_t(bh) * p.M * d;
+    float* pv = g.kv_partial + (splits + split) * elems + int64_t(bh) * p.M * d;
+    for (int j = k0w; j < k0w + 16; ++j) {
+      const int key = seg.key(k0 + j);
+      if (key < 0) continue;
+      for (int c = lane; c < d; c += 32) {
+        pk[int64_t(key) * d + c] = dKa[j * LDO + c];
+        pv[int64_t(key) * d + c] = dVa[j * LDO + c];
+      }
+    }
+    return;
+  }
   T* dk = static_cast<T*>(g.dk) + int64_t(bh) * p.M * d;
   T* dv = static_cast<T*>(g.dv) + int64_t(bh) * p.M * d;
   for (int j = k0w; j < k0w + 16; ++j) {
@@ -195,6 +217,21 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
       dv[int64_t(key) * d + c] = from_f<T>(dVa[j * LDO + c]);
     }
   }
+}
+
+// dK = scale * sum over splits of the dK partials, dV likewise; splits in order (deterministic).
+template <typename T>
+__global__ void attention_bwd_kv_reduce_kernel(AttnParams p, AttnPlan plan, AttnBwdArgs g) {
+  const int64_t elems = p.B * p.h * p.M * p.d;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= elems) return;
+  float sk = 0.0f, sv = 0.0f;
+  for (int64_t s = 0; s < plan.kv_splits; ++s) {
+    sk += g.kv_partial[s * elems + i];
+    sv += g.kv_partial[(plan.kv_splits + s) * elems + i];
+  }
+  static_cast<T*>(g.dk)[i] = from_f<T>(sk * p.scale);
+  static_cast<T*>(g.dv)[i] = from_f<T>(sv);
 }
 
 template <typename T, int DP>
@@ -287,6 +324,10 @@ cudaError_t attention_backward_launch(AttnParams p, const AttnPlan& plan, const 
   auto kv = attention_bwd_kv_kernel<T, DP>;
   if ((err = ensure_smem(kv, plan.kv_smem, kv_set)) != cudaSuccess) return err;
   kv<<<unsigned(plan.kv_blocks), 32 * plan.kv_warps, plan.kv_smem, stream>>>(p, plan, g);
+  if (plan.kv_splits > 1) {
+    const int64_t elems = p.B * p.h * p.M * p.d;
+    attention_bwd_kv_reduce_kernel<T><<<unsigned((elems + 255) / 256), 256, 0, stream>>>(p, plan, g);
+  }
   auto dq = attention_bwd_dq_kernel<T, DP>;
   if ((err = ensure_smem(dq, plan.dq_smem, dq_set)) != cudaSuccess) return err;
   dq<<<unsigned(plan.dq_blocks), 32 * plan.dq_warps, plan.dq_smem, stream>>>(p, plan, g);

@@ -38,6 +38,7 @@ struct AttnBwdArgs {
   int64_t do_stride[4];
   float* out32;            // [B, h, N, d] fp32 scratch: the forward output
   float* delta;            // [B, h, N] fp32 scratch: rowsum(dO * O)
+  float* kv_partial;       // plan.kv_partial_elems fp32 scratch (kv_splits > 1): per-split dK, dV
   void* dq;                // [B, h, N, d]
   void* dk;                // [B, h, M, d]
   void* dv;                // [B, h, M, d]
@@ -63,6 +64,8 @@ struct AttnPlan {
   // Backward (dK/dV key-major with 16 * kv_warps keys per block; dQ query-major with 16 * dq_warps queries).
   int kv_warps = 0, dq_warps = 0;
   int64_t kv_ktiles = 0, dq_subtiles = 0, kv_blocks = 0, dq_blocks = 0;
+  int64_t kv_splits = 0, kv_split_queries = 0;  // dK/dV: query splits (fixed-order reduction when > 1)
+  int64_t kv_partial_elems = 0;                 // 2 * kv_splits * B * h * M * d when kv_splits > 1
   size_t kv_smem = 0, dq_smem = 0;
   const char* bwd_error = nullptr;
 };
@@ -128,10 +131,10 @@ inline AttnPlan plan_attention(DType dtype, const AttnParams& p, size_t max_smem
     plan.seg_queries = p.N;
     plan.seg_keys = p.M;
     plan.ncols = p.M;
-    // Queries per split: at least 1024, at most 64 splits (bounded partials).
+    // Queries per split: at least 256, at most 64 splits (bounded partials).
     const int64_t chunks = (p.N + kQueryChunk - 1) / kQueryChunk;
     int64_t per = (chunks + 63) / 64;
-    if (per < 1024 / kQueryChunk) per = 1024 / kQueryChunk;
+    if (per < 256 / kQueryChunk) per = 256 / kQueryChunk;
     plan.split_queries = per * kQueryChunk;
     plan.splits = (p.N + plan.split_queries - 1) / plan.split_queries;
     if (plan.splits < 1) plan.splits = 1;
@@ -169,7 +172,22 @@ inline AttnPlan plan_attention(DType dtype, const AttnParams& p, size_t max_smem
     plan.bwd_error = "too many tiles for one backward launch (> 2^31-1 blocks)";
     return plan;
   }
-  plan.kv_blocks = bh * plan.segments * plan.kv_ktiles;
+  // dK/dV query splits (global mode, long query rows): at least 512 queries each, at most 32 splits.
+  plan.kv_splits = 1;
+  plan.kv_split_queries = (plan.seg_queries + kBwdQueryChunk - 1) / kBwdQueryChunk * kBwdQueryChunk;
+  if (p.window == 0 && p.N > 1024) {
+    const int64_t chunks = (p.N + kBwdQueryChunk - 1) / kBwdQueryChunk;
+    int64_t per = (chunks + 31) / 32;
+    if (per < 512 / kBwdQueryChunk) per = 512 / kBwdQueryChunk;
+    plan.kv_split_queries = per * kBwdQueryChunk;
+    plan.kv_splits = (p.N + plan.kv_split_queries - 1) / plan.kv_split_queries;
+  }
+  if (over(bh * plan.segments * plan.kv_ktiles, plan.kv_splits) || bh * p.M * p.d / 256 >= kMaxBlocks) {
+    plan.bwd_error = "too many tiles for one backward launch (> 2^31-1 blocks)";
+    return plan;
+  }
+  plan.kv_partial_elems = plan.kv_splits > 1 ? 2 * plan.kv_splits * bh * p.M * p.d : 0;
+  plan.kv_blocks = bh * plan.segments * plan.kv_ktiles * plan.kv_splits;
   plan.dq_blocks = bh * plan.segments * plan.dq_subtiles;
   return plan;
 }

@@ -369,7 +369,8 @@ def test_cuda_self_guided_long_reallocated_rows(dtype):
     out = run(get_backend("cuda"), leavesT)
     ref = run(ref_be, leavesR)
     ref64 = run(ref_be, leaves64)
-    assert_close_to_reference(out, ref, ref64, factor=3.0, what="self-guided out")
+    # composite op (aggregation, projections, attention): allow 4x the reference error
+    assert_close_to_reference(out, ref, ref64, factor=4.0, what="self-guided out")
     grad = torch.randn_like(ref64)
     out.backward(grad.to(dtype))
     ref.backward(grad.to(dtype))

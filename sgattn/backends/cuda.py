@@ -106,6 +106,8 @@ class CudaBackend(Backend):
         plan = plan_attention(q.dtype, B, h, N, M, d, window, hw, self._max_smem(q.device))
         if plan["error"] is not None:
             return plan["error"]
+        if plan["bwd_error"] is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return f"backward: {plan['bwd_error']}"
         return None
 
     def unsupported(self, op, tensors, **options):
