@@ -10,8 +10,9 @@ each GPU backend that can run: the program compute-sanitizer checks.
 allocation, where memcheck sees it). Exits non-zero if a call raises.
 CUDA backend kernels covered: attention forward with one and several key
 tiles (global, window with padded windows, windows of more than 64 keys),
-importance pass and reduction, reallocation forward, inverse, dx, row sums
-and reduction (3 and 2 parts). racecheck is slow: pass --backends cuda.
+importance pass and reduction, fused backward (forward rerun, delta, dK/dV
+with and without query splits and their reduction, dQ), reallocation
+forward, inverse, dx, row sums and reduction (3 and 2 parts). racecheck is slow: pass --backends cuda.
 """
 import argparse
 import sys
@@ -33,6 +34,8 @@ def calls(device, dtype):
     yield "attention plain", lambda: (ops.attention(r(B, h, 70, d), r(B, h, 70, d), r(B, h, 70, d)),)
     yield "attention 300 keys d40", lambda: sgattn.attention_with_importance(
         r(1, 1, 75, 40), r(1, 1, 300, 40), r(1, 1, 300, 40))
+    yield "attention 1100 queries (dK/dV query splits)", lambda: sgattn.attention_with_importance(
+        r(1, 1, 1100, 32), r(1, 1, 23, 32), r(1, 1, 23, 32))
     yield "attention window 9 on 10x11", lambda: sgattn.attention_with_importance(
         r(1, h, 110, 24), r(1, h, 110, 24), r(1, h, 110, 24), window=9, hw=(10, 11))
     yield "attention window 10x9", lambda: sgattn.attention_with_importance(
