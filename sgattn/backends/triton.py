@@ -83,11 +83,12 @@ class TritonBackend(Backend):
         quad = [t for t in tensors if t.dim() == 4]
         for i in range(0, len(quad) - 2, 3):  # (q, k, v) triples
             q, k, v = quad[i:i + 3]
-            plan = A.plan_for(q.dtype, q.shape[-1], v.shape[-1])
             B, h, N, M = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
             win = int(window) if (window and k.shape[2] == N and i == len(quad) - 3) else 0
             hw = options.get("hw")
-            programs = A.grid_programs(plan, B, h, N, M, win, tuple(hw) if (win and hw) else None)
+            bd = A.head_block(q.shape[-1], v.shape[-1])
+            programs = max(A.grid_programs(A.PLANS[(kind, bd)], B, h, N, M, win, tuple(hw) if (win and hw) else None)
+                           for kind in A.kinds_of(q.dtype))
             if programs > GRID_MAX:
                 return f"{programs} programs in one launch exceed the grid limit 2**31-1 (B*h*tiles)"
         if first.device.type == "cuda":

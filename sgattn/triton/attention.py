@@ -67,6 +67,22 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _dot_d(a, bt, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """a [X, BLOCK_D] times bt [BLOCK_D, Y]: the dots that reduce over the head
+    dim. An exact fp32 (FMA) dot holds a whole reduction row per thread, which
+    does not fit registers for BLOCK_D = 128: do it as two 64-wide halves."""
+    if PREC == "ieee" and a.shape[1] > 64:
+        X: tl.constexpr = a.shape[0]
+        HD: tl.constexpr = a.shape[1] // 2
+        Y: tl.constexpr = bt.shape[1]
+        a0, a1 = tl.split(tl.permute(tl.reshape(a, [X, 2, HD]), [0, 2, 1]))
+        b0, b1 = tl.split(tl.permute(tl.reshape(bt, [2, HD, Y]), [1, 2, 0]))
+        return _dot(a0, b0, UPCAST, PREC) + _dot(a1, b1, UPCAST, PREC)
+    else:
+        return _dot(a, bt, UPCAST, PREC)
+
+
+@triton.jit
 def _ds_dot(ds, b, UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT_DS: tl.constexpr):
     """ds [X, Y] fp32 times b [Y, Z] (fp16/bf16/fp32), fp32 result.
 
@@ -117,7 +133,7 @@ def _attn_fwd(Q, K, V, O, LSE, PART,
         cols = offs_n.to(tl.int64)
         kt = tl.load(k_base + cols[None, :] * skn + offs_d[:, None],
                      mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        s = _dot(q, kt, UPCAST, PREC) * scale_log2
+        s = _dot_d(q, kt, UPCAST, PREC) * scale_log2
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_i = tl.max(s, 1)
         p = tl.math.exp2(s - m_i[:, None])
@@ -139,7 +155,7 @@ def _attn_fwd(Q, K, V, O, LSE, PART,
             cols = offs_n.to(tl.int64)
             kt = tl.load(k_base + cols[None, :] * skn + offs_d[:, None],
                          mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-            s = _dot(q, kt, UPCAST, PREC) * scale_log2
+            s = _dot_d(q, kt, UPCAST, PREC) * scale_log2
             s = tl.where(col_ok[None, :], s, float("-inf"))
             # Every tile holds at least one real key, so m_new is finite.
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -193,10 +209,10 @@ def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ,
                         mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :],
                         mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+            s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
             p = tl.math.exp2(s - lse[:, None])
             p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-            delta += tl.sum(p * _dot(do, tl.trans(v), UPCAST, PREC), 1)
+            delta += tl.sum(p * _dot_d(do, tl.trans(v), UPCAST, PREC), 1)
     else:
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh * N + offs_m, delta, mask=row_ok)
@@ -209,10 +225,10 @@ def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ,
                     mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :],
                     mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+        s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST, PREC)
+        dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
         ds = p * (dp - delta[:, None])
         dq += _ds_dot(ds, k, UPCAST, PREC, SPLIT_DS)
     tl.store(DQ + bh * N * D + rows[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
@@ -252,7 +268,7 @@ def _attn_key_major(Q, K, V, DO, LSE, DELTA, DK, DVp, PART,
         q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :],
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+        s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
         if NEED_IMP:
@@ -262,7 +278,7 @@ def _attn_key_major(Q, K, V, DO, LSE, DELTA, DK, DVp, PART,
                          mask=row_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
             delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PREC)
-            dp = _dot(do, tl.trans(v), UPCAST, PREC)
+            dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
             ds = p * (dp - delta[:, None])
             dk += _ds_dot(tl.trans(ds), q, UPCAST, PREC, SPLIT_DS)
     if NEED_IMP:
@@ -337,7 +353,7 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
                         mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
             v = tl.load(v_base + tok_c[:, None] * svn + offs_d[None, :],
                         mask=real_c[:, None] & (offs_d[None, :] < DV), other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+            s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
             s = tl.where(real_c[None, :], s, float("-inf"))
             # Each window holds at least one real token, so every row has a finite max.
             m = tl.max(s, 1)
@@ -358,7 +374,7 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
                 tok_c, real_c = _window_tokens(c0 + tl.arange(0, BLOCK_C), wy, wx, GH, GW, WIN)
                 k = tl.load(k_base + tok_c[:, None] * skn + offs_d[None, :],
                             mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
-                s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+                s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
                 s = tl.where(real_c[None, :], s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))
                 l = l * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
@@ -371,7 +387,7 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
                             mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
                 v = tl.load(v_base + tok_c[:, None] * svn + offs_d[None, :],
                             mask=real_c[:, None] & (offs_d[None, :] < DV), other=0.0)
-                s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+                s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
                 p = tl.math.exp2(s - m[:, None]) / l[:, None]
                 p = tl.where(real_s[:, None] & real_c[None, :], p, 0.0)
                 acc += _dot(p.to(v.dtype), v, UPCAST, PREC)
@@ -387,10 +403,10 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
         v = tl.load(v_base + tok_s[:, None] * svn + offs_d[None, :], mask=dvmask_s, other=0.0)
         do = tl.load(do_base + tok_s[:, None] * sdn + offs_d[None, :], mask=dvmask_s, other=0.0)
         lse = tl.load(lse_base + tok_s, mask=real_s, other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+        s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(real_s[:, None] & real_s[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST, PREC)
+        dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
         delta = tl.sum(p * dp, 1)  # in fp32 from P and dP (see _attn_bwd_q)
         ds = p * (dp - delta[:, None])
         dq = _ds_dot(ds, k, UPCAST, PREC, SPLIT_DS) * scale
@@ -412,10 +428,10 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
                             mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
                 v = tl.load(v_base + tok_c[:, None] * svn + offs_d[None, :],
                             mask=real_c[:, None] & (offs_d[None, :] < DV), other=0.0)
-                s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+                s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
                 p = tl.math.exp2(s - lse[:, None])
                 p = tl.where(real_s[:, None] & real_c[None, :], p, 0.0)
-                delta += tl.sum(p * _dot(do, tl.trans(v), UPCAST, PREC), 1)
+                delta += tl.sum(p * _dot_d(do, tl.trans(v), UPCAST, PREC), 1)
             tl.store(PART + bh * N + tok_s, delta, mask=real_s)
         else:
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -426,10 +442,10 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
                         mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
             v = tl.load(v_base + tok_c[:, None] * svn + offs_d[None, :],
                         mask=real_c[:, None] & (offs_d[None, :] < DV), other=0.0)
-            s = _dot(q, tl.trans(k), UPCAST, PREC) * scale_log2
+            s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
             p = tl.math.exp2(s - lse[:, None])
             p = tl.where(real_s[:, None] & real_c[None, :], p, 0.0)
-            dp = _dot(do, tl.trans(v), UPCAST, PREC)
+            dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
             ds = p * (dp - delta[:, None])
             dq += _ds_dot(ds, k, UPCAST, PREC, SPLIT_DS)
         tl.store(dq_base + tok_s[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
@@ -452,11 +468,11 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
                 delta = tl.load(PART + bh * N + tok_q, mask=real_q, other=0.0)
             else:
                 delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            s = _dot(q, tl.trans(ks), UPCAST, PREC) * scale_log2
+            s = _dot_d(q, tl.trans(ks), UPCAST, PREC) * scale_log2
             p = tl.math.exp2(s - lse[:, None])
             p = tl.where(real_q[:, None] & real_s[None, :], p, 0.0)
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PREC)
-            dp = _dot(do, tl.trans(vs), UPCAST, PREC)
+            dp = _dot_d(do, tl.trans(vs), UPCAST, PREC)
             ds = p * (dp - delta[:, None])
             dk += _ds_dot(tl.trans(ds), q, UPCAST, PREC, SPLIT_DS)
         tl.store(dk_base + tok_s[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -508,7 +524,10 @@ def _make_plan(kind, bd):
     # ieee: fp32 FMA dots keep both operands in registers: small tiles
     if bd <= 32:
         return Plan(kind, bd, 32, 32, 64, 32, 32, 32, 0)
-    return Plan(kind, bd, 16, 32, 64, 16, 16, 16, 0)
+    if bd <= 64:
+        return Plan(kind, bd, 16, 32, 64, 16, 16, 16, 0)
+    # d > 64: no single-tile rows (importance from the key-major pass), 8 warps
+    return Plan(kind, bd, 16, 32, 0, 16, 16, 16, 0, warps=8)
 
 
 PLANS = {(kind, bd): _make_plan(kind, bd) for kind in KINDS for bd in HEAD_BLOCKS}
@@ -545,6 +564,14 @@ def window_block(window: int) -> int:
 
 def plan_for(dtype, d: int, dv: int) -> Plan:
     return PLANS[(kind_of(dtype), head_block(d, dv))]
+
+
+def kinds_of(dtype):
+    """Every kind a dtype may run as (fp32: tf32 or ieee, by torch's setting at
+    call time). Used where the setting must not be read (under torch.compile's
+    tracing of dispatch, a graph break): the worst case over them."""
+    import torch
+    return ("tf32", "ieee") if dtype == torch.float32 else (kind_of(dtype),)
 
 
 def _flags(kind):
@@ -752,7 +779,7 @@ def shared_bytes_needed(dtypes, head_dims) -> int:
     need = SHARED_BYTES_AGGREGATE
     dims = [int(d) for d in head_dims] or [HEAD_BLOCKS[0]]
     for dt in set(dtypes):
-        kind = kind_of(dt)
-        for d in dims:
-            need = max(need, SHARED_BYTES[(kind, head_block(d, d))])
+        for kind in kinds_of(dt):
+            for d in dims:
+                need = max(need, SHARED_BYTES[(kind, head_block(d, d))])
     return need
