@@ -8,7 +8,12 @@
 
 An extension that was only auto-detected and fails to build is skipped with a
 warning, so the install still succeeds as pure Python; ``sgattn.available_backends()``
-then says how to build it.
+then says how to build it. A build without native extensions prints a banner
+saying so (pip shows it with ``-v``).
+
+Extras: ``[timm]`` (timm registration, safetensors), ``[viz]`` (pictures and
+the demo: matplotlib, Pillow, scikit-learn), ``[bench]`` (pytest-benchmark,
+matplotlib), ``[triton]``, ``[test]``, ``[all]``.
 """
 import os
 import shutil
@@ -33,6 +38,15 @@ def _warn(msg):
     print(f"sgattn setup: {msg}", file=sys.stderr)
 
 
+def _loud(reason):
+    bar = "=" * 78
+    _warn(f"\n{bar}\nsgattn: building WITHOUT native extensions: {reason}.\n"
+          "The pure-Python reference backend (and Triton on a GPU) will be used; the CPU extension\n"
+          "(OpenMP kernels) and the CUDA extension are NOT built. To build them against your torch:\n"
+          "    pip install torch ninja && pip install --no-build-isolation .\n"
+          f"`sgattn info` lists the backends and why any is missing.\n{bar}")
+
+
 def _have_cxx():
     cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
     return shutil.which(cxx.split()[0]) is not None
@@ -54,6 +68,7 @@ def _write_op_header(out_dir):
 def _extensions():
     want_cpu, want_cuda = _flag("SGATTN_BUILD_CPU"), _flag("SGATTN_BUILD_CUDA")
     if want_cpu is False and want_cuda is not True:
+        _loud("SGATTN_BUILD_CPU=0")
         return [], {}, set()
     if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
         # torch would otherwise guess CUDA_HOME from nvcc on PATH (e.g. /usr/local), missing the headers.
@@ -64,12 +79,13 @@ def _extensions():
     except Exception as exc:  # no torch at build time: pure Python install
         if want_cpu or want_cuda:
             raise RuntimeError(f"SGATTN_BUILD_CPU/CUDA=1 but torch cannot be imported: {exc}")
-        _warn(f"torch not importable ({exc}); installing without native extensions")
+        _loud(f"torch is not importable at build time ({type(exc).__name__}: {exc}); an isolated build "
+              "(plain `pip install .`) never sees your torch")
         return [], {}, set()
     if not _have_cxx():
         if want_cpu or want_cuda:
             raise RuntimeError("SGATTN_BUILD_CPU/CUDA=1 but no C++ compiler was found")
-        _warn("no C++ compiler found; installing without native extensions")
+        _loud("no C++ compiler found")
         return [], {}, set()
 
     gen = os.path.join(HERE, "build", "sgattn_generated")
@@ -122,14 +138,25 @@ def _extensions():
 
 ext_modules, cmdclass, _ = _extensions()
 
+EXTRAS = {
+    "timm": ["timm>=1.0", "safetensors"],
+    "viz": ["matplotlib", "pillow", "scikit-learn"],
+    "bench": ["pytest", "pytest-benchmark", "matplotlib"],
+    "triton": ["triton>=3.0"],
+    "test": ["pytest", "pytest-benchmark"],
+}
+EXTRAS["all"] = sorted({r for reqs in EXTRAS.values() for r in reqs})
+
 setup(
     name="sgattn",
     version="0.1.0",
     description="Kernel-accelerated SG-Former attention (hybrid-scale and self-guided) for PyTorch",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["sgattn", "sgattn.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "pytest-benchmark"]},
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["sgattn=sgattn.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

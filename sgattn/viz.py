@@ -73,11 +73,12 @@ def group_sizes(importance: torch.Tensor, sr_ratio: int) -> torch.Tensor:
     return out.reshape(B, H, W)
 
 
-def importance_maps(model: torch.nn.Module, images, size: int = 224) -> List[BlockImportance]:
+def importance_maps(model: torch.nn.Module, images, size: Optional[int] = None) -> List[BlockImportance]:
     """Run ``model`` (an SG-Former) once and return the importance map of every
     hybrid-scale block, in order, with the reallocation of the self-guided
     block that consumes it. ``images`` is a normalised float tensor
-    [B, 3, H, W] or a uint8 image [H, W, 3] (see ``to_tensor``)."""
+    [B, 3, H, W] or a uint8 image [H, W, 3] (see ``to_tensor``; ``size``
+    resizes it so that its shorter side is ``size``)."""
     if not isinstance(images, torch.Tensor) or images.dtype == torch.uint8:
         images = to_tensor(images, size)
     param = next(model.parameters())
@@ -144,7 +145,7 @@ def to_tensor(image: np.ndarray, size: Optional[int] = None) -> torch.Tensor:
     """uint8 [H, W, 3] -> ImageNet-normalised float32 [1, 3, H, W]."""
     if size is not None and min(image.shape[:2]) != size:
         image = load_image(image, size)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return ((x - mean) / std)[None]
