@@ -24,10 +24,14 @@ registers, uses a stack frame in fp16/bf16, needs more shared memory than
 sm_80 (163 KiB opt-in) / sm_90 (227 KiB opt-in) allow, or more than the
 ``attention.SHARED_BYTES`` table that ``unsupported()`` relies on.
 
-Run as ``python -m sgattn.triton.compile_check [-j JOBS] [--only SUBSTR] 80 90``
+Run as ``python -m sgattn.triton.compile_check [-j JOBS] [--only REGEX] 80 90``
 with TRITON_INTERPRET unset (under the interpreter the kernels are not JIT
 functions). Prints a table: config, registers, spill bytes, stack bytes,
-shared bytes, seconds.
+shared bytes, seconds. A full run is ~1000 compilations (~5 s each on one
+core): set SGATTN_COMPILE_CHECK_CACHE to a directory to keep each result
+under a key of everything the binary depends on (Triton version, target,
+kernel source hash, signature, constexprs, attributes, options), so that
+later runs only compile what changed.
 """
 from __future__ import annotations
 
@@ -247,11 +251,36 @@ def verdict(res):
     return why
 
 
+def _result_key(spec, arch):
+    """Everything the compiled binary depends on: Triton version, target, the
+    kernel's source hash (with its callees), signature, constexprs, attributes, options."""
+    import hashlib
+    import triton
+    src, options = _bind(spec, arch)
+    text = repr((triton.__version__, arch, spec[0].cache_key, sorted(src.signature.items()),
+                 sorted(((str(k), repr(v)) for k, v in src.constants.items())),
+                 sorted(((str(k), repr(v)) for k, v in src.attrs.items())), sorted(options.__dict__.items(), key=str)))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _work(item):
     label, arch, index = item
     spec = _UNIQUE[index][1]
+    cache = os.environ.get("SGATTN_COMPILE_CHECK_CACHE")
     try:
-        return compile_one(label, spec, arch)
+        if cache:
+            import json
+            path = os.path.join(cache, _result_key(spec, arch) + ".json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    return dict(json.load(f), label=label, cached=True)
+        res = compile_one(label, spec, arch)
+        if cache:
+            os.makedirs(cache, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(res, f)
+            os.replace(path + ".tmp", path)
+        return res
     except Exception as exc:  # report every failing configuration, not only the first
         return {"label": label, "arch": arch, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
 
