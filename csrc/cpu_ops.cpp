@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "sgattn_common.h"
@@ -287,7 +288,7 @@ void check_attention_args(const char* op, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(N > 0 && M > 0 && d > 0 && dv > 0, op,
               ": N, M, d and dv must be positive (a softmax over no keys or of no queries is undefined), got N=", N,
               ", M=", M, ", d=", d, ", dv=", dv);
-  TORCH_CHECK(std::isfinite(scale) && std::isfinite(static_cast<float>(scale)), op,
+  TORCH_CHECK(std::isfinite(scale) && std::fabs(scale) <= std::numeric_limits<float>::max(), op,
               ": scale must be finite in float32, got ", scale);
   TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: global attention), got ", window);
   if (window == 0) {
