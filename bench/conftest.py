@@ -1,13 +1,15 @@
 """pytest-benchmark plumbing for the sgattn suites.
 
-    pytest bench/ --benchmark-only        # time everything, write bench/results/<device>-<date>.*
+    pytest bench/ --benchmark-only        # time everything, write <out>/<device>-<date>.*
     pytest bench/ --benchmark-disable     # smoke: every case runs once, nothing is written
 
 Environment: SGATTN_BENCH_SHAPES=smoke|cpu|full (default: full on a GPU, cpu
 otherwise; smoke whenever --benchmark-disable is given and none is set),
 SGATTN_BENCH_DEVICE=cpu|cuda, SGATTN_BENCH_BUDGET_S (skip cases that would
-start after this many seconds), SGATTN_BENCH_OUT (results folder),
+start after this many seconds), SGATTN_BENCH_OUT (results folder; default
+./sgattn-bench-results; existing result files are never overwritten),
 SGATTN_BENCH_ROUNDS (force the number of timed rounds, e.g. 1 for huge CPU cases).
+Each finished case prints a progress line (time so far, case, median).
 Each case is recorded (median, peak memory, FLOPs, bytes) and appended to
 ``<out>/records.jsonl`` as it finishes, so a run cut short keeps what it
 measured (``python bench/report.py <out>/records.jsonl`` rebuilds the tables).
@@ -25,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cases  # noqa: E402
 import report  # noqa: E402
 
-STATE = {"start": time.time(), "records": [], "peaks": None, "device": None, "disabled": False}
+STATE = {"start": time.time(), "records": [], "peaks": None, "device": None, "disabled": False, "config": None}
 
 
 def pytest_configure(config):
+    STATE["config"] = config
     disabled = bool(config.getoption("benchmark_disable", False))
     STATE["disabled"] = disabled
     if disabled and not os.environ.get("SGATTN_BENCH_SHAPES"):
@@ -84,6 +87,25 @@ def _write_line(item):
 def _save(rec):
     STATE["records"].append(rec)
     _write_line(rec)
+    _progress(rec)
+
+
+def _progress(rec):
+    """One line per finished case, shown live (pytest captures prints in tests)."""
+    config = STATE["config"]
+    tr = config.pluginmanager.get_plugin("terminalreporter") if config else None
+    if tr is None or STATE["disabled"]:
+        return
+    what = (f"median {1e3 * rec['median_s']:.2f} ms ({rec['rounds']} rounds)" if rec.get("median_s")
+            else f"skipped: {str(rec.get('skipped'))[:80]}")
+    line = (f"[{time.time() - STATE['start']:7.0f} s, {len(STATE['records'])} done] {rec['suite']} "
+            f"{rec['case']} {rec['mode']} {rec['impl']}: {what}")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            tr.write_line(line)
+    else:
+        tr.write_line(line)
 
 
 class Runner:

@@ -234,6 +234,19 @@ def importance_stats(mask) -> dict:
             "entropy": ent.mean().item(), "entropy_over_log_n": (ent / math.log(n)).mean().item(), "tokens": n}
 
 
+def ratio_line(rec: dict, naive_rec: dict) -> str:
+    """'<impl> vs naive: R x (range lo-hi x)', with a warning when the runs
+    spread more than SPREAD_LIMIT (max/min) or the range includes 1."""
+    spread = max(rec["max_s"] / rec["min_s"], naive_rec["max_s"] / naive_rec["min_s"])
+    lo, hi = naive_rec["min_s"] / rec["max_s"], naive_rec["max_s"] / rec["min_s"]
+    line = f"{rec['impl']} vs naive: {naive_rec['median_s'] / rec['median_s']:.2f}x (range {lo:.2f}-{hi:.2f}x)"
+    if spread > SPREAD_LIMIT or lo <= 1.0 <= hi:
+        line += (f"  WARNING: run times spread up to {spread:.2f}x (max/min)"
+                 + (" and the range includes 1.0" if lo <= 1.0 <= hi else "")
+                 + ": this ratio is not meaningful on this (busy?) machine; rerun without --quick")
+    return line
+
+
 def cmd_bench(args) -> int:
     import sgattn
     from sgattn import naive
@@ -296,16 +309,8 @@ def cmd_bench(args) -> int:
     print(report.markdown_table(records))
     naive_rec = next((r for r in records if r["impl"] == "naive" and r.get("median_s")), None)
     for r in records:
-        if naive_rec is None or r is naive_rec or not r.get("median_s"):
-            continue
-        spread = max(r["max_s"] / r["min_s"], naive_rec["max_s"] / naive_rec["min_s"])
-        lo, hi = naive_rec["min_s"] / r["max_s"], naive_rec["max_s"] / r["min_s"]
-        line = f"{r['impl']} vs naive: {naive_rec['median_s'] / r['median_s']:.2f}x (range {lo:.2f}-{hi:.2f}x)"
-        if spread > SPREAD_LIMIT or lo <= 1.0 <= hi:
-            line += (f"  WARNING: run times spread up to {spread:.2f}x (max/min)"
-                     + (" and the range includes 1.0" if lo <= 1.0 <= hi else "")
-                     + ": this ratio is not meaningful on this (busy?) machine; rerun without --quick")
-        print(line)
+        if naive_rec is not None and r is not naive_rec and r.get("median_s"):
+            print(ratio_line(r, naive_rec))
     if "mask" in captured:
         s = importance_stats(captured["mask"])
         print(f"\nimportance map of block1[0] (hybrid-scale, {s['tokens']} tokens, sgattn model): "

@@ -23,14 +23,33 @@ def test_info():
     assert "torch" in r.stdout and "backends" in r.stdout
 
 
-def test_check_reference_passes():
+def test_version_and_bare_command():
+    import sgattn as pkg
+    r = sgattn("--version")
+    assert r.returncode == 0 and f"sgattn {pkg.__version__}" in r.stdout
+    r = sgattn()
+    assert r.returncode == 0 and "usage: sgattn" in r.stdout
+    for cmd in ("info", "check", "bench", "viz", "demo"):
+        assert cmd in r.stdout
+
+
+def test_check_reference_against_float64_in_every_dtype():
     r = sgattn("check", "--backend", "reference")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 failures" in r.stdout
+    assert "dtypes float32, bfloat16, float16" in r.stdout
+    assert all(f"reference  {dt}" in r.stdout for dt in ("float32 ", "bfloat16", "float16 "))
 
 
 def test_check_every_available_backend():
     r = sgattn("check")
+    import sgattn as pkg
+    kernels = [n for n, why in pkg.available_backends().items() if why is None and n not in ("reference", "triton")]
+    if not kernels:
+        assert r.returncode == 1 and "no kernel backend" in r.stdout
+        return
+    # the reference is the oracle, not a candidate; every dtype is checked, on the CPU too
+    assert "reference  float32" not in r.stdout and "bfloat16" in r.stdout and "float16" in r.stdout
     summary = r.stdout.strip().splitlines()[-1]
     assert "checks" in summary, r.stdout + r.stderr
     # exit status and summary agree; a failure names the backend, op and error
@@ -45,8 +64,35 @@ def test_check_rejects_unknown_backend():
 
 
 def test_bench_quick(tmp_path):
-    r = sgattn("bench", "--quick", "--device", "cpu", "--save", str(tmp_path), timeout=600)
+    r = sgattn("bench", "--quick", "--device", "cpu", "--size", "128", "--save", str(tmp_path), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| naive |" in r.stdout and "sgattn:reference" in r.stdout
+    assert "naive = sgattn.naive" in r.stdout  # says what naive is
+    assert "min" in r.stdout and "median" in r.stdout and "max" in r.stdout
+    assert "vs naive:" in r.stdout and "range" in r.stdout
     assert "importance map of block1[0]" in r.stdout and "entropy" in r.stdout
-    assert list(tmp_path.glob("*.json")) and list(tmp_path.glob("*.md"))
+    first = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.endswith(".json") for n in first) and any(n.endswith(".md") for n in first)
+    # a second run the same day writes new files, never over the first run's
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    r = sgattn("bench", "--quick", "--device", "cpu", "--size", "64", "--save", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert all((tmp_path / n).read_bytes() == b for n, b in before.items())
+    assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_bench_ratio_warns_when_the_spread_makes_it_meaningless():
+    from sgattn.cli import ratio_line
+    naive = {"impl": "naive", "min_s": 1.00, "median_s": 1.02, "max_s": 1.05}
+    steady = {"impl": "sgattn:cpu", "min_s": 0.50, "median_s": 0.51, "max_s": 0.52}
+    noisy = {"impl": "sgattn:cpu", "min_s": 0.50, "median_s": 0.9, "max_s": 1.30}
+    assert "2.00x" in ratio_line(steady, naive) and "WARNING" not in ratio_line(steady, naive)
+    line = ratio_line(noisy, naive)
+    assert "WARNING" in line and "range includes 1.0" in line
+
+
+def test_bench_runs_from_an_installed_package_without_the_checkout(tmp_path):
+    # sgattn bench no longer needs bench/report.py: the reporting module is part of the package
+    from sgattn import _report
+    assert Path(_report.__file__).parent.name == "sgattn"
+    assert not Path(_report.RESULTS_DIR).is_absolute()  # defaults to the working directory, not bench/results
