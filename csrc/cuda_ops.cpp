@@ -182,7 +182,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
   auto lse = at::empty({B, h, N}, fopts);
   auto out32 = at::empty({B, h, N, d}, fopts);
   auto delta = at::empty({B, h, N}, fopts);
+  auto m2 = at::empty({B, h, N}, fopts);
+  auto linv = at::empty({B, h, N}, fopts);
   p.lse = lse.data_ptr<float>();
+  p.m2 = m2.data_ptr<float>();
+  p.linv = linv.data_ptr<float>();
   sgattn::AttnBwdArgs g{};
   g.dout = dout.const_data_ptr();
   strides_of(dout, g.do_stride);

@@ -224,7 +224,10 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
     } else {
       for (int c = lane; c < d; c += 32) out[int64_t(qt) * d + c] = from_f<T>(O[r * LDO + c] * inv);
     }
-    if (lane == 0) p.lse[int64_t(bh) * p.N + qt] = (Mrow[r] + log2f(l)) * 0.6931471805599453f;
+    if (lane == 0) {
+      p.lse[int64_t(bh) * p.N + qt] = (Mrow[r] + log2f(l)) * 0.6931471805599453f;
+      if (p.m2 != nullptr) { p.m2[int64_t(bh) * p.N + qt] = Mrow[r]; p.linv[int64_t(bh) * p.N + qt] = inv; }
+    }
   }
 }
 

@@ -1,12 +1,14 @@
 // Fused attention backward (dQ, dK, dV) for global and window attention, any
 // key count, fp16/bf16 on tensor cores (WMMA, fp32 accumulation) and fp32 SIMT.
 // The op's schema hands over dO, q, k, v only, so the backward first reruns
-// the forward kernel (fp32 output and row log-sum-exp into scratch), then:
+// the forward kernel (fp32 output, row max m and 1/l of the base-2 softmax
+// into scratch; P = exp2(s - m) / l keeps P as accurate as a recomputed
+// softmax, unlike exp(s - lse), whose rounding grows with |lse|), then:
 //   delta kernel: D = rowsum(dO * O) per query (fp32);
 //   dK/dV kernel (key-major): one block owns 16 * kv_warps keys of one
 //     (batch, head, segment) and loops over that segment's queries (or one
 //     query split of them: long global rows) in chunks of 32:
-//     P^T = exp(K Q^T * scale - lse), dP^T = V dO^T,
+//     P^T = exp2(K Q^T * scale * log2(e) - m) / l, dP^T = V dO^T,
 //     dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q * scale;
 //     with several splits, fp32 partials are summed in split order by a
 //     small reduction kernel;
@@ -150,7 +152,8 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
   float* dPt = detail::carve<float>(at, size_t(KTb) * LDQ * 4);  // dP^T, then dS^T
   float* dKa = detail::carve<float>(at, size_t(KTb) * LDO * 4);
   float* dVa = detail::carve<float>(at, size_t(KTb) * LDO * 4);
-  float* L2 = detail::carve<float>(at, size_t(QC) * 4);
+  float* L2 = detail::carve<float>(at, size_t(QC) * 4);  // row max m (+inf: masked query)
+  float* Li = detail::carve<float>(at, size_t(QC) * 4);  // 1 / l
   float* Dq = detail::carve<float>(at, size_t(QC) * 4);
 
   auto ktok = [&](int j) { return seg.key(k0 + j); };
@@ -159,7 +162,8 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
   for (int i = threadIdx.x; i < KTb * LDO; i += blockDim.x) { dKa[i] = 0.0f; dVa[i] = 0.0f; }
 
   const float sl2 = p.scale * 1.4426950408889634f;
-  const float* lse = p.lse + int64_t(bh) * p.N;
+  const float* m2 = p.m2 + int64_t(bh) * p.N;
+  const float* linv = p.linv + int64_t(bh) * p.N;
   const float* delta = g.delta + int64_t(bh) * p.N;
   const int qbeg = split * int(plan.kv_split_queries), qend = min(seg.nq, qbeg + int(plan.kv_split_queries));
   for (int c0 = qbeg; c0 < qend; c0 += QC) {
@@ -169,7 +173,8 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
     detail::load_tile<T, DP>(dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QC, d, qtok);
     for (int r = threadIdx.x; r < QC; r += blockDim.x) {
       const int t = qtok(r);
-      L2[r] = t >= 0 ? lse[t] * 1.4426950408889634f : INFINITY;  // masked queries: P = 0
+      L2[r] = t >= 0 ? m2[t] : INFINITY;  // masked queries: P = 0
+      Li[r] = t >= 0 ? linv[t] : 0.0f;
       Dq[r] = t >= 0 ? delta[t] : 0.0f;
     }
     __syncthreads();
@@ -181,7 +186,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
 #pragma unroll
       for (int t = 0; t < QC / 32; ++t) {
         const int r = lane + 32 * t;
-        pv[t] = exp2f(St[j * LDQ + r] * sl2 - L2[r]);
+        pv[t] = exp2f(St[j * LDQ + r] * sl2 - L2[r]) * Li[r];
         ds[t] = pv[t] * (dPt[j * LDQ + r] - Dq[r]);
       }
       __syncwarp();
@@ -256,16 +261,19 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
   float* dP = detail::carve<float>(at, size_t(QTb) * LDS * 4);
   float* dQa = detail::carve<float>(at, size_t(QTb) * LDO * 4);
   float* L2 = detail::carve<float>(at, size_t(QTb) * 4);
+  float* Li = detail::carve<float>(at, size_t(QTb) * 4);
   float* Dr = detail::carve<float>(at, size_t(QTb) * 4);
 
   auto qtok = [&](int r) { return seg.query(q0 + r); };
   detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QTb, d, qtok);
   detail::load_tile<T, DP>(dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QTb, d, qtok);
-  const float* lse = p.lse + int64_t(bh) * p.N;
+  const float* m2 = p.m2 + int64_t(bh) * p.N;
+  const float* linv = p.linv + int64_t(bh) * p.N;
   const float* delta = g.delta + int64_t(bh) * p.N;
   for (int r = threadIdx.x; r < QTb; r += blockDim.x) {
     const int t = qtok(r);
-    L2[r] = t >= 0 ? lse[t] * 1.4426950408889634f : INFINITY;
+    L2[r] = t >= 0 ? m2[t] : INFINITY;
+    Li[r] = t >= 0 ? linv[t] : 0.0f;
     Dr[r] = t >= 0 ? delta[t] : 0.0f;
   }
   for (int i = threadIdx.x; i < QTb * LDO; i += blockDim.x) dQa[i] = 0.0f;
@@ -290,7 +298,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
 #pragma unroll
       for (int t = 0; t < KT / 32; ++t) {
         const int j = lane + 32 * t;
-        const float pv = valid[t] ? exp2f(S[r * LDS + j] * sl2 - L2[r]) : 0.0f;
+        const float pv = valid[t] ? exp2f(S[r * LDS + j] * sl2 - L2[r]) * Li[r] : 0.0f;
         ds[t] = pv * (dP[r * LDS + j] - Dr[r]);
       }
       __syncwarp();
@@ -309,7 +317,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
 }
 
 // Backward: forward rerun (fp32 O and lse into scratch), delta, dK/dV, dQ.
-// p.lse and g.out32 / g.delta are scratch; p.out is unused.
+// p.lse, p.m2, p.linv and g.out32 / g.delta are scratch; p.out is unused.
 template <typename T, int DP>
 cudaError_t attention_backward_launch(AttnParams p, const AttnPlan& plan, const AttnBwdArgs& g, cudaStream_t stream) {
   static int fwd_set[64] = {}, kv_set[64] = {}, dq_set[64] = {};
