@@ -28,9 +28,9 @@ def _env(tmp_path):
 
 
 def test_specialisation_is_tritons(tmp_path):
-    """The compile check binds arguments with Triton's launcher code: a unit
-    last-dim stride is gone (the kernels take none), row strides divisible by
-    16 carry the divisibility attribute, others do not, and loop bounds are
+    """The compile check binds arguments with Triton's launcher code: there is
+    no last-dim stride (the kernels take none), strides and head dims divisible
+    by 16 carry the divisibility attribute, others do not, and loop bounds are
     not specialised."""
     code = r"""
 import torch
@@ -43,8 +43,11 @@ for d, expect in ((32, True), (24, False)):
     src, _ = C._bind(spec, 90)
     names = list(src.signature)
     attrs = {names[p[0]]: a for p, a in src.attrs.items()}
-    assert ("sqn" in attrs) == expect, (d, attrs)
-    assert "N" not in attrs and "M" not in attrs, attrs
+    # head stride (= d) and D itself: divisible by 16 for d = 32, not for 24
+    assert bool(attrs["sqh"]) == expect and bool(attrs["D"]) == expect, (d, attrs)
+    assert attrs["sqn"] and attrs["Q"], attrs  # h*d = 64 / 48 and an aligned pointer
+    assert "sqd" not in src.signature  # no last-dim stride: the kernels take it as 1
+    assert "N" not in attrs and "M" not in attrs and "H" not in attrs, attrs  # not specialised
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True)
