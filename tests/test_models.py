@@ -157,3 +157,30 @@ def test_sgformer_s_runs_at_high_resolution_on_cpu_within_a_few_gb():
     assert result.returncode == 0, result.stderr
     peak_gib = int(result.stdout.split()[-1]) / 2 ** 20  # ru_maxrss is in KiB on Linux
     assert peak_gib < 3.0, f"peak resident memory {peak_gib:.2f} GiB"
+
+
+def test_import_sgattn_exposes_models_without_importing_timm():
+    code = "import sys, sgattn; m = sgattn.models.sgformer_s; print('timm' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"  # timm (seconds to import) is registered lazily, on its own import
+
+
+def test_forward_features_is_unpooled_and_head_pools():
+    model = sgformer_s(num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (1, 512, 2, 2)
+        torch.testing.assert_close(model(x), model.head(feats.mean(dim=(2, 3))))
+    assert model.feature_info[2] == dict(num_chs=256, reduction=16, module="norm3")
+
+
+def test_checkpoint_path_keeps_everything_but_a_resized_classifier(tmp_path):
+    source = sgformer_s()
+    torch.save({"state_dict_ema": source.state_dict()}, tmp_path / "w.pth")
+    model = sgformer_s(num_classes=10, checkpoint_path=str(tmp_path / "w.pth"))
+    assert torch.equal(model.block2[1].attn.f2.weight, source.block2[1].attn.f2.weight)
+    assert model.head.weight.shape == (10, 512)
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        sgformer_s(pretrained=True)
