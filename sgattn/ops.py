@@ -129,6 +129,13 @@ def _check_attention(op, q, k, v, window, hw):
         _check_hw(op, hw, N)
 
 
+def _clip_window(window, hw):
+    """A window larger than the grid covers it whole in that direction, the
+    same windows as one of size max(H, W): backends never see a window (and
+    its w*w scratch) beyond the grid."""
+    return None if window is None else min(window, max(hw))
+
+
 def attention_with_importance(q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0):
     """Attention output and the importance (mean received probability) of every key.
 
@@ -152,7 +159,8 @@ def attention_with_importance(q, k, v, *, scale=None, window=None, hw=None, drop
         with _without_autocast(q.device.type):
             return attention_with_importance(*_cast(dtype, (q, k, v)), scale=scale, window=window, hw=hw,
                                              dropout_p=dropout_p)
-    backend = select(op, (q, k, v), window=window, dropout_p=dropout_p)
+    window = _clip_window(window, hw)
+    backend = select(op, (q, k, v), window=window, hw=hw, dropout_p=dropout_p)
     return backend.attention(q, k, v, scale=scale, window=window, hw=hw, dropout_p=dropout_p)
 
 
@@ -196,7 +204,8 @@ def hybrid_scale_attention(q_global, k_global, v_global, q_local, k_local, v_loc
         with _without_autocast(q_global.device.type):
             return hybrid_scale_attention(*_cast(dtype, tensors), hw=hw, reduced_hw=reduced_hw, window=window,
                                           scale=scale, dropout_p=dropout_p)
-    backend = select(op, tensors, window=window, dropout_p=dropout_p)
+    window = _clip_window(window, hw)
+    backend = select(op, tensors, window=window, hw=tuple(hw), dropout_p=dropout_p)
     return backend.hybrid_scale_attention(
         *tensors, hw=tuple(hw), reduced_hw=tuple(reduced_hw), window=window, scale=scale, dropout_p=dropout_p)
 

@@ -2,8 +2,9 @@
 does (inputs cast to the autocast dtype, importance untouched and returned in
 fp32), on every backend that runs here, and SG-Former trains under autocast.
 
-``torch.autocast("cpu", torch.bfloat16)`` exercises the same dtype plumbing as
-CUDA autocast (an fp32 LayerNorm output meets bf16 projections).
+Tests run on the test device: CUDA autocast when a GPU is present; here
+``torch.autocast("cpu", torch.bfloat16)``, which exercises the same dtype
+plumbing (an fp32 LayerNorm output meets bf16 projections).
 """
 import pytest
 import torch
@@ -12,9 +13,12 @@ import sgattn
 from sgattn import naive, ops
 from sgattn.models import sgformer_s
 
+from conftest import DEVICE
+
 BF16 = torch.bfloat16
 BACKENDS = [name for name, why in sgattn.available_backends().items() if why is None]
-R = torch.randn
+def R(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
 
 
 def _op_calls():
@@ -26,7 +30,7 @@ def _op_calls():
     C = 2 * h * d
     sizes = (2, 1)
     params = [R(C, C) / C ** 0.5, R(C), R(C, C) / C ** 0.5, R(C), [R(r) for r in sizes], [R(1) for _ in sizes]]
-    imp = torch.rand(B, H, W)
+    imp = torch.rand(B, H, W, device=DEVICE)
     pair = (imp.reshape(B, N), imp.transpose(1, 2).reshape(B, N))
     q4 = R(B, 2 * h, N, d)
     return [
@@ -48,7 +52,7 @@ def _op_calls():
 def test_ops_follow_autocast(backend, name, fn, inputs):
     leaves = [t.clone().requires_grad_() for t in inputs]
     with sgattn.use_backend(backend):
-        with torch.autocast("cpu", BF16):
+        with torch.autocast(DEVICE, BF16):
             got = fn(*leaves)
         expected = fn(*[t.to(BF16) for t in inputs])  # what autocast promises: the op on bf16 inputs
     assert got[0].dtype == BF16
@@ -64,7 +68,7 @@ def test_ops_follow_autocast(backend, name, fn, inputs):
 
 def test_autocast_leaves_float64_alone():
     q = R(1, 2, 9, 8, dtype=torch.float64)
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE, BF16):
         out, imp = sgattn.attention_with_importance(q, q, q)
     assert out.dtype == imp.dtype == torch.float64
 
@@ -82,9 +86,10 @@ def test_sgformer_trains_under_autocast(build):
     else:  # the authors' module layout, patched in place
         model = naive.naive_sgformer("sgformer_s", num_classes=10, strict=False)
         assert sgattn.patch_model(model) > 0
+    model.to(DEVICE)
     x = R(2, 3, 64, 80)
     ref = model(x)
-    with torch.autocast("cpu", BF16):
+    with torch.autocast(DEVICE, BF16):
         logits = model(x)
     assert logits.dtype == BF16 and torch.isfinite(logits).all()
     # bf16 keeps ~3 significant digits; a sort tie flipped by rounding moves a few logits more

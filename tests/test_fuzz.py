@@ -3,7 +3,8 @@ random shapes (primes, tile edges, windows larger than the grid), dtypes,
 memory layouts (head views, strided last dims, broadcast batches) and value
 scales (down to saturated softmax), forward and backward.
 
-Tolerances follow tests/tolerance.py. The case list is drawn from a fixed seed
+Tensors live on the test device (CUDA when a GPU is present, so the GPU
+backends are fuzzed there). Tolerances follow tests/tolerance.py. The case list is drawn from a fixed seed
 so a failure reproduces; ``SGATTN_FUZZ_SEED`` and ``SGATTN_FUZZ_CASES`` draw
 other or more cases locally.
 """
@@ -17,6 +18,7 @@ import torch
 import sgattn
 from sgattn import reference
 from sgattn.backends import get_backend
+from conftest import DEVICE
 from tolerance import assert_close_to_reference
 
 SEED = int(os.environ.get("SGATTN_FUZZ_SEED", "20261125"))
@@ -35,7 +37,7 @@ def _layout(t64, layout, rng):
     if layout == "heads":  # a head view of a [B, L, h*d] projection, as the modules make it
         return t64.transpose(1, 2).reshape(B, L, h * d).reshape(B, L, h, d).transpose(1, 2)
     if layout == "strided":  # every other element of a wider tensor: last-dim stride 2
-        wide = torch.zeros(B, h, L, 2 * d, dtype=t64.dtype)
+        wide = torch.zeros(B, h, L, 2 * d, dtype=t64.dtype, device=t64.device)
         wide[..., ::2] = t64
         return wide[..., ::2]
     if layout == "broadcast" and B > 1:  # one batch item seen B times (stride 0)
@@ -76,7 +78,7 @@ def test_fuzz_attention(backend, case):
     B, h, N, M, d, dtype = case["B"], case["h"], case["N"], case["M"], case["d"], case["dtype"]
     window, hw = case["window"], case["hw"]
     gen = torch.Generator().manual_seed(zlib.crc32(_case_id(case).encode()))
-    q64, k64, v64 = (torch.randn(B, h, L, d, dtype=torch.float64, generator=gen) * case["scale"]
+    q64, k64, v64 = ((torch.randn(B, h, L, d, dtype=torch.float64, generator=gen) * case["scale"]).to(DEVICE)
                      for L in (N, M, M))
     rng = random.Random(_case_id(case))
     inputs = [_layout(t.to(dtype), case["layout"], rng) for t in (q64, k64, v64)]
@@ -94,7 +96,7 @@ def test_fuzz_attention(backend, case):
     assert torch.isfinite(out).all() and torch.isfinite(imp).all()
     assert_close_to_reference(out, ref_out, out64, what=f"{backend} out")
     assert_close_to_reference(imp, ref_imp, imp64, what=f"{backend} importance")
-    grad64 = torch.randn(out64.shape, dtype=torch.float64, generator=gen)
+    grad64 = torch.randn(out64.shape, dtype=torch.float64, generator=gen).to(DEVICE)
     out.backward(grad64.to(dtype))
     ref_out.backward(grad64.to(dtype))
     out64.backward(grad64)
@@ -123,12 +125,13 @@ def _realloc_case(rng):
 def test_fuzz_reallocation(backend, case):
     B, N, C, dtype = case["B"], case["N"], case["C"], case["dtype"]
     gen = torch.Generator().manual_seed(zlib.crc32(_case_id(case).encode()))
-    x64 = torch.randn(B, N, C, dtype=torch.float64, generator=gen)
+    x64 = torch.randn(B, N, C, dtype=torch.float64, generator=gen).to(DEVICE)
     imp = torch.rand(B, N, generator=gen)
     if case["ties"]:  # many exact ties: the stable sort must order them by token index everywhere
         imp = (imp * 4).floor()
-    w64 = [torch.randn(r, dtype=torch.float64, generator=gen) / r ** 0.5 for r in case["sizes"]]
-    b64 = [torch.randn(1, dtype=torch.float64, generator=gen) for _ in case["sizes"]]
+    imp = imp.to(DEVICE)
+    w64 = [(torch.randn(r, dtype=torch.float64, generator=gen) / r ** 0.5).to(DEVICE) for r in case["sizes"]]
+    b64 = [torch.randn(1, dtype=torch.float64, generator=gen).to(DEVICE) for _ in case["sizes"]]
     x = x64.to(dtype)
     if case["strided"]:  # tokens as a transposed view of a [B, C, N] tensor
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -147,7 +150,7 @@ def test_fuzz_reallocation(backend, case):
     out64, leaves64 = run(x64, w64, b64, "reference")
     assert out.dtype == dtype and out.shape == out64.shape
     assert_close_to_reference(out, ref, out64, what=f"{backend} reallocation")
-    grad64 = torch.randn(out64.shape, dtype=torch.float64, generator=gen)
+    grad64 = torch.randn(out64.shape, dtype=torch.float64, generator=gen).to(DEVICE)
     for o, g in ((out, grad64.to(dtype)), (ref, grad64.to(dtype)), (out64, grad64)):
         o.backward(g)
     for i, (t, r, t64) in enumerate(zip(leaves, ref_leaves, leaves64)):

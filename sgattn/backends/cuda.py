@@ -134,7 +134,7 @@ class CudaBackend(Backend):
             for i, (q, k, v) in enumerate(groups):
                 # hybrid-scale: the first triple is global, the second windowed.
                 w = window if (op != "hybrid_scale_attention" or i == 1) else None
-                why = self._attention_limit(q, k, v, w)
+                why = self._attention_limit(q, k, v, w, options.get("hw") if w else None)
                 if why is not None:
                     return why
         elif op == "self_guided_attention":
