@@ -83,7 +83,15 @@ def test_no_weight_decay_and_group_matcher_drive_timm_optimizers():
     assert first["patch_embed2"] == 2 and first["block2"] == 3 and first["head"] == 8
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
+def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
+    from sgattn.models import sgformer as module
+    calls = []
+
+    def counting(fn, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_checkpoint", counting)
     torch.manual_seed(0)
     model = timm.create_model("sgformer_s", num_classes=3, drop_path_rate=0.0).train()
     x = torch.randn(1, 3, 32, 48)
@@ -92,6 +100,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     model.zero_grad()
     model.set_grad_checkpointing(True)
     model(x).square().sum().backward()
+    assert calls == [False] * sum(model.depths)  # every block, non-reentrant
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-6, msg=n)
 
