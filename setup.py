@@ -111,7 +111,11 @@ def _extensions():
         if torch.version.cuda is None or not has_nvcc:
             raise RuntimeError("SGATTN_BUILD_CUDA=1 needs a CUDA build of torch and nvcc "
                                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cuda_home})")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        arch = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        if "PTX" not in arch.upper():
+            # PTX of the top architecture: newer GPUs (Blackwell) JIT it instead of
+            # failing with "no kernel image is available" at the first call.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch.rstrip("; ") + "+PTX"
         # cublas/cusparse headers of the pip CUDA wheels (torch headers include them).
         site = os.path.dirname(os.path.dirname(torch.__file__))
         cu_inc = [p for p in (os.path.join(site, "nvidia", v, "include") for v in ("cu13", "cu12"))

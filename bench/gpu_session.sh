@@ -10,7 +10,7 @@
 # SGATTN_BENCH_SHAPES (default full); SESSION_S.
 # Files written to $OUT (at most 8, at most 2 folders deep):
 #   session.txt        nvidia-smi, versions, install log tail, sgattn info/check, sanitizer
-#   tests.txt          pytest tests -x -q
+#   tests.txt          pytest (GPU-facing tests first, then the rest)
 #   bench/records.jsonl, bench/<device>-<date>.{json,md,png}
 set -uo pipefail
 START=$(date +%s)
@@ -39,21 +39,28 @@ timeout 120 $PY -m sgattn info >> "$LOG" 2>&1
 timeout 120 $PY -m sgattn check >> "$LOG" 2>&1; echo "check exit $?" >> "$LOG"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  step "pytest tests -x -q"
-  T=$(( $(left) / 3 )); [ $T -gt 180 ] && T=180
-  timeout $T $PY -m pytest tests -x -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -n 5 >> "$LOG"
+  # The GPU-facing tests first (the rest also runs on CPU in CI), so a short session covers them.
+  GPU_TESTS="tests/test_cuda_build.py tests/test_triton.py tests/test_triton_modules.py tests/test_fuzz.py tests/test_autocast.py"
+  step "pytest $GPU_TESTS, then the rest of tests/"
+  T=$(( $(left) / 3 )); [ $T -gt 240 ] && T=240
+  timeout $T $PY -m pytest $GPU_TESTS tests -q -rs --maxfail=20 -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -n 25 >> "$LOG"
   echo "tests exit ${PIPESTATUS[0]} (limit $T s)" >> "$LOG"
 fi
 
 if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
-  step "compute-sanitizer memcheck on bench/sanitize_ops.py"
+  step "compute-sanitizer memcheck, racecheck, initcheck on bench/sanitize_ops.py"
   if command -v compute-sanitizer > /dev/null; then
-    T=$(( $(left) / 4 )); [ $T -gt 90 ] && T=90
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $T compute-sanitizer --tool memcheck --error-exitcode 1 \
-      $PY bench/sanitize_ops.py > "$OUT/sanitizer.tmp" 2>&1
-    echo "sanitizer exit $? (limit $T s)" >> "$LOG"
-    grep -E "^(ok|skip|FAIL)|ERROR SUMMARY|Invalid|GPU backends" "$OUT/sanitizer.tmp" | head -n 80 >> "$LOG"
-    rm -f "$OUT/sanitizer.tmp"
+    # memcheck: every GPU backend and dtype; racecheck/initcheck (slower): the CUDA kernels, two dtypes
+    for tool in memcheck racecheck initcheck; do
+      args=""; [ $tool != memcheck ] && args="--backends cuda --dtypes float32,float16"
+      T=$(( $(left) / 6 )); [ $T -gt 90 ] && T=90
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $T compute-sanitizer --tool $tool --error-exitcode 1 \
+        $PY bench/sanitize_ops.py $args > "$OUT/sanitizer.tmp" 2>&1
+      echo "sanitizer $tool exit $? (limit $T s)" >> "$LOG"
+      grep -E "^(ok|skip|FAIL)|ERROR SUMMARY|Invalid|hazard|Uninitialized|GPU backends" "$OUT/sanitizer.tmp" \
+        | head -n 60 >> "$LOG"
+      rm -f "$OUT/sanitizer.tmp"
+    done
   else
     echo "compute-sanitizer not on PATH" >> "$LOG"
   fi

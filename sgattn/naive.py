@@ -1,6 +1,6 @@
 """The naive SG-Former attention: every attention matrix materialised.
 
-Written from SPEC.md in the style of the paper's code: softmax matrices are
+Written from the paper and its public code, in the style of that code: softmax matrices are
 built in full, windows are cut by reshapes, importance is the ``.mean`` of
 the detached (post-dropout) probabilities, the reduced map is upsampled with
 ``F.interpolate(mode='nearest')``, tokens are reallocated with ``torch.sort``
@@ -15,7 +15,7 @@ model into the sgattn one.
 Strict (the default) vs generalised: the paper's code only runs where H and
 W are multiples of 7 and each reallocation part splits into whole groups.
 ``strict=True`` raises ``ValueError`` everywhere else. ``strict=False``
-applies SPEC's [generalisation] rules (grid zero-padded to multiples of 7,
+applies sgattn's generalisation rules (grid zero-padded to multiples of 7,
 padded tokens masked out of keys and queries; a short last group padded with
 zero tokens), still materialising everything; the benchmarks use it to have a
 naive baseline at 512, 1024 and 800x1344.
@@ -31,7 +31,7 @@ from .models.sgformer import SGFormer, VARIANTS
 from .nn import init_weights
 
 WINDOW = 7
-# SPEC 2b: group sizes r_p (the in-features of f1, f2[, f3]) per reduction ratio.
+# Self-guided attention: group sizes r_p (the in-features of f1, f2[, f3]) per reduction ratio.
 GROUP_SIZES = {8: (196, 56, 28), 4: (49, 14, 7), 2: (2, 1)}
 
 __all__ = ["Attention", "naive_sgformer", "attention", "hybrid_scale_attention",

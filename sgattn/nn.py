@@ -90,7 +90,7 @@ class _AttentionBase(nn.Module):
 
 
 class HybridScaleAttention(_AttentionBase):
-    """SPEC 2a: h/2 heads attend globally to an sr-times reduced map, h/2 heads
+    """Hybrid-scale attention: h/2 heads attend globally to an sr-times reduced map, h/2 heads
     inside 7x7 windows; returns the importance orderings as the mask."""
 
     window = 7
@@ -131,7 +131,7 @@ class HybridScaleAttention(_AttentionBase):
 
 
 class SelfGuidedAttention(_AttentionBase):
-    """SPEC 2b: all heads attend to tokens merged by importance (the mask)."""
+    """Self-guided attention: all heads attend to tokens merged by importance (the mask)."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
                  sr_ratio=2, linear=False):
@@ -165,7 +165,7 @@ class SelfGuidedAttention(_AttentionBase):
 
 
 class GlobalAttention(_AttentionBase):
-    """SPEC 2c: plain multi-head attention over all tokens (sr = 1)."""
+    """Stage-4 attention: plain multi-head attention over all tokens (sr = 1)."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
                  sr_ratio=1, linear=False):

@@ -1,4 +1,5 @@
-"""Plain-PyTorch oracle for every sgattn op (SPEC sections 2a-2c).
+"""Plain-PyTorch oracle for every sgattn op: SG-Former's hybrid-scale,
+self-guided and plain attention, as the authors' code computes them.
 
 Every backend is tested against these functions. They are also the CPU
 fallback at high resolution, so no function here ever holds more than a
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 # Largest probability block (elements) materialised at once: 16 Mi fp32 = 64 MiB.
 MAX_BLOCK_ELEMENTS = 1 << 24
 
-# SPEC 2b: group sizes r_p of the reallocation parts for each reduction ratio.
+# Self-guided attention: group sizes r_p of the reallocation parts for each reduction ratio
+# (the in-features of the authors' f1, f2[, f3]).
 REALLOCATION_GROUPS = {8: (196, 56, 28), 4: (49, 14, 7), 2: (2, 1)}
 
 
@@ -139,7 +141,7 @@ def upsample_nearest(importance: torch.Tensor, reduced_hw, hw) -> torch.Tensor:
 
 
 def hybrid_importance(global_importance, local_importance, hw, reduced_hw) -> torch.Tensor:
-    """SPEC 2a importance map I = local + nearest-upsampled global: [B, H, W]."""
+    """Hybrid-scale importance map I = local + nearest-upsampled global: [B, H, W]."""
     B = local_importance.shape[0]
     up = upsample_nearest(global_importance, reduced_hw, hw)
     return local_importance.reshape(B, *hw) + up
@@ -153,7 +155,7 @@ def importance_orderings(importance_map: torch.Tensor):
 
 def hybrid_scale_attention(q_global, k_global, v_global, q_local, k_local, v_local, *,
                            hw, reduced_hw, window=7, scale=None, dropout_p=0.0):
-    """SPEC 2a. Global heads attend to the reduced map, local heads inside windows.
+    """Hybrid-scale attention: global heads attend to the reduced map, local heads inside windows.
 
     Returns (out [B, h_g + h_l, N, d] with global heads first, importance map [B, H, W]).
     """
@@ -164,7 +166,7 @@ def hybrid_scale_attention(q_global, k_global, v_global, q_local, k_local, v_loc
 
 
 def reallocation_parts(n: int, num_parts: int) -> list[int]:
-    """Sizes of the parts of n importance-sorted tokens (SPEC 2b): quarters
+    """Sizes of the parts of n importance-sorted tokens (self-guided attention): quarters
     [n//4, 2*(n//4), rest] for three parts, halves [n//2, rest] for two."""
     if num_parts == 3:
         quarter = n // 4
@@ -188,7 +190,7 @@ def colmajor_to_rowmajor(hw, device=None) -> torch.Tensor:
 
 
 def aggregate_sorted(x, index, weights, biases):
-    """Weighted group sums of gathered tokens (SPEC 2b steps 2-4).
+    """Weighted group sums of gathered tokens (the reallocation: gather, group, merge).
 
     x: [B, N, C]; index: [B, N] or [G, B, N] int64, the row of x at each
     sorted position; weights: P tensors with r_p elements; biases: P
@@ -222,7 +224,7 @@ def sort_index(importance: torch.Tensor) -> torch.Tensor:
 
 
 def reallocate_tokens(x, importance, weights, biases):
-    """SPEC 2b for one ordering: sort x's tokens by importance and merge them.
+    """Token reallocation for one ordering: sort x's tokens by importance and merge them.
 
     x: [B, N, C]; importance: [B, N] in the same token order as x.
     """
@@ -230,7 +232,7 @@ def reallocate_tokens(x, importance, weights, biases):
 
 
 def self_guided_index(importance, hw) -> torch.Tensor:
-    """[2, B, N] source rows (row-major) of both sorted orderings (SPEC 2b).
+    """[2, B, N] source rows (row-major) of both sorted orderings of self-guided attention.
 
     importance is (row-major [B, N], column-major [B, N]) as a hybrid-scale
     block hands it on; a single [B, N] row-major tensor stands for both.
@@ -245,7 +247,7 @@ def self_guided_index(importance, hw) -> torch.Tensor:
 
 def self_guided_attention(q, x, importance, kv1_weight, kv1_bias, kv2_weight, kv2_bias,
                           agg_weights, agg_biases, *, hw, scale=None, dropout_p=0.0):
-    """SPEC 2b. Queries of all heads attend to importance-reallocated tokens.
+    """Self-guided attention: queries of all heads attend to importance-reallocated tokens.
 
     q: [B, h, N, d]; x: [B, N, C] row-major tokens; importance: see
     ``self_guided_index``; kv{1,2}_weight: [C, C] (K then V output channels),

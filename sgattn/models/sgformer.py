@@ -277,7 +277,7 @@ class SGFormer(nn.Module):
                 if hook is not None:
                     hook(i, j, blk, mask)
             x = getattr(self, f"norm{i + 1}")(x)
-            x = x.transpose(1, 2).reshape(B, -1, H, W)
+            x = x.transpose(1, 2).reshape(B, x.shape[2], H, W)  # explicit C: B may be 0
             yield x
 
     def forward_stages(self, x):
