@@ -2,7 +2,7 @@
 
     sgattn --version
     sgattn info                       backends (with the reason one cannot run), device, versions
-    sgattn check [--device D] [--backend NAME]
+    sgattn check [--device D] [--backend NAME] [--skip-compile]
                                       correctness self-test of every kernel backend, every dtype,
                                       against the plain-PyTorch reference and float64
     sgattn bench [--quick] [--device cpu|cuda] [--batch B] [--size S] [--save DIR]
@@ -202,8 +202,48 @@ def cmd_check(args) -> int:
                     print(f"  FAIL {label}: " + "; ".join(problems))
                 else:
                     print(f"  ok   {label}")
+    for name in names:
+        for label, problem in _check_user_paths(name, device, compile_too=not args.skip_compile):
+            checked += 1
+            failures += problem is not None
+            print(f"  {'FAIL' if problem else 'ok  '} {name:<10} {label}" + (f": {problem}" if problem else ""))
     print(f"{checked} checks, {failures} failures in {time.time() - t0:.1f} s")
     return 1 if failures or not checked else 0
+
+
+def _check_user_paths(name, device, compile_too=True):
+    """The ways users run the ops: under torch.autocast (bf16), each case must
+    equal the op on bf16-cast inputs; under torch.compile (inductor,
+    fullgraph), the hybrid-scale case must equal eager, forward and backward.
+    Yields (label, None or what went wrong)."""
+    import sgattn
+    gen = torch.Generator().manual_seed(0)
+    cases = _check_cases(device, torch.float32, gen)
+    for case_name, fn, inputs, diff, _ in cases:
+        try:
+            with sgattn.use_backend(name):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    got = _run_case(fn, inputs, diff, 1)
+                want = _run_case(fn, [t.bfloat16() for t in inputs], diff, 1)
+            same = all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+            yield f"autocast bf16 {case_name}", None if same else "differs from the op on bf16-cast inputs"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            yield f"autocast bf16 {case_name}", f"raised {type(exc).__name__}: {exc}"
+    if not compile_too:
+        return
+    case_name, fn, inputs, diff, _ = next(c for c in cases if c[0].startswith("hybrid"))
+    label = f"torch.compile inductor fullgraph {case_name}"
+    try:
+        torch._dynamo.reset()
+        with sgattn.use_backend(name):
+            got = _run_case(torch.compile(fn, fullgraph=True), inputs, diff, 1)
+            want = _run_case(fn, inputs, diff, 1)
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            if a is not None or b is not None:
+                torch.testing.assert_close(a, b)
+        yield label, None
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        yield label, f"{type(exc).__name__}: {str(exc)[:500]}"
 
 
 # ------------------------------------------------------------------ bench ---
@@ -380,6 +420,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="correctness self-test of every kernel backend and dtype against the reference")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--backend", default=None, help="check only this backend ('reference': against float64)")
+    p.add_argument("--skip-compile", action="store_true",
+                   help="skip the torch.compile (inductor) check, which takes about a minute on a small CPU")
     p = sub.add_parser("bench", help="SG-Former-S inference: sgattn vs naive on this device")
     p.add_argument("--quick", action="store_true", help="small and fast (about a minute on a 2-core CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)

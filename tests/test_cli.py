@@ -50,6 +50,9 @@ def test_check_every_available_backend():
         return
     # the reference is the oracle, not a candidate; every dtype is checked, on the CPU too
     assert "reference  float32" not in r.stdout and "bfloat16" in r.stdout and "float16" in r.stdout
+    # and the paths users take: autocast on every case, torch.compile (inductor) on one
+    assert all(f"ok   {n:<10} autocast bf16" in r.stdout for n in kernels), r.stdout
+    assert all(f"ok   {n:<10} torch.compile inductor" in r.stdout for n in kernels), r.stdout
     summary = r.stdout.strip().splitlines()[-1]
     assert "checks" in summary, r.stdout + r.stderr
     # exit status and summary agree; a failure names the backend, op and error
