@@ -512,18 +512,18 @@ def _make_plan(kind, bd):
     if kind in ("fp16", "bf16"):
         if bd <= 32:
             return Plan(kind, bd, 64, 64, 128, 64, 64, 64, 64)  # 256-key tiles spill on sm_80
-        if bd <= 64:
-            return Plan(kind, bd, 64, 64, 128, 64, 64, 64, 0)
+        if bd <= 64:  # 64-wide backward tiles spill on sm_80 (split ds, exact delta)
+            return Plan(kind, bd, 64, 64, 128, 32, 32, 32, 0)
         return Plan(kind, bd, 64, 64, 64, 32, 32, 32, 0)
     if kind == "tf32":
         if bd <= 32:
-            return Plan(kind, bd, 64, 64, 128, 64, 64, 64, 0)
+            return Plan(kind, bd, 64, 64, 128, 64, 32, 64, 0)
         if bd <= 64:
             return Plan(kind, bd, 64, 32, 64, 32, 32, 32, 0)
-        return Plan(kind, bd, 64, 32, 64, 32, 32, 16, 0)
+        return Plan(kind, bd, 32, 32, 64, 32, 32, 16, 0, warps=8)
     # ieee: fp32 FMA dots keep both operands in registers: small tiles
     if bd <= 32:
-        return Plan(kind, bd, 32, 32, 64, 32, 32, 32, 0)
+        return Plan(kind, bd, 32, 32, 64, 32, 16, 32, 0)
     if bd <= 64:
         return Plan(kind, bd, 16, 32, 64, 16, 16, 16, 0)
     # d > 64: no single-tile rows (importance from the key-major pass), 8 warps
