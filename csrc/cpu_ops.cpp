@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "sgattn_common.h"
@@ -76,6 +77,48 @@ inline v8f exp8_nonpos(v8f x) {
 // Column counts of the fp32 scratch tiles are padded to 16 (two vectors).
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
+// Column-major single-precision GEMM, BLAS semantics:
+// C[m x n] = alpha * op(A)[m x k] . op(B)[k x n] + beta * C (C is overwritten when beta == 0).
+// The machine's BLAS (sgemm_, exported by libtorch_cpu: MKL on x86 wheels, as
+// PyTorch's own CPU flash attention uses through cpublas) when the process has
+// it; a plain loop otherwise. Every call runs inside this file's parallel
+// regions (or with one thread), where the BLAS runs sequentially, on operands
+// whose sizes and alignment depend on the shapes only: results do not depend
+// on the thread count.
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+void gemm_cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (sgemm_) {
+    const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(std::max<int64_t>(k, 1));
+    const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+    const char* tA = ta ? "T" : "N";
+    const char* tB = tb ? "T" : "N";
+    if (k <= 0) alpha = 0.0f;
+    sgemm_(tA, tB, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      float acc = 0.0f;
+      for (int64_t l = 0; l < k; ++l)
+        acc += (ta ? a[i * lda + l] : a[l * lda + i]) * (tb ? b[l * ldb + j] : b[j * ldb + l]);
+      c[j * ldc + i] = alpha * acc + (beta == 0.0f ? 0.0f : beta * c[j * ldc + i]);
+    }
+  }
+}
+
+// Row-major helpers: C[m][n] (ld ldc) = alpha * A[m][k] . B[k][n] + beta * C,
+// with A given as stored rows (ta: A is stored as [k][m]) and B likewise (tb: [n][k]).
+inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  // Row-major C = A B is column-major C^T = B^T A^T.
+  gemm_cm(tb, ta, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
 // C[R][0:ncols] = A[R][0:K] . Bm[K][0:ncols] (row-major, ncols a multiple of
 // 16): a 4 x 16 register tile, so each loaded row of Bm serves R rows.
 template <int R, bool ACC>
@@ -114,12 +157,19 @@ inline void gemm(const float* A, int64_t lda, int64_t nrows, int64_t K, const fl
 }
 
 // Exact softmax of each score row S[i][0:nk] in place (padding [nk, nkp) set
-// to zero); optional row log-sum-exp and column sums.
+// to zero); optional row log-sum-exp and column sums (colsum has nkp entries).
 void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* lse, float* colsum) {
+  const int64_t nk8 = nk / 8 * 8;
   for (int64_t i = 0; i < nq; ++i) {
     float* s = S + i * nkp;
+    v8f vm = splat(s[0]);
+    for (int64_t j = 0; j < nk8; j += 8) {
+      const v8f x = ld8(s + j);
+      vm = x > vm ? x : vm;
+    }
     float mx = s[0];
-    for (int64_t j = 1; j < nk; ++j) mx = std::max(mx, s[j]);
+    for (int l = 0; l < 8; ++l) mx = std::max(mx, vm[l]);
+    for (int64_t j = nk8; j < nk; ++j) mx = std::max(mx, s[j]);
     v8f vsum{};
     for (int64_t j = 0; j < nkp; j += 8) {
       v8f e = exp8_nonpos(ld8(s + j) - mx);
@@ -132,12 +182,16 @@ void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* lse, flo
     float sum = 0.0f;
     for (int l = 0; l < 8; ++l) sum += vsum[l];
     const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < nkp; j += 8) st8(s + j, ld8(s + j) * inv);
-    if (lse) lse[i] = mx + std::log(sum);
     if (colsum) {
-#pragma omp simd
-      for (int64_t j = 0; j < nk; ++j) colsum[j] += s[j];
+      for (int64_t j = 0; j < nkp; j += 8) {
+        const v8f p = ld8(s + j) * inv;
+        st8(s + j, p);
+        st8(colsum + j, ld8(colsum + j) + p);
+      }
+    } else {
+      for (int64_t j = 0; j < nkp; j += 8) st8(s + j, ld8(s + j) * inv);
     }
+    if (lse) lse[i] = mx + std::log(sum);
   }
 }
 
@@ -183,6 +237,32 @@ void tile_backward(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_t dp, i
   gemm<true>(Tr, nq, nk, nq, Qs, dp, dp, dK, dp);  // Qs carries the scale
   transpose(P, nkp, nq, nk, Tr, nq);
   gemm<true>(Tr, nq, nk, nq, dO, dvp, dvp, dV, dvp);
+}
+
+// Backward of one tile with BLAS GEMMs (global mode). Qs [nq][dp] (scaled by
+// scale), K [nk] rows of ldk, V [nk] rows of ldv, dO [nq][dvp]. Writes dQ
+// [nq][dp]; accumulates dK [nk][dp] and dV [nk][dvp]. Scratch P, dP [nq][nkp].
+void tile_backward_blas(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_t dp, int64_t dv, int64_t dvp,
+                        float scale, const float* Qs, const float* K, int64_t ldk, const float* V, int64_t ldv,
+                        const float* dO, float* P, float* dP, float* dQ, float* dK, float* dV) {
+  gemm_rm(false, true, nq, nk, d, 1.0f, Qs, dp, K, ldk, 0.0f, P, nkp);
+  softmax_rows(P, nq, nk, nkp, nullptr, nullptr);
+  gemm_rm(false, true, nq, nk, dv, 1.0f, dO, dvp, V, ldv, 0.0f, dP, nkp);
+  for (int64_t i = 0; i < nq; ++i) {  // dS = P * (dP - rowsum(P * dP)), in dP
+    const float* p = P + i * nkp;
+    float* g = dP + i * nkp;
+    v8f vD{};
+    const int64_t nk8 = nk / 8 * 8;
+    for (int64_t j = 0; j < nk8; j += 8) vD += ld8(p + j) * ld8(g + j);
+    float D = 0.0f;
+    for (int l = 0; l < 8; ++l) D += vD[l];
+    for (int64_t j = nk8; j < nk; ++j) D += p[j] * g[j];
+    for (int64_t j = 0; j < nk8; j += 8) st8(g + j, ld8(p + j) * (ld8(g + j) - D));
+    for (int64_t j = nk8; j < nk; ++j) g[j] = p[j] * (g[j] - D);
+  }
+  gemm_rm(false, false, nq, d, nk, scale, dP, nkp, K, ldk, 0.0f, dQ, dp);
+  gemm_rm(true, false, nk, d, nq, 1.0f, dP, nkp, Qs, dp, 1.0f, dK, dp);  // Qs carries the scale
+  gemm_rm(true, false, nk, dv, nq, 1.0f, P, nkp, dO, dvp, 1.0f, dV, dvp);
 }
 
 // ------------------------------------------------------------------ scratch
@@ -398,15 +478,29 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     for (int64_t i = 0; i < nq; ++i) lrow[tok ? tok[i] : first + i] = L[i];
   };
 
+  // A window covering the whole grid is one window over all tokens in order:
+  // exactly global attention, computed by the global path (same bits).
+  if (window > 0 && Windows(H, W, window).count() == 1) window = 0;
   if (window == 0) {
     // Work items (b, chunk of query blocks); the heads loop inside, so an item
     // owns its importance partial and gathers each head's keys once.
-    const int64_t QB = std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, kQB);
+    // Query blocks: S tiles of about 16K floats (L2-resident), 64 to 256 rows;
+    // smaller when B*N is small, so that every thread gets work.
+    const int64_t Mp = pad16(M);
+    int64_t QB = 64;
+    while (QB < 256 && 2 * QB * Mp <= 16384) QB *= 2;
+    QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
     const int64_t nqb = (N + QB - 1) / QB;
     const int64_t per_b = std::min(nqb, (kChunks + B - 1) / B), ntask = B * per_b;
-    const int64_t Mp = pad16(M);
+    // fp32 inputs with unit-stride rows feed the GEMMs directly; others are
+    // converted (gathered) into fp32 scratch first.
+    constexpr bool is_f32 = std::is_same_v<T, float>;
+    auto direct = [&](const View4<T>& t, int64_t c) {
+      return is_f32 && t.s3 == 1 && t.s2 >= c && t.s2 <= std::numeric_limits<int>::max();
+    };
+    const bool dirK = direct(K, d), dirV = direct(V, dv), dirO = is_f32 && dv <= std::numeric_limits<int>::max();
     Scratch sc;
-    const int64_t hKt = sc.reserve<float>(d, Mp), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(QB, d),
+    const int64_t hK = sc.reserve<float>(Mp, d), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(QB, d),
                   hS = sc.reserve<float>(QB, Mp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
                   hC = sc.reserve<float>(Mp, 1);
     TORCH_CHECK(!sc.too_big(), op, ": M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
@@ -417,9 +511,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
     {
-      // Padding (columns/rows M..Mp of Kt/V, columns dv..dvp of V) stays zero:
-      // every head fills the same M real columns/rows.
-      float *Kt = sc.get<float>(hKt), *Vf = sc.get<float>(hV), *Qs = sc.get<float>(hQ), *S = sc.get<float>(hS),
+      float *Kr = sc.get<float>(hK), *Vf = sc.get<float>(hV), *Qs = sc.get<float>(hQ), *S = sc.get<float>(hS),
             *O = sc.get<float>(hO), *L = sc.get<float>(hL), *cs = sc.get<float>(hC);
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < ntask; ++task) {
@@ -427,14 +519,36 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const int64_t blk0 = c * nqb / per_b, blk1 = (c + 1) * nqb / per_b;
         double* acc = need_imp ? partial + task * M : nullptr;
         for (int64_t hh = 0; hh < h; ++hh) {
-          gather_rows(K, b, hh, nullptr, 0, M, d, 1.0f, Kt, Mp, true);
-          gather_rows(V, b, hh, nullptr, 0, M, dv, 1.0f, Vf, dvp, false);
+          const float *kp = Kr, *vp = Vf;
+          int64_t ldk = d, ldv = dvp;
+          if (dirK) {
+            kp = reinterpret_cast<const float*>(K.row(b, hh, 0));
+            ldk = K.s2;
+          } else {
+            gather_rows(K, b, hh, nullptr, 0, M, d, 1.0f, Kr, d, false);
+          }
+          if (dirV) {
+            vp = reinterpret_cast<const float*>(V.row(b, hh, 0));
+            ldv = V.s2;
+          } else {
+            gather_rows(V, b, hh, nullptr, 0, M, dv, 1.0f, Vf, dvp, false);
+          }
           for (int64_t blk = blk0; blk < blk1; ++blk) {
             const int64_t i0 = blk * QB, nq = std::min(QB, N - i0);
             gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, d, false);
-            if (acc) std::fill(cs, cs + M, 0.0f);
-            tile_forward(Qs, d, nq, d, Kt, Vf, M, Mp, dvp, S, O, L, acc ? cs : nullptr);
-            store(b, hh, nullptr, i0, nq, O, L);
+            if (acc) std::fill(cs, cs + Mp, 0.0f);
+            // S = Qs K^T, softmax rows (and their column sums), O = P V.
+            gemm_rm(false, true, nq, M, d, 1.0f, Qs, d, kp, ldk, 0.0f, S, Mp);
+            softmax_rows(S, nq, M, Mp, L, acc ? cs : nullptr);
+            if (dirO) {  // fp32 output: written in place, rows i0.. of (b, hh)
+              float* orow = reinterpret_cast<float*>(o) + ((b * h + hh) * N + i0) * dv;
+              gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vp, ldv, 0.0f, orow, dv);
+              float* lrow = l + (b * h + hh) * N + i0;
+              std::copy(L, L + nq, lrow);
+            } else {
+              gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vp, ldv, 0.0f, O, dvp);
+              store(b, hh, nullptr, i0, nq, O, L);
+            }
             if (acc) {  // a tile's fp32 column sums, accumulated in double in a fixed order
               for (int64_t j = 0; j < M; ++j) acc[j] += cs[j];
             }
@@ -487,7 +601,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         for (int64_t i0 = 0; i0 < n; i0 += QB) {
           const int64_t nq = std::min(QB, n - i0);
           gather_rows(Q, b, hh, tok + i0, 0, nq, d, scale, Qs, d, false);
-          if (need_imp) std::fill(cs, cs + n, 0.0f);
+          if (need_imp) std::fill(cs, cs + np, 0.0f);
           tile_forward(Qs, d, nq, d, Kt, Vf, n, np, dvp, S, O, L, need_imp ? cs : nullptr);
           store(b, hh, tok + i0, 0, nq, O, L);
           if (need_imp) {
@@ -538,6 +652,62 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
   T* dqp = dq.data_ptr<T>();  // contiguous outputs
   T* dkp = dk.data_ptr<T>();
   T* dvp_ = dv_t.data_ptr<T>();
+  if (window > 0 && Windows(H, W, window).count() == 1) window = 0;  // one window: global attention
+  if (window == 0) {
+    // Global mode: items (b, h) own their dK, dV and walk the query blocks in
+    // order; five BLAS GEMMs per block (see tile_backward_blas).
+    const int64_t nq_max = std::min(kQB, N), Mp = pad16(M);
+    constexpr bool is_f32 = std::is_same_v<T, float>;
+    auto direct = [&](const View4<T>& t, int64_t c) {
+      return is_f32 && t.s3 == 1 && t.s2 >= c && t.s2 <= std::numeric_limits<int>::max();
+    };
+    const bool dirK = direct(K, d), dirV = direct(V, dv);
+    Scratch sc;
+    const int64_t hQs = sc.reserve<float>(nq_max, dp), hKr = sc.reserve<float>(Mp, dp),
+                  hVr = sc.reserve<float>(Mp, dvp), hdO = sc.reserve<float>(nq_max, dvp),
+                  hP = sc.reserve<float>(nq_max, Mp), hdP = sc.reserve<float>(nq_max, Mp),
+                  hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(Mp, dp),
+                  hdV = sc.reserve<float>(Mp, dvp);
+    TORCH_CHECK(!sc.too_big(), op, ": ", M, " keys per row with d=", d, ", dv=", dv, " need more than ",
+                kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
+    const int nt = sc.allocate();
+#pragma omp parallel num_threads(nt)
+    {
+      float *Qs = sc.get<float>(hQs), *Kr = sc.get<float>(hKr), *Vr = sc.get<float>(hVr),
+            *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *dQ = sc.get<float>(hdQ),
+            *dK = sc.get<float>(hdK), *dV = sc.get<float>(hdV);
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < B * h; ++task) {
+        const int64_t b = task / h, hh = task % h;
+        const float *kp = Kr, *vp = Vr;
+        int64_t ldk = dp, ldv = dvp;
+        if (dirK) {
+          kp = reinterpret_cast<const float*>(K.row(b, hh, 0));
+          ldk = K.s2;
+        } else {
+          gather_rows(K, b, hh, nullptr, 0, M, d, 1.0f, Kr, dp, false);
+        }
+        if (dirV) {
+          vp = reinterpret_cast<const float*>(V.row(b, hh, 0));
+          ldv = V.s2;
+        } else {
+          gather_rows(V, b, hh, nullptr, 0, M, dv, 1.0f, Vr, dvp, false);
+        }
+        std::fill(dK, dK + Mp * dp, 0.0f);
+        std::fill(dV, dV + Mp * dvp, 0.0f);
+        for (int64_t i0 = 0; i0 < N; i0 += nq_max) {
+          const int64_t nq = std::min(nq_max, N - i0);
+          gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, dp, false);
+          gather_rows(dO, b, hh, nullptr, i0, nq, dv, 1.0f, dOs, dvp, false);
+          tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kp, ldk, vp, ldv, dOs, P, dP, dQ, dK, dV);
+          put_rows(dqp + (b * h + hh) * N * d, dQ, dp, nullptr, i0, nq, d);
+        }
+        put_rows(dkp + (b * h + hh) * M * d, dK, dp, nullptr, 0, M, d);
+        put_rows(dvp_ + (b * h + hh) * M * dv, dV, dvp, nullptr, 0, M, dv);
+      }
+    }
+    return;
+  }
   const bool windowed = window > 0;
   const Windows geo(windowed ? H : 1, windowed ? W : 1, windowed ? window : 1);
   const int64_t nk_max = windowed ? geo.max_tokens() : M, nq_max = std::min(kQB, windowed ? nk_max : N);

@@ -2,6 +2,12 @@
 
 Usage: python tools/time_cpu_backend.py [--threads N] [--batch B] [--reps R]
 Prints the best time of forward (and forward+backward) for each op and the speedup.
+
+python tools/time_cpu_backend.py --issue11 [--threads N] [--reps R] [--only I,J]
+times attention_with_importance on the cpu backend against
+F.scaled_dot_product_attention (which computes no importance; window shapes run
+it on pre-partitioned windows) at the issue-11 shapes, forward and
+forward+backward, interleaved, and prints min/median/max.
 With --threads 1 it measures the calling thread's CPU time (time.thread_time),
 which preemption on a shared machine does not inflate; otherwise wall time.
 """
@@ -52,8 +58,65 @@ def make(kind, B, dtype, cfg, grad):
     return lambda be: (be.aggregate_sorted(x, idx, w, b), None)
 
 
+ISSUE11 = [
+    # name, (B, h, N, M, d), window grid or None
+    ("stage-1 global half at 224", (8, 1, 3136, 49, 32), None),
+    ("1024x1024 global (sr 8)", (2, 1, 65536, 1024, 32), None),
+    ("self-guided at 512", (1, 2, 16384, 1254, 32), None),
+    ("stage-1 window 7 at 224", (8, 1, 3136, 3136, 32), (56, 56)),
+]
+
+
+def issue11(args, clock):
+    import statistics
+
+    import torch.nn.functional as F
+
+    cpu = get_backend("cpu")
+    only = [int(i) for i in args.only.split(",")] if args.only else range(len(ISSUE11))
+    print(f"{'shape':44s} {'pass':8s} {'cpu ms min/med/max':>26s} {'sdpa ms min/med/max':>26s} {'ratio(med)':>10s}")
+    for i in only:
+        name, (B, h, N, M, d), hw = ISSUE11[i]
+        g = torch.Generator().manual_seed(0)
+        for grad in (False, True):
+            q, k, v = (torch.randn(B, h, n, d, generator=g, requires_grad=grad) for n in (N, M, M))
+            if hw:
+                kw = dict(window=7, hw=hw)
+                part = lambda t: reference.window_partition(t.detach(), 7, hw).transpose(1, 2).reshape(-1, h, 49, d)  # noqa: E731
+                qs, ks, vs = (part(t).requires_grad_(grad) for t in (q, k, v))
+            else:
+                kw = {}
+                qs, ks, vs = q, k, v
+            do = torch.randn(B, h, N, d, generator=g)
+            dos = part(do) if hw else do
+
+            def run_cpu():
+                out, imp = cpu.attention(q, k, v, **kw)
+                if grad:
+                    out.backward(do)
+
+            def run_sdpa():
+                out = F.scaled_dot_product_attention(qs, ks, vs)
+                if grad:
+                    out.backward(dos)
+
+            run_cpu(), run_sdpa()
+            tc, ts = [], []
+            for _ in range(args.reps):
+                for fn, acc in ((run_cpu, tc), (run_sdpa, ts)):
+                    t = clock()
+                    with torch.set_grad_enabled(grad):
+                        fn()
+                    acc.append((clock() - t) * 1e3)
+            fmt = lambda a: f"{min(a):8.2f}/{statistics.median(a):8.2f}/{max(a):8.2f}"  # noqa: E731
+            print(f"{name + ' ' + str((B, h, N, M, d)):44s} {'fwd+bwd' if grad else 'fwd':8s} {fmt(tc):>26s} "
+                  f"{fmt(ts):>26s} {statistics.median(tc) / statistics.median(ts):9.2f}x", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--issue11", action="store_true", help="issue-11 shapes against SDPA")
+    ap.add_argument("--only", default="", help="with --issue11: comma-separated shape indices")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
@@ -63,6 +126,8 @@ def main():
     cpu, ref = get_backend("cpu"), get_backend("reference")
     print(f"torch {torch.__version__}, threads {args.threads}, batch {args.batch}; best of {args.reps}, "
           f"{'thread CPU time' if args.threads == 1 else 'wall time'}")
+    if args.issue11:
+        return issue11(args, clock)
     print(f"{'shape':48s} {'dtype':9s} {'pass':8s} {'reference ms':>12s} {'cpu ms':>9s} {'speedup':>8s}")
     for name, kind, cfg in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
