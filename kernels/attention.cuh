@@ -64,6 +64,64 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, const in
   }
 }
 
+// Asynchronous tile loads (cp.async, sm_80+). Modes chosen on the host per tensor and per launch
+// (choose_load_modes): kLoadSync = load_tile; kLoadAsync4 = one 4-byte cp.async per element (fp32);
+// kLoadAsync16 = 16-byte cp.async.cg chunks of 8 fp16/bf16 elements (base pointer and the three
+// outer strides multiples of 16 bytes, unit stride over the head dim). Masked rows and columns >= d
+// are zero-filled by cp.async's src-size operand, so shared memory ends up bit-for-bit as load_tile
+// leaves it. Every load is completed by load_wait() before the __syncthreads that publishes it.
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes, std::integral_constant<int, 4>) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes, std::integral_constant<int, 16>) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes) : "memory");
+#endif
+}
+// Waits for every cp.async this thread issued (a no-op when none is pending).
+__device__ __forceinline__ void load_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// load_tile in the given mode (kLoadSync on architectures without cp.async); call load_wait() before use.
+template <typename T, int DP, typename TokenFn>
+__device__ __forceinline__ void load_tile_any(int mode, T* dst, int ld, const T* src, const int64_t* st, int b,
+                                              int hh, int rows, int d, TokenFn token) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const T* base = src + b * st[0] + hh * st[1];
+  if constexpr (sizeof(T) == 2) {
+    if (mode == kLoadAsync16) {
+      constexpr int V = 8, CH = DP / V;  // 16-byte chunks per row
+      for (int i = threadIdx.x; i < rows * CH; i += blockDim.x) {
+        const int r = i / CH, c = (i - r * CH) * V;
+        const int t = token(r);
+        const int n = t >= 0 ? max(0, min(V, d - c)) : 0;  // real elements of this chunk
+        cp_async(dst + r * ld + c, n > 0 ? base + t * st[2] + c : base, n * 2, std::integral_constant<int, 16>{});
+      }
+      return;
+    }
+  } else {
+    if (mode == kLoadAsync4) {
+      for (int i = threadIdx.x; i < rows * DP; i += blockDim.x) {
+        const int r = i / DP, c = i - r * DP;
+        const int t = token(r);
+        const bool ok = t >= 0 && c < d;
+        cp_async(dst + r * ld + c, ok ? base + t * st[2] + c * st[3] : base, ok ? 4 : 0,
+                 std::integral_constant<int, 4>{});
+      }
+      return;
+    }
+  }
+#endif
+  load_tile<T, DP>(dst, ld, src, st, b, hh, rows, d, token);
+}
+
 template <typename T>
 __device__ __forceinline__ T* carve(unsigned char*& at, size_t bytes) {
   T* p = reinterpret_cast<T*>(at);
@@ -99,7 +157,7 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
   float* Lrow = detail::carve<float>(at, size_t(QT) * 4);
 
   auto qtok = [&](int r) { return seg.query(q0 + r); };
-  detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QT, d, qtok);
+  detail::load_tile_any<T, DP>(p.q_load, Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QT, d, qtok);
   for (int i = threadIdx.x; i < QT * LDO; i += blockDim.x) O[i] = 0.0f;
   for (int i = threadIdx.x; i < QT; i += blockDim.x) { Mrow[i] = -INFINITY; Lrow[i] = 0.0f; }
 
@@ -109,7 +167,8 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
     const int k0 = kt * KT;
     auto ktok = [&](int j) { return seg.key(k0 + j); };
     __syncthreads();  // previous V tile fully read
-    detail::load_tile<T, DP>(KV, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KT, d, ktok);
+    detail::load_tile_any<T, DP>(p.k_load, KV, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KT, d, ktok);
+    detail::load_wait();  // this K tile (and, first time round, the Q tile)
     __syncthreads();
 
     // S = Q K^T for this warp's 16 rows.
@@ -140,7 +199,10 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
         }
       }
     }
-    __syncwarp();
+    // Every warp done with K (and its own S rows written): the V tile goes into the same buffer while
+    // the softmax below runs (asynchronously with cp.async; it touches S, O, Mrow, Lrow only).
+    __syncthreads();
+    detail::load_tile_any<T, DP>(p.v_load, KV, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, KT, d, ktok);
 
     // Online softmax update of this warp's rows; P replaces S (as T for tensor cores).
     bool valid[KT / 32];
@@ -177,8 +239,7 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
       for (int c = lane; c < DP; c += 32) O[r * LDO + c] *= alpha;
       if (lane == 0) { Mrow[r] = m_new; Lrow[r] = Lrow[r] * alpha + sum; }
     }
-    __syncthreads();  // every warp done with K
-    detail::load_tile<T, DP>(KV, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, KT, d, ktok);
+    detail::load_wait();  // this V tile
     __syncthreads();
 
     // O += P V for this warp's rows.
@@ -211,6 +272,7 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
       }
     }
   }
+  detail::load_wait();  // nothing pending (no key tile: the Q tile)
   __syncwarp();
 
   // out = O / l (rows of this warp), lse = (m + log2 l) * ln 2.
@@ -260,7 +322,7 @@ __global__ void __launch_bounds__(128, 1) attention_imp_kernel(AttnParams p, Att
   float* Acc = detail::carve<float>(at, size_t(KT) * 4);          // column sums
 
   auto ktok = [&](int j) { return seg.key(k0 + j); };
-  detail::load_tile<T, DP>(Ks, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KT, d, ktok);
+  detail::load_tile_any<T, DP>(p.k_load, Ks, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KT, d, ktok);
   for (int i = threadIdx.x; i < KT; i += blockDim.x) Acc[i] = 0.0f;
 
   const float sl2 = p.scale * 1.4426950408889634f;
@@ -270,11 +332,12 @@ __global__ void __launch_bounds__(128, 1) attention_imp_kernel(AttnParams p, Att
   for (int c0 = qbeg; c0 < qend; c0 += QC) {
     auto qtok = [&](int r) { return c0 + r < qend ? seg.query(c0 + r) : -1; };
     __syncthreads();  // previous chunk fully read
-    detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QC, d, qtok);
+    detail::load_tile_any<T, DP>(p.q_load, Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QC, d, qtok);
     for (int r = threadIdx.x; r < QC; r += blockDim.x) {
       const int t = qtok(r);
       L2[r] = t >= 0 ? lse[t] * 1.4426950408889634f : INFINITY;
     }
+    detail::load_wait();  // this Q chunk (and, first time round, the K tile)
     __syncthreads();
     // St rows [k0w, k0w + 16) = K Q^T for this warp's 16 keys.
     if constexpr (TC) {
@@ -317,6 +380,7 @@ __global__ void __launch_bounds__(128, 1) attention_imp_kernel(AttnParams p, Att
       if (lane == 0) Acc[j] += s;
     }
   }
+  detail::load_wait();  // nothing pending (no query chunk: the K tile)
   __syncthreads();
   float* dst = partial + (int64_t(bh) * splits + split) * plan.ncols;
   for (int j = threadIdx.x; j < KT; j += blockDim.x) {
@@ -342,6 +406,25 @@ __global__ void importance_reduce_kernel(const float* partial, float* importance
   importance[i] = acc / count;
 }
 
+// Load mode of one [B, h, rows, d] input (host side, per launch): 16-byte cp.async for fp16/bf16
+// when the base pointer is 16-byte aligned, the head dim has unit stride and the batch, head and
+// row strides are multiples of 8 elements (every 8-element chunk of a row then starts on a 16-byte
+// boundary); 4-byte cp.async for 4-byte aligned fp32; element loads otherwise.
+template <typename T>
+int choose_load_mode(const void* ptr, const int64_t* st) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
+  if (sizeof(T) == 4) return a % 4 == 0 ? kLoadAsync4 : kLoadSync;
+  if (sizeof(T) == 2 && a % 16 == 0 && st[3] == 1 && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0)
+    return kLoadAsync16;
+  return kLoadSync;
+}
+template <typename T>
+void choose_load_modes(AttnParams& p) {
+  p.q_load = choose_load_mode<T>(p.q, p.q_stride);
+  p.k_load = choose_load_mode<T>(p.k, p.k_stride);
+  p.v_load = choose_load_mode<T>(p.v, p.v_stride);
+}
+
 // Raises the kernel's dynamic shared-memory limit once per device (cached).
 template <typename Kernel>
 cudaError_t ensure_smem(Kernel kernel, size_t smem, int* done_per_device) {
@@ -358,10 +441,11 @@ cudaError_t ensure_smem(Kernel kernel, size_t smem, int* done_per_device) {
 
 // partial: plan.partial_elems fp32 scratch and importance [B, ncols], or both null.
 template <typename T, int DP>
-cudaError_t attention_forward_launch(const AttnParams& p, const AttnPlan& plan, float* partial, float* importance,
+cudaError_t attention_forward_launch(AttnParams p, const AttnPlan& plan, float* partial, float* importance,
                                      cudaStream_t stream) {
   static int fwd_set[64] = {}, imp_set[64] = {};
   if (plan.fwd_blocks == 0) return cudaSuccess;
+  choose_load_modes<T>(p);
   auto fwd = attention_fwd_kernel<T, DP>;
   cudaError_t err = ensure_smem(fwd, plan.smem, fwd_set);
   if (err != cudaSuccess) return err;

@@ -157,8 +157,8 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
   float* Dq = detail::carve<float>(at, size_t(QC) * 4);
 
   auto ktok = [&](int j) { return seg.key(k0 + j); };
-  detail::load_tile<T, DP>(Ks, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KTb, d, ktok);
-  detail::load_tile<T, DP>(Vs, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, KTb, d, ktok);
+  detail::load_tile_any<T, DP>(p.k_load, Ks, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KTb, d, ktok);
+  detail::load_tile_any<T, DP>(p.v_load, Vs, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, KTb, d, ktok);
   for (int i = threadIdx.x; i < KTb * LDO; i += blockDim.x) { dKa[i] = 0.0f; dVa[i] = 0.0f; }
 
   const float sl2 = p.scale * 1.4426950408889634f;
@@ -169,14 +169,15 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
   for (int c0 = qbeg; c0 < qend; c0 += QC) {
     auto qtok = [&](int r) { return c0 + r < qend ? seg.query(c0 + r) : -1; };
     __syncthreads();  // previous chunk fully read
-    detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QC, d, qtok);
-    detail::load_tile<T, DP>(dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QC, d, qtok);
+    detail::load_tile_any<T, DP>(p.q_load, Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QC, d, qtok);
+    detail::load_tile_any<T, DP>(g.do_load, dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QC, d, qtok);
     for (int r = threadIdx.x; r < QC; r += blockDim.x) {
       const int t = qtok(r);
       L2[r] = t >= 0 ? m2[t] : INFINITY;  // masked queries: P = 0
       Li[r] = t >= 0 ? linv[t] : 0.0f;
       Dq[r] = t >= 0 ? delta[t] : 0.0f;
     }
+    detail::load_wait();  // this chunk (and, first time round, the K and V tiles)
     __syncthreads();
     detail::warp_abt<T, DP, QC>(St + k0w * LDQ, LDQ, Ks + k0w * LDK, LDK, Qs, LDK);
     detail::warp_abt<T, DP, QC>(dPt + k0w * LDQ, LDQ, Vs + k0w * LDK, LDK, dOs, LDK);
@@ -197,6 +198,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
     detail::warp_ab_acc<T, DP, QC>(dVa + k0w * LDO, LDO, St + k0w * LDQ, LDQ, dOs, LDK);
     detail::warp_ab_acc<T, DP, QC>(dKa + k0w * LDO, LDO, dPt + k0w * LDQ, LDQ, Qs, LDK);
   }
+  detail::load_wait();  // nothing pending (no query chunk: the K and V tiles)
   __syncwarp();
   if (splits > 1) {  // per-split fp32 partials, summed in split order by attention_bwd_kv_reduce_kernel
     const int64_t elems = p.B * p.h * p.M * d;
@@ -265,8 +267,8 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
   float* Dr = detail::carve<float>(at, size_t(QTb) * 4);
 
   auto qtok = [&](int r) { return seg.query(q0 + r); };
-  detail::load_tile<T, DP>(Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QTb, d, qtok);
-  detail::load_tile<T, DP>(dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QTb, d, qtok);
+  detail::load_tile_any<T, DP>(p.q_load, Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QTb, d, qtok);
+  detail::load_tile_any<T, DP>(g.do_load, dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QTb, d, qtok);
   const float* m2 = p.m2 + int64_t(bh) * p.N;
   const float* linv = p.linv + int64_t(bh) * p.N;
   const float* delta = g.delta + int64_t(bh) * p.N;
@@ -284,8 +286,9 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
     const int k0 = kt * KT;
     auto ktok = [&](int j) { return seg.key(k0 + j); };
     __syncthreads();  // previous K, V tiles fully read (and the setup above done)
-    detail::load_tile<T, DP>(Ks, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KT, d, ktok);
-    detail::load_tile<T, DP>(Vs, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, KT, d, ktok);
+    detail::load_tile_any<T, DP>(p.k_load, Ks, LDK, static_cast<const T*>(p.k), p.k_stride, b, hh, KT, d, ktok);
+    detail::load_tile_any<T, DP>(p.v_load, Vs, LDK, static_cast<const T*>(p.v), p.v_stride, b, hh, KT, d, ktok);
+    detail::load_wait();  // K and V of this tile (and, first time round, the Q and dO tiles)
     __syncthreads();
     detail::warp_abt<T, DP, KT>(S + r0 * LDS, LDS, Qs + r0 * LDK, LDK, Ks, LDK);
     detail::warp_abt<T, DP, KT>(dP + r0 * LDS, LDS, dOs + r0 * LDK, LDK, Vs, LDK);
@@ -307,6 +310,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
     __syncwarp();
     detail::warp_ab_acc<T, DP, KT>(dQa + r0 * LDO, LDO, S + r0 * LDS, LDS, Ks, LDK);
   }
+  detail::load_wait();  // nothing pending (no key tile: the Q and dO tiles)
   __syncwarp();
   T* dq = static_cast<T*>(g.dq) + int64_t(bh) * p.N * d;
   for (int r = r0; r < r0 + 16; ++r) {
@@ -319,10 +323,12 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
 // Backward: forward rerun (fp32 O and lse into scratch), delta, dK/dV, dQ.
 // p.lse, p.m2, p.linv and g.out32 / g.delta are scratch; p.out is unused.
 template <typename T, int DP>
-cudaError_t attention_backward_launch(AttnParams p, const AttnPlan& plan, const AttnBwdArgs& g, cudaStream_t stream) {
+cudaError_t attention_backward_launch(AttnParams p, const AttnPlan& plan, AttnBwdArgs g, cudaStream_t stream) {
   static int fwd_set[64] = {}, kv_set[64] = {}, dq_set[64] = {};
   if (plan.fwd_blocks == 0) return cudaSuccess;
   p.out32 = g.out32;
+  choose_load_modes<T>(p);
+  g.do_load = choose_load_mode<T>(g.dout, g.do_stride);
   auto fwd = attention_fwd_kernel<T, DP>;
   cudaError_t err = ensure_smem(fwd, plan.smem, fwd_set);
   if (err != cudaSuccess) return err;

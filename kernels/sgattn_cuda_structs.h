@@ -19,6 +19,12 @@ constexpr int kMaxHeadDim = 128;
 constexpr int64_t kMaxBlocks = 0x7fffffff;  // grid.x limit: all work is linearised on grid.x
 constexpr int64_t kMaxGroupSize = 1 << 20;  // reallocation group size bound (r_p)
 
+// How a kernel stages a [rows, d] tile of one input tensor into shared memory (set per launch
+// by choose_load_modes in kernels/attention.cuh; 0, the value-initialised default, is always safe).
+constexpr int kLoadSync = 0;     // element loads and shared stores
+constexpr int kLoadAsync4 = 1;   // fp32: 4-byte cp.async per element
+constexpr int kLoadAsync16 = 2;  // fp16/bf16: 16-byte cp.async.cg (16-byte aligned base and outer strides, unit inner stride)
+
 struct AttnParams {
   const void* q;  // [B, h, N, d] with strides q_stride (elements)
   const void* k;  // [B, h, M, d]
@@ -32,12 +38,14 @@ struct AttnParams {
   int64_t B, h, N, M, d;
   float scale;
   int64_t window, H, W;  // window 0: global mode
+  int q_load, k_load, v_load;  // kLoad* modes of q, k, v
 };
 
 // Extra arguments of the attention backward (dO strided like q; outputs contiguous).
 struct AttnBwdArgs {
   const void* dout;        // [B, h, N, d] with strides do_stride
   int64_t do_stride[4];
+  int do_load;             // kLoad* mode of dout
   float* out32;            // [B, h, N, d] fp32 scratch: the forward output
   float* delta;            // [B, h, N] fp32 scratch: rowsum(dO * O)
   float* kv_partial;       // plan.kv_partial_elems fp32 scratch (kv_splits > 1): per-split dK, dV

@@ -180,6 +180,53 @@ def test_cuda_attention_matches_reference(case, dtype):
     assert all(torch.equal(a, t.grad) for a, t in zip(grads, (qT, kT, vT)))
 
 
+def _relayout(t, how):
+    """The same values as t ([B, h, n, d]) in another memory layout, selecting another load path of
+    the kernels (kernels/attention.cuh, choose_load_mode)."""
+    B, h, n, d = t.shape
+    if how == "contiguous":  # 16-byte cp.async for fp16/bf16 when d * 2 is a multiple of 16
+        return t.contiguous()
+    if how == "offset":  # base pointer off 16-byte alignment by one element: element loads (4-byte cp.async for fp32)
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        out = flat[1:].view(B, h, n, d)
+        out.copy_(t)
+        return out
+    if how == "padded":  # row stride rounded up to a multiple of 8 elements: 16-byte chunks, the last one partial
+        pad = -(-d // 8) * 8 + 8
+        out = torch.zeros(B, h, n, pad, dtype=t.dtype, device=t.device)[..., :d]
+        out.copy_(t)
+        return out
+    if how == "strided_d":  # head dim not unit-stride: element loads
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    raise ValueError(how)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("d,window", [(20, None), (24, None), (32, 7), (36, None), (72, None)])
+def test_cuda_attention_load_paths_give_identical_bits(dtype, d, window):
+    # Every load path (16-byte cp.async, partial chunks, 4-byte cp.async, element loads) stages the same
+    # values into shared memory, so outputs, importance and gradients are bitwise equal across layouts.
+    B, h = 2, 2
+    N, M, hw = (130, 75, None) if window is None else (99, 99, (9, 11))
+    g = torch.Generator(device="cuda").manual_seed(d)
+    base = [torch.randn(B, h, n, d, generator=g, device="cuda").to(dtype) for n in (N, M, M)]
+    grad = torch.randn(B, h, N, d, generator=g, device="cuda").to(dtype)
+    be = get_backend("cuda")
+    results = {}
+    for how in ("contiguous", "offset", "padded", "strided_d"):
+        q, k, v = (_relayout(t, how).requires_grad_() for t in base)
+        out, imp = be.attention(q, k, v, window=window, hw=hw)
+        out.backward(_relayout(grad, how))
+        results[how] = [out.detach(), imp, q.grad, k.grad, v.grad]
+    for how, res in results.items():
+        for name, a, b in zip(("out", "importance", "dq", "dk", "dv"), results["contiguous"], res):
+            assert torch.equal(a, b), f"{how}: {name} differs from the contiguous layout"
+    ref64 = reference.attention(*(t.double() for t in base), window=window, hw=hw)[0]
+    ref = reference.attention(*base, window=window, hw=hw)[0]
+    assert_close_to_reference(results["contiguous"][0], ref, ref64, factor=3.0, what="out")
+
+
 @gpu
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 def test_cuda_attention_backward_direct_strided_dout(dtype):

@@ -58,6 +58,19 @@ ${CXX:-c++} -std=c++17 -O1 -I kernels "$OUT/plan.cpp" -o "$OUT/plan"
 import re, subprocess, sys
 out = sys.argv[1]
 LIMIT = {"80": 163 * 1024, "90": 227 * 1024}  # opt-in shared memory per block
+SM_SMEM = {"80": 164 * 1024, "90": 228 * 1024}  # shared memory per SM (1 KiB of it reserved per resident block)
+
+
+def blocks_per_sm(arch, regs, threads, smem):
+    """Theoretical resident blocks per SM (CUDA occupancy rules of sm_80/sm_90: 64K registers in 4
+    sub-partitions allocated per warp in units of 256, 2048 threads, 32 blocks, 1 KiB reserved smem per block)."""
+    warps = -(-threads // 32)
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 4 * (16384 // per_warp) // warps
+    by_smem = SM_SMEM[arch] // (-(-(smem + 1024) // 128) * 128)
+    return min(by_regs, by_smem, 2048 // threads, 32), {"regs": by_regs, "smem": by_smem, "threads": 2048 // threads}
+
+
 TNAME = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}
 bad = []
 for arch in ("80", "90"):
@@ -86,7 +99,7 @@ for arch in ("80", "90"):
             rows[-1][1] = max(rows[-1][1], int(cs.group(1)) if cs else 0)
     names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
                            text=True).stdout.splitlines() or [r[0] for r in rows]
-    static = {}
+    static, nregs = {}, {}
     for (fn, stack, st, ld, regs, smem), name in zip(rows, names):
         short = re.sub(r"\(.*", "", name)
         print(f"sm_{arch} regs={regs:3d} smem={smem:6d} stack={stack:4d} spill_st={st:4d} spill_ld={ld:4d}  {short}")
@@ -97,6 +110,7 @@ for arch in ("80", "90"):
         m = re.search(r"attention_(fwd|imp|bwd_kv|bwd_dq)_kernel<(\w+), (\d+)>", short)
         if m:
             static[(m.group(1), TNAME[m.group(2)], int(m.group(3)))] = smem
+            nregs[(m.group(1), TNAME[m.group(2)], int(m.group(3)))] = regs
     if not rows:
         bad.append(f"sm_{arch}: no kernels found in the ptxas output")
     # Every configuration the planner accepts: dtype x padded head dim, global and window mode.
@@ -117,6 +131,15 @@ for arch in ("80", "90"):
                        "backward dK/dV": st["bwd_kv"] + kv, "backward dQ": st["bwd_dq"] + dq}
                 print(f"sm_{arch} {dtype:8s} d={d:3d} window={window}: warps fwd/kv/dq {w_f}/{w_kv}/{w_dq}, smem "
                       + ", ".join(f"{k} {v}" for k, v in tot.items()) + f" (limit {LIMIT[arch]})")
+                if window == 0:  # informational: theoretical occupancy (same in window mode)
+                    occ = []
+                    for k, kern, warps in (("forward", "fwd", w_f), ("importance", "imp", 4),
+                                           ("backward dK/dV", "bwd_kv", w_kv), ("backward dQ", "bwd_dq", w_dq)):
+                        n, lim = blocks_per_sm(arch, nregs[(kern, dtype, d)], 32 * warps, tot[k])
+                        by = min(lim, key=lim.get)
+                        occ.append(f"{kern} {nregs[(kern, dtype, d)]} regs {tot[k]} B {n} blk "
+                                   f"{100 * n * warps // 64}% ({by})")
+                    print(f"sm_{arch} {dtype:8s} d={d:3d} occupancy: " + "; ".join(occ))
                 for k, v in tot.items():
                     if v > LIMIT[arch]:
                         bad.append(f"sm_{arch} {dtype} d={d}: {k} shared memory {v} B > {LIMIT[arch]} B")
