@@ -520,7 +520,7 @@ def _make_plan(kind, bd):
             return Plan(kind, bd, 64, 64, 128, 64, 32, 64, 0)
         if bd <= 64:
             return Plan(kind, bd, 64, 32, 64, 32, 32, 32, 0)
-        return Plan(kind, bd, 32, 32, 64, 32, 32, 16, 0)
+        return Plan(kind, bd, 32, 32, 64, 32, 16, 16, 0)
     # ieee: fp32 FMA dots keep both operands in registers: small tiles
     if bd <= 32:
         return Plan(kind, bd, 32, 32, 64, 32, 16, 32, 0)
