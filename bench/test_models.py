@@ -1,7 +1,7 @@
 """Whole-model benchmarks: inference and training-step images/s of SG-Former
 (sgattn backends vs the naive model and torch.compile of it), with timm's
 Swin-T and PVTv2-b2 at 224 as reference points when timm is importable.
-bf16 autocast on a GPU, fp32 on a CPU."""
+bf16 autocast on a GPU, fp32 on a CPU (SGATTN_BENCH_AUTOCAST overrides)."""
 import contextlib
 import copy
 import os
@@ -42,10 +42,16 @@ def build(variant, kind):
     return _models[kind]
 
 
+# SGATTN_BENCH_AUTOCAST: bf16 / fp16 / off; default bf16 on a GPU, off (fp32) on a CPU.
+AUTOCAST = os.environ.get("SGATTN_BENCH_AUTOCAST", "bf16" if DEVICE.type == "cuda" else "off")
+if AUTOCAST not in ("bf16", "fp16", "off"):
+    raise ValueError(f"SGATTN_BENCH_AUTOCAST must be bf16, fp16 or off, got {AUTOCAST!r}")
+
+
 def autocast():
-    if DEVICE.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    if AUTOCAST == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16 if AUTOCAST == "bf16" else torch.float16)
 
 
 def backend_ctx(impl):

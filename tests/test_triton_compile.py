@@ -54,15 +54,27 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
 
 
+# The full gate is ~1000 compilations (about 40 minutes on 2 cores): CI compiles
+# every SAMPLE-th unique configuration (every kind, head block and kernel
+# family keeps members); SGATTN_FULL_COMPILE_CHECK=1 runs all of them, as
+# whoever changes a kernel or a plan must (with SGATTN_COMPILE_CHECK_CACHE
+# set, unchanged configurations are not compiled again).
+FULL = os.environ.get("SGATTN_FULL_COMPILE_CHECK") == "1"
+SAMPLE = 1 if FULL else 6
+
+
 def test_every_configuration_compiles_for_sm80_and_sm90(tmp_path):
     jobs = str(max(1, os.cpu_count() or 1))
-    proc = subprocess.run([sys.executable, "-m", "sgattn.triton.compile_check", "-j", jobs, *map(str, ARCHS)],
+    proc = subprocess.run([sys.executable, "-m", "sgattn.triton.compile_check", "-j", jobs,
+                           "--sample", str(SAMPLE), *map(str, ARCHS)],
                           env=_env(tmp_path), capture_output=True, text=True, timeout=3600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and re.search(r"^0 failures", out, re.M), out[-6000:]
     head = re.search(r"(\d+) configurations \((\d+) per architecture\)", out)
     lines = [line for line in out.splitlines() if line.startswith(("ok ", "FAIL "))]
-    assert head and len(lines) == int(head.group(1)) == len(ARCHS) * int(head.group(2)), out[-6000:]
+    per_arch = int(head.group(2)) if head else 0
+    expected = len(ARCHS) * (per_arch if FULL else per_arch // SAMPLE)
+    assert head and len(lines) == int(head.group(1)) == expected and per_arch > 300, out[-6000:]
     for line in lines:
         assert line.startswith("ok "), line
         # half precision and tf32 attention must use tensor cores: mma.sync on sm_80, wgmma (or mma) on sm_90

@@ -24,7 +24,7 @@ registers, uses a stack frame in fp16/bf16, needs more shared memory than
 sm_80 (163 KiB opt-in) / sm_90 (227 KiB opt-in) allow, or more than the
 ``attention.SHARED_BYTES`` table that ``unsupported()`` relies on.
 
-Run as ``python -m sgattn.triton.compile_check [-j JOBS] [--only REGEX] 80 90``
+Run as ``python -m sgattn.triton.compile_check [-j JOBS] [--only REGEX] [--sample K] 80 90``
 with TRITON_INTERPRET unset (under the interpreter the kernels are not JIT
 functions). Prints a table: config, registers, spill bytes, stack bytes,
 shared bytes, seconds. A full run is ~1000 compilations (~5 s each on one
@@ -288,11 +288,19 @@ def _work(item):
 _UNIQUE: list = []
 
 
+def _sampled(index, every):
+    """``--sample K``: every K-th unique configuration, the heaviest first
+    (the last of each run of K, so that every kind, head block and kernel
+    family keeps members). K = 1: all of them (the full gate)."""
+    return every <= 1 or index % every == every - 1
+
+
 def main(argv):
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the JIT functions")
     jobs = os.cpu_count() or 1
     only = None
+    sample = 1
     archs = []
     it = iter(argv)
     for a in it:
@@ -300,13 +308,15 @@ def main(argv):
             jobs = int(next(it))
         elif a == "--only":
             only = next(it)
+        elif a == "--sample":
+            sample = int(next(it))
         else:
             archs.append(int(a))
     archs = archs or [80, 90]
     global _UNIQUE
     _UNIQUE = unique_configurations()
     items = [(label, arch, i) for arch in archs for i, (label, _) in enumerate(_UNIQUE)
-             if only is None or re.search(only, label)]
+             if (only is None or re.search(only, label)) and _sampled(i, sample)]
     print(f"{len(items)} configurations ({len(_UNIQUE)} per architecture), {jobs} processes", flush=True)
     t0 = time.time()
     if jobs > 1:
