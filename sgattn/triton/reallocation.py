@@ -1,4 +1,4 @@
-"""Triton kernels of the token-reallocation family (SPEC 2b steps 2-4).
+"""Triton kernels of the token-reallocation family (self-guided attention: gather the importance-sorted tokens, merge each group).
 
 Forward ``_aggregate_fwd``: 1-D grid over (G*B, M, C tiles); one program makes one
 merged token (all parts and both orderings in one launch): it gathers the r_p
