@@ -314,13 +314,13 @@ PyObject* py_plan_attention(PyObject*, PyObject* args) {
   if (plan.error != nullptr) return Py_BuildValue("{s:s}", "error", plan.error);
   PyObject* bwd_error = plan.bwd_error ? PyUnicode_FromString(plan.bwd_error) : (Py_INCREF(Py_None), Py_None);
   PyObject* res = Py_BuildValue(
-      "{s:O,s:i,s:i,s:n,s:n,s:L,s:L,s:L,s:L,s:L,s:N,s:i,s:i,s:n,s:n,s:L,s:L,s:L}", "error", Py_None, "warps", plan.warps,
+      "{s:O,s:i,s:i,s:n,s:n,s:L,s:L,s:L,s:L,s:L,s:N,s:i,s:i,s:n,s:n,s:L,s:L,s:L,s:O}", "error", Py_None, "warps", plan.warps,
       "QT", plan.QT, "smem", static_cast<Py_ssize_t>(plan.smem), "imp_smem", static_cast<Py_ssize_t>(plan.imp_smem),
       "fwd_blocks", (long long)plan.fwd_blocks, "imp_blocks", (long long)plan.imp_blocks, "splits",
       (long long)plan.splits, "ktiles", (long long)plan.ktiles, "partial_elems", (long long)plan.partial_elems,
       "bwd_error", bwd_error, "kv_warps", plan.kv_warps, "dq_warps", plan.dq_warps, "kv_smem",
       static_cast<Py_ssize_t>(plan.kv_smem), "dq_smem", static_cast<Py_ssize_t>(plan.dq_smem), "kv_blocks",
-      (long long)plan.kv_blocks, "dq_blocks", (long long)plan.dq_blocks, "kv_splits", (long long)plan.kv_splits);
+      (long long)plan.kv_blocks, "dq_blocks", (long long)plan.dq_blocks, "kv_splits", (long long)plan.kv_splits, "o_in_s", plan.o_in_s ? Py_True : Py_False);
   return res;
 }
 

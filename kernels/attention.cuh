@@ -12,7 +12,13 @@
 // sums; importance_reduce_kernel sums them in a fixed order (deterministic,
 // no atomics).
 // fp16/bf16 use tensor cores (WMMA 16x16x16, fp32 accumulation); fp32 runs a
-// SIMT path with the same staging. Head dims up to 128 (zero-padded to DP).
+// SIMT path with the same staging. When a segment has a single key tile
+// (plan.o_in_s: fp16/bf16, head dim <= 64, at most 64 keys: most SG-Former
+// calls at 224), O = P V is accumulated in registers and stored over the
+// score rows after the last read of P, so the block needs no O buffer (less
+// shared memory, more resident blocks); the values are those of the general
+// path (there O starts at +0 and alpha multiplies only zeros).
+// Head dims up to 128 (zero-padded to DP).
 // Index arithmetic is 32-bit (N, M < 2^31 and block counts < 2^31 are checked
 // by the planner); element offsets are 64-bit.
 #pragma once
@@ -152,13 +158,17 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
   T* Qs = detail::carve<T>(at, size_t(QT) * LDK * sizeof(T));
   T* KV = detail::carve<T>(at, size_t(KT) * LDK * sizeof(T));  // K tile, then V tile
   float* S = detail::carve<float>(at, size_t(QT) * LDS * 4);     // scores, then P (T in place for TC)
-  float* O = detail::carve<float>(at, size_t(QT) * LDO * 4);
+  const bool o_in_s = TC && DP <= LDS && plan.o_in_s != 0;        // O lands in S's rows (one key tile)
+  float* O = S;
+  if (!o_in_s) O = detail::carve<float>(at, size_t(QT) * LDO * 4);
+  const int ldo = o_in_s ? LDS : LDO;
   float* Mrow = detail::carve<float>(at, size_t(QT) * 4);
   float* Lrow = detail::carve<float>(at, size_t(QT) * 4);
 
   auto qtok = [&](int r) { return seg.query(q0 + r); };
   detail::load_tile_any<T, DP>(p.q_load, Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QT, d, qtok);
-  for (int i = threadIdx.x; i < QT * LDO; i += blockDim.x) O[i] = 0.0f;
+  if (!o_in_s)
+    for (int i = threadIdx.x; i < QT * LDO; i += blockDim.x) O[i] = 0.0f;
   for (int i = threadIdx.x; i < QT; i += blockDim.x) { Mrow[i] = -INFINITY; Lrow[i] = 0.0f; }
 
   const float sl2 = p.scale * 1.4426950408889634f;  // base-2 softmax of pre-scaled scores
@@ -236,7 +246,8 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
 #pragma unroll
         for (int t = 0; t < KT / 32; ++t) S[r * LDS + lane + 32 * t] = e[t];
       }
-      for (int c = lane; c < DP; c += 32) O[r * LDO + c] *= alpha;
+      if (!o_in_s)  // (single key tile: O is +0 here and alpha is finite, so the product is +0)
+        for (int c = lane; c < DP; c += 32) O[r * LDO + c] *= alpha;
       if (lane == 0) { Mrow[r] = m_new; Lrow[r] = Lrow[r] * alpha + sum; }
     }
     detail::load_wait();  // this V tile
@@ -245,6 +256,28 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
     // O += P V for this warp's rows.
     if constexpr (TC) {
       const T* P = reinterpret_cast<const T*>(S + r0 * LDS);
+      if (o_in_s) {  // the only key tile: all of O in registers, stored over P once every read of P is done
+        // Each acc[nt] takes the products of kk = 0, 1, ... in the same order as the general path.
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[DP / 16];
+#pragma unroll
+        for (int nt = 0; nt < DP / 16; ++nt) wmma::fill_fragment(acc[nt], 0.0f);
+#pragma unroll 1
+        for (int kk = 0; kk < KT / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::load_matrix_sync(fa, P + kk * 16, 2 * LDS);
+#pragma unroll
+          for (int nt = 0; nt < DP / 16; ++nt) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+            wmma::load_matrix_sync(fb, KV + kk * 16 * LDK + nt * 16, LDK);
+            wmma::mma_sync(acc[nt], fa, fb, acc[nt]);
+          }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int nt = 0; nt < DP / 16; ++nt)
+          wmma::store_matrix_sync(O + r0 * LDS + nt * 16, acc[nt], LDS, wmma::mem_row_major);
+        continue;  // (the loop has no further key tile)
+      }
 #pragma unroll
       for (int nt = 0; nt < DP / 16; ++nt) {
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -282,9 +315,9 @@ __global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, Att
     if (qt < 0) continue;
     const float l = Lrow[r], inv = 1.0f / l;
     if (p.out32 != nullptr) {
-      for (int c = lane; c < d; c += 32) p.out32[(int64_t(bh) * p.N + qt) * d + c] = O[r * LDO + c] * inv;
+      for (int c = lane; c < d; c += 32) p.out32[(int64_t(bh) * p.N + qt) * d + c] = O[r * ldo + c] * inv;
     } else {
-      for (int c = lane; c < d; c += 32) out[int64_t(qt) * d + c] = from_f<T>(O[r * LDO + c] * inv);
+      for (int c = lane; c < d; c += 32) out[int64_t(qt) * d + c] = from_f<T>(O[r * ldo + c] * inv);
     }
     if (lane == 0) {
       p.lse[int64_t(bh) * p.N + qt] = (Mrow[r] + log2f(l)) * 0.6931471805599453f;

@@ -59,6 +59,7 @@ struct AttnBwdArgs {
 // (global) or one window. All blocks are linearised on grid.x.
 struct AttnPlan {
   int warps = 0, QT = 0;          // forward: 16 * warps queries per block
+  int o_in_s = 0;                 // forward: one key tile per segment, fp16/bf16, head dim <= 64: no O buffer
   int64_t segments = 0;           // 1 (global) or number of windows
   int64_t seg_queries = 0;        // query (and window key) positions per segment
   int64_t seg_keys = 0;           // key positions per segment
@@ -86,11 +87,17 @@ inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
 // Shared-memory row strides (elements): +8 halves keep WMMA rows 16-byte aligned, +1 float avoids bank conflicts.
 inline int tile_ld(DType t, int DP) { return DP + (t == DType::F32 ? 1 : 8); }
 
-// Dynamic shared memory of the forward kernel: Q tile, K/V tile, scores (P in place), O accumulator, m and l.
-inline size_t attention_fwd_smem(DType t, int DP, int QT) {
+// Dynamic shared memory of the forward kernel: Q tile, K/V tile, scores (P in place), O accumulator
+// (none when o_in_s: O lands in the score rows), m and l.
+inline size_t attention_fwd_smem(DType t, int DP, int QT, bool o_in_s = false) {
   const size_t es = dtype_size(t), ld = tile_ld(t, DP);
   return round128(QT * ld * es) + round128(kKeyTile * ld * es) + round128(size_t(QT) * (kKeyTile + 4) * 4) +
-         round128(size_t(QT) * (DP + 4) * 4) + 2 * round128(size_t(QT) * 4);
+         (o_in_s ? 0 : round128(size_t(QT) * (DP + 4) * 4)) + 2 * round128(size_t(QT) * 4);
+}
+// O can live in the score rows (attention_fwd_kernel) when every segment has a single key tile and a
+// row of DP fp32 values fits in a score row of kKeyTile + 4 floats (tensor-core path only).
+inline bool attention_o_in_s(DType t, int DP, int64_t seg_keys) {
+  return t != DType::F32 && DP <= kKeyTile + 4 && seg_keys <= kKeyTile;
 }
 // Importance pass: K tile, Q chunk, transposed scores, lse chunk, column sums.
 inline size_t attention_imp_smem(DType t, int DP) {
@@ -120,14 +127,17 @@ inline AttnPlan plan_attention(DType dtype, const AttnParams& p, size_t max_smem
   if (p.d < 1 || p.d > kMaxHeadDim) { plan.error = "head dim must be in 1..128"; return plan; }
   if (p.N >= (int64_t(1) << 31) || p.M >= (int64_t(1) << 31)) { plan.error = "N or M does not fit in 32 bits"; return plan; }
   const int DP = padded_head_dim(p.d);
+  if (p.window > 0 && p.window > 46340) { plan.error = "window*window overflows 32 bits"; return plan; }
+  const bool o_in_s = attention_o_in_s(dtype, DP, p.window > 0 ? p.window * p.window : p.M);
   for (int warps = 4; warps >= 1; warps /= 2) {
-    if (attention_fwd_smem(dtype, DP, 16 * warps) <= max_smem) { plan.warps = warps; break; }
+    if (attention_fwd_smem(dtype, DP, 16 * warps, o_in_s) <= max_smem) { plan.warps = warps; break; }
   }
   if (plan.warps == 0) { plan.error = "not enough shared memory per block on this device for one 16-query tile"; return plan; }
   plan.imp_smem = attention_imp_smem(dtype, DP);
   if (plan.imp_smem > max_smem) { plan.error = "not enough shared memory per block on this device for the importance pass"; return plan; }
   plan.QT = 16 * plan.warps;
-  plan.smem = attention_fwd_smem(dtype, DP, plan.QT);
+  plan.o_in_s = o_in_s ? 1 : 0;
+  plan.smem = attention_fwd_smem(dtype, DP, plan.QT, o_in_s);
   if (p.window > 0) {
     if (p.window > 46340) { plan.error = "window*window overflows 32 bits"; return plan; }
     const WindowGeom geo(p.H, p.W, p.window);

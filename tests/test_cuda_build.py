@@ -107,6 +107,24 @@ def test_planner_any_key_count_and_geometry():
 
 
 @built
+def test_planner_keeps_o_in_score_rows_for_one_key_tile():
+    # fp16/bf16, head dim <= 64, at most 64 keys per segment (SG-Former at 224: M = 49, 60, 7x7 windows):
+    # no O buffer, so less shared memory per block.
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (24, 32, 64):
+            for args in ((3136, 49, None, None), (784, 60, None, None), (3136, 3136, 7, (56, 56)), (49, 64, None, None)):
+                one = _plan(dtype, 1, 2, args[0], args[1], d, args[2], args[3])
+                many = _plan(dtype, 1, 2, 3136, 147, d)
+                assert one["o_in_s"] and not many["o_in_s"], (dtype, d, args)
+                assert one["smem"] < many["smem"] and one["imp_smem"] == many["imp_smem"]
+                assert one["fwd_blocks"] == 2 * -(-args[0] // 64) if args[2] is None else True
+    assert not _plan(torch.float16, 1, 2, 100, 65, 32)["o_in_s"]  # two key tiles
+    assert not _plan(torch.float16, 1, 2, 100, 49, 96)["o_in_s"]  # an O row would not fit a score row
+    assert not _plan(torch.float32, 1, 2, 100, 49, 32)["o_in_s"]  # SIMT path keeps its O buffer
+    assert not _plan(torch.float16, 1, 2, 81, 81, 32, 9, (9, 9))["o_in_s"]  # 81-key windows
+
+
+@built
 def test_planner_limits_have_reasons():
     assert "head dim" in _plan(torch.float16, 1, 1, 8, 8, 129)["error"]
     assert "shared memory" in _plan(torch.float32, 1, 1, 8, 8, 128, smem=16 * 1024)["error"]

@@ -5,7 +5,12 @@
   accumulation, fp32 on a SIMT path; head dims up to 128, padded) that stores
   the row log-sum-exp, then a key-major importance pass that recomputes
   exp(s - lse) per (key tile, query split) and a fixed-order reduction of the
-  partials (deterministic, no atomics). Global and window mode.
+  partials (deterministic, no atomics). Global and window mode. Tiles are
+  staged with cp.async (16-byte chunks for fp16/bf16 when the tensor's base
+  pointer and outer strides are 16-byte aligned and the head dim has unit
+  stride, 4-byte for fp32, element loads otherwise: chosen per launch, same
+  values either way); with a single key tile (fp16/bf16, d <= 64, <= 64 keys)
+  the forward keeps O in registers and needs no O buffer in shared memory.
 - Token reallocation forward and backward: CUDA kernels (both orderings in one
   launch), deterministic. The index is validated on the device (out-of-range
   values, rows that are not permutations in the backward): a device-side
