@@ -1,8 +1,14 @@
-"""Backend "cpu": OpenMP C++ kernels (csrc/cpu_ops.cpp) for CPU tensors.
+"""Backend "cpu": OpenMP C++ kernels for CPU tensors (tile kernels in the
+framework-free kernels/cpu/attention.h, bindings and partition in
+csrc/cpu_ops.cpp).
 
 Forward attention computes exact softmax rows one query block at a time
 (never the N x M matrix) and the importance in the same pass; the backward
-recomputes the probabilities from q, k and v (``sgattn._native``).
+recomputes the probabilities from q, k and v (``sgattn._native``). Global
+attention runs its GEMMs (S = Q K^T, O = P V and the five backward products)
+on the BLAS that torch links (``sgemm_``, MKL on x86 wheels, as PyTorch's own
+CPU flash attention does), called sequentially inside the kernel's own
+parallel partition; 7x7 windows use a register-tiled micro-kernel.
 Aggregation forward and backward are C++. float32, bfloat16 and float16
 inputs accumulate in fp32; float64 attention is left to the reference backend.
 
