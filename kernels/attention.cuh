@@ -137,8 +137,10 @@ __device__ __forceinline__ T* carve(unsigned char*& at, size_t bytes) {
 
 }  // namespace detail
 
+// Head dim 32 (every SG-Former call): at most 64 registers, so 8 blocks of 4 warps (50%) fit by registers
+// wherever shared memory allows it (one key tile on sm_90); no spills on sm_80/sm_90 (CI gate).
 template <typename T, int DP>
-__global__ void __launch_bounds__(128, 1) attention_fwd_kernel(AttnParams p, AttnPlan plan) {
+__global__ void __launch_bounds__(128, DP == 32 ? 8 : 1) attention_fwd_kernel(AttnParams p, AttnPlan plan) {
   using namespace nvcuda;
   constexpr bool TC = !std::is_same<T, float>::value;
   constexpr int LDK = DP + (TC ? 8 : 1);
