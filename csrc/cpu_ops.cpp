@@ -317,7 +317,9 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     if (need_imp) {
       float* dst = imp.data_ptr<float>();
       const double inv = 1.0 / (static_cast<double>(h) * static_cast<double>(N));
-#pragma omp parallel for schedule(static) num_threads(nt)
+      // Each element sums its partials in the same order whoever runs it; small
+      // reductions skip the extra parallel region (a barrier on a loaded machine).
+#pragma omp parallel for schedule(static) num_threads(nt) if (B * M * per_b > (int64_t(1) << 16))
       for (int64_t bj = 0; bj < B * M; ++bj) {
         const int64_t b = bj / M, j = bj % M;
         double s = 0;
