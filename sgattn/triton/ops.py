@@ -104,11 +104,36 @@ def _check_attention(op, q, k, v, scale, window, H, W):
 
 
 # ---------------------------------------------------------------- attention
+# Head dims that are not multiples of 16 (SG-Former-B's 24, say) are zero-padded
+# to one before the kernels run: zero columns change no dot product, and the
+# kernels then always see 16-divisible head dims and strides, the
+# specialisation the offline compile check covers (non-divisible head dims
+# compile to masked scalar loads that spill). The padding costs a copy of
+# q, k, v (and of dout, out in the backward) for such head dims only.
+HEAD_ALIGN = 16
+
+
+def _aligned(n: int) -> int:
+    return -(-n // HEAD_ALIGN) * HEAD_ALIGN
+
+
+def _pad_head(t: Tensor) -> Tensor:
+    n = t.shape[-1]
+    return t if _aligned(n) == n else torch.nn.functional.pad(t, (0, _aligned(n) - n))
+
+
 @torch.library.custom_op("sgattn::triton_attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int, H: int, W: int,
                   need_importance: bool) -> Tuple[Tensor, Tensor, Tensor]:
     _check_attention("triton_attention_fwd", q, k, v, scale, window, H, W)
-    return _attn.attention_forward(q, k, v, scale, window, (H, W), need_importance)
+    d, dv = q.shape[-1], v.shape[-1]
+    if _aligned(d) == d and _aligned(dv) == dv:
+        return _attn.attention_forward(q, k, v, scale, window, (H, W), need_importance)
+    out, lse, part = _attn.attention_forward(_pad_head(q), _pad_head(k), _pad_head(v), scale, window, (H, W),
+                                             need_importance)
+    res = _attn.new_out(q, dv)  # the layout the fake declares
+    res.copy_(out[..., :dv])
+    return res, lse, part
 
 
 @attention_fwd.register_fake
@@ -142,7 +167,11 @@ def _check_backward(op, dout, q, k, v, out, lse, scale, window, H, W):
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float, window: int, H: int, W: int) -> Tuple[Tensor, Tensor, Tensor]:
     _check_backward("triton_attention_bwd", dout, q, k, v, out, lse, scale, window, H, W)
-    return _attn.attention_backward(dout, q, k, v, out, lse, scale, window, (H, W))
+    d, dv = q.shape[-1], v.shape[-1]
+    if _aligned(d) == d and _aligned(dv) == dv:
+        return _attn.attention_backward(dout, q, k, v, out, lse, scale, window, (H, W))
+    grads = _attn.attention_backward(*map(_pad_head, (dout, q, k, v, out)), lse, scale, window, (H, W))
+    return tuple(g[..., :n].contiguous() for g, n in zip(grads, (d, d, dv)))
 
 
 @attention_bwd.register_fake
