@@ -54,13 +54,13 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
 
 
-# The full gate is ~1000 compilations (about 40 minutes on 2 cores): CI compiles
+# The full gate is ~500 compilations (about 20 minutes on 2 cores): CI compiles
 # every SAMPLE-th unique configuration (every kind, head block and kernel
 # family keeps members); SGATTN_FULL_COMPILE_CHECK=1 runs all of them, as
 # whoever changes a kernel or a plan must (with SGATTN_COMPILE_CHECK_CACHE
 # set, unchanged configurations are not compiled again).
 FULL = os.environ.get("SGATTN_FULL_COMPILE_CHECK") == "1"
-SAMPLE = 1 if FULL else 6
+SAMPLE = 1 if FULL else 3
 
 
 def test_every_configuration_compiles_for_sm80_and_sm90(tmp_path):
@@ -74,7 +74,7 @@ def test_every_configuration_compiles_for_sm80_and_sm90(tmp_path):
     lines = [line for line in out.splitlines() if line.startswith(("ok ", "FAIL "))]
     per_arch = int(head.group(2)) if head else 0
     expected = len(ARCHS) * (per_arch if FULL else per_arch // SAMPLE)
-    assert head and len(lines) == int(head.group(1)) == expected and per_arch > 300, out[-6000:]
+    assert head and len(lines) == int(head.group(1)) == expected and per_arch > 200, out[-6000:]
     for line in lines:
         assert line.startswith("ok "), line
         # half precision and tf32 attention must use tensor cores: mma.sync on sm_80, wgmma (or mma) on sm_90
