@@ -497,12 +497,18 @@ class Plan:
     """Tiles of one (kind, BLOCK_D): fwd (BLOCK_M queries x BLOCK_N keys, one
     tile up to ``single_max`` keys), bwd (``bwd`` x ``bwd``), windows (sub-blocks
     of ``win_s`` queries, key chunks of ``win_c``; a whole window in one
-    backward program up to ``win_whole`` positions)."""
+    backward program up to ``win_whole`` positions). ``warps``: num_warps of
+    the kernels; ``km_warps``: of ``_attn_key_major`` (default ``warps``);
+    ``win_fc``: key chunks of the window forward (default ``win_c``, which is
+    then the backward's only)."""
 
-    def __init__(self, kind, bd, block_m, block_n, single_max, bwd, win_s, win_c, win_whole, warps=4):
+    def __init__(self, kind, bd, block_m, block_n, single_max, bwd, win_s, win_c, win_whole, warps=4,
+                 km_warps=None, win_fc=None):
         self.kind, self.bd = kind, bd
         self.block_m, self.block_n, self.single_max = block_m, block_n, single_max
         self.bwd, self.win_s, self.win_c, self.win_whole, self.warps = bwd, win_s, win_c, win_whole, warps
+        self.km_warps = warps if km_warps is None else km_warps
+        self.win_fc = win_c if win_fc is None else win_fc
 
     def single_blocks(self):
         return [n for n in (64, 128, 256) if n <= self.single_max]
@@ -521,13 +527,16 @@ def _make_plan(kind, bd):
         if bd <= 64:
             return Plan(kind, bd, 64, 32, 64, 32, 32, 32, 0)
         return Plan(kind, bd, 32, 32, 64, 32, 16, 16, 0)
-    # ieee: fp32 FMA dots keep both operands in registers: small tiles
-    if bd <= 32:
-        return Plan(kind, bd, 32, 32, 64, 32, 16, 32, 0)
-    if bd <= 64:
-        return Plan(kind, bd, 16, 32, 64, 16, 16, 16, 0)
-    # d > 64: no single-tile rows (importance from the key-major pass), 8 warps
-    return Plan(kind, bd, 16, 32, 0, 16, 16, 16, 0, warps=8)
+    # ieee: fp32 FMA dots keep both operands in registers (a whole head-dim
+    # row per thread): small tiles.
+    if bd <= 32:  # backward window key chunks of 16 (32: window bwd mode 3 spilled 8 B on sm_80);
+        # the window forward keeps 32-key chunks
+        return Plan(kind, bd, 32, 32, 64, 32, 16, 16, 0, win_fc=32)
+    if bd <= 64:  # 8 warps (4: window bwd mode 2 spilled 4 B on sm_90)
+        return Plan(kind, bd, 16, 32, 64, 16, 16, 16, 0, warps=8)
+    # d > 64: no single-tile rows (importance from the key-major pass), 8 warps;
+    # the key-major pass 4 (8: dK/dV spilled 4 B on sm_90)
+    return Plan(kind, bd, 16, 32, 0, 16, 16, 16, 0, warps=8, km_warps=4)
 
 
 PLANS = {(kind, bd): _make_plan(kind, bd) for kind in KINDS for bd in HEAD_BLOCKS}
@@ -662,7 +671,8 @@ def forward_launches(q, k, v, out, lse, part, scale, window, hw, need_importance
     scale_log2 = scale * LOG2E
     if window:
         nwy, nwx = window_grid(hw, window)
-        L, S, C, _ = window_config(plan, window)
+        L, S, _, _ = window_config(plan, window)
+        C = min(L, plan.win_fc)
         tiles = nwy * nwx * (L // S)
         return [(_window_attn, tiles * B * h,
                  [q, k, v, out, lse, part, q, q, q, q, *strides, 0, 0, 0,
@@ -682,7 +692,7 @@ def forward_launches(q, k, v, out, lse, part, scale, window, hw, need_importance
                       [q, k, v, q, lse, lse, q, q, part, *strides[:9], 0, 0, 0,
                        h, N, M, D, DV, kt, scale, scale_log2],
                       dict(BLOCK_M=plan.bwd, BLOCK_N=plan.bwd, BLOCK_D=plan.bd, GRADS=False, NEED_IMP=True,
-                           SPLIT_DS=False, **fl), plan.warps))
+                           SPLIT_DS=False, **fl), plan.km_warps))
     return out_l
 
 
@@ -712,7 +722,7 @@ def backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, h
             (_attn_key_major, kt * B * h,
              [q, k, v, do, lse, delta, dk, dv, q, *qkv, *do.stride()[:3],
               h, N, M, D, DV, kt, scale, scale_log2],
-             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, GRADS=True, NEED_IMP=False, **fl), plan.warps)]
+             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, GRADS=True, NEED_IMP=False, **fl), plan.km_warps)]
 
 
 def _run(launches, t):
