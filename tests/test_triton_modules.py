@@ -113,6 +113,9 @@ def test_custom_ops_opcheck(device):
     w = torch.randn(5, device=device, requires_grad=True)
     b = torch.randn(2, device=device, requires_grad=True)
     torch.library.opcheck(ops.triton_aggregate_fwd.default, (x, index, w, b, [3, 2]))
+    # head dims that are not multiples of 16 run zero-padded: same layouts as the fakes declare
+    q24, k24, v24 = (torch.randn(1, 2, 12, 24, device=device, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(ops.triton_attention_fwd.default, (q24, k24, v24, 0.2, 3, 3, 4, True))
     dout = torch.randn(2, 2, 5, 8, device=device)  # 12 tokens, halves of 6: 2 + 3 groups
     torch.library.opcheck(ops.triton_aggregate_bwd.default, (dout, x.detach(), index, w.detach(), [3, 2]))
 

@@ -522,8 +522,8 @@ def _make_plan(kind, bd):
             return Plan(kind, bd, 64, 64, 128, 32, 32, 32, 0)
         return Plan(kind, bd, 64, 64, 64, 32, 32, 32, 0)
     if kind == "tf32":
-        if bd <= 32:
-            return Plan(kind, bd, 64, 64, 128, 64, 32, 64, 0)
+        if bd <= 32:  # window forward key chunks of 32 (64: windows of 12..16 spilled 8 B on sm_80)
+            return Plan(kind, bd, 64, 64, 128, 64, 32, 64, 0, win_fc=32)
         if bd <= 64:
             return Plan(kind, bd, 64, 32, 64, 32, 32, 32, 0)
         return Plan(kind, bd, 32, 32, 64, 32, 16, 16, 0)

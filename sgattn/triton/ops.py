@@ -104,12 +104,12 @@ def _check_attention(op, q, k, v, scale, window, H, W):
 
 
 # ---------------------------------------------------------------- attention
-# Head dims that are not multiples of 16 (SG-Former-B's 24, say) are zero-padded
-# to one before the kernels run: zero columns change no dot product, and the
-# kernels then always see 16-divisible head dims and strides, the
-# specialisation the offline compile check covers (non-divisible head dims
-# compile to masked scalar loads that spill). The padding costs a copy of
-# q, k, v (and of dout, out in the backward) for such head dims only.
+# Head dims (SG-Former-B's 24, say) and reallocation channel counts that are
+# not multiples of 16 are zero-padded to one before the kernels run: zero
+# columns change no dot product and no weighted sum, and the kernels then
+# always see 16-divisible sizes and strides, the specialisation the offline
+# compile check covers (non-divisible sizes compile to masked scalar loads that
+# spill). The padding costs a copy of the inputs for such sizes only.
 HEAD_ALIGN = 16
 
 
@@ -117,7 +117,7 @@ def _aligned(n: int) -> int:
     return -(-n // HEAD_ALIGN) * HEAD_ALIGN
 
 
-def _pad_head(t: Tensor) -> Tensor:
+def _pad_last(t: Tensor) -> Tensor:
     n = t.shape[-1]
     return t if _aligned(n) == n else torch.nn.functional.pad(t, (0, _aligned(n) - n))
 
@@ -129,7 +129,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int, H:
     d, dv = q.shape[-1], v.shape[-1]
     if _aligned(d) == d and _aligned(dv) == dv:
         return _attn.attention_forward(q, k, v, scale, window, (H, W), need_importance)
-    out, lse, part = _attn.attention_forward(_pad_head(q), _pad_head(k), _pad_head(v), scale, window, (H, W),
+    out, lse, part = _attn.attention_forward(_pad_last(q), _pad_last(k), _pad_last(v), scale, window, (H, W),
                                              need_importance)
     res = _attn.new_out(q, dv)  # the layout the fake declares
     res.copy_(out[..., :dv])
@@ -170,7 +170,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     d, dv = q.shape[-1], v.shape[-1]
     if _aligned(d) == d and _aligned(dv) == dv:
         return _attn.attention_backward(dout, q, k, v, out, lse, scale, window, (H, W))
-    grads = _attn.attention_backward(*map(_pad_head, (dout, q, k, v, out)), lse, scale, window, (H, W))
+    grads = _attn.attention_backward(*map(_pad_last, (dout, q, k, v, out)), lse, scale, window, (H, W))
     return tuple(g[..., :n].contiguous() for g, n in zip(grads, (d, d, dv)))
 
 
@@ -290,7 +290,10 @@ def _check_aggregate(op, x, index, w_cat, group_sizes, b_cat=None):
 @torch.library.custom_op("sgattn::triton_aggregate_fwd", mutates_args=())
 def aggregate_fwd(x: Tensor, index: Tensor, w_cat: Tensor, b_cat: Tensor, group_sizes: List[int]) -> Tensor:
     _check_aggregate("triton_aggregate_fwd", x, index, w_cat, group_sizes, b_cat)
-    return _realloc.aggregate_forward(x, index, w_cat, b_cat, group_sizes)
+    C = x.shape[2]
+    if _aligned(C) == C:
+        return _realloc.aggregate_forward(x, index, w_cat, b_cat, group_sizes)
+    return _realloc.aggregate_forward(_pad_last(x), index, w_cat, b_cat, group_sizes)[..., :C].contiguous()
 
 
 @aggregate_fwd.register_fake
@@ -314,7 +317,11 @@ def _check_aggregate_bwd(op, dout, x, index, w_cat, group_sizes):
 def aggregate_bwd(dout: Tensor, x: Tensor, index: Tensor, w_cat: Tensor,
                   group_sizes: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     _check_aggregate_bwd("triton_aggregate_bwd", dout, x, index, w_cat, group_sizes)
-    return _realloc.aggregate_backward(dout, x, index, w_cat, group_sizes)
+    C = x.shape[2]
+    if _aligned(C) == C:
+        return _realloc.aggregate_backward(dout, x, index, w_cat, group_sizes)
+    dx, dw, db = _realloc.aggregate_backward(_pad_last(dout), _pad_last(x), index, w_cat, group_sizes)
+    return dx[..., :C].contiguous(), dw, db
 
 
 @aggregate_bwd.register_fake
