@@ -6,6 +6,7 @@ M key tokens, d head dim, C channels. See each function's docstring.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -59,7 +60,7 @@ def _check_tensor(op, name, t, ndim):
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
 def _check_int(op, name, value, minimum=1):
@@ -68,10 +69,10 @@ def _check_int(op, name, value, minimum=1):
 
 
 def _check_options(op, scale, dropout_p):
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)
                               or not math.isfinite(scale)):
         _fail(op, f"scale must be a finite number or None, got {scale!r}")
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
         _fail(op, f"dropout_p must be a probability in [0, 1], got {dropout_p!r}")
 
 
