@@ -79,4 +79,4 @@ def test_every_configuration_compiles_for_sm80_and_sm90(tmp_path):
         assert line.startswith("ok "), line
         # half precision and tf32 attention must use tensor cores: mma.sync on sm_80, wgmma (or mma) on sm_90
         if re.search(r"(fp16|bf16|tf32) D\d+", line):
-            assert re.search(r" (w?mma) ", line), line
+            assert re.search(r" (wgmma|mma) ", line), line
