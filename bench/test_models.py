@@ -3,7 +3,6 @@
 Swin-T and PVTv2-b2 at 224 as reference points when timm is importable.
 bf16 autocast on a GPU, fp32 on a CPU (SGATTN_BENCH_AUTOCAST overrides)."""
 import contextlib
-import copy
 import os
 
 import pytest
@@ -25,9 +24,10 @@ _flops = {}
 
 def build(variant, kind):
     """``kind`` "naive": the naive model (generalised, so it runs at every
-    resolution; identical to the paper's at 224); "sgattn": the same weights
-    patched to sgattn modules (all sgattn backends share it: the backend is
-    chosen at call time). One variant is kept alive at a time."""
+    resolution; identical to the paper's at 224, NCHW convolutions as in its
+    code); "sgattn": sgattn's own model (its attention modules, channels-last
+    convolutions) with the same weights; all sgattn backends share it (the
+    backend is chosen at call time). One variant is kept alive at a time."""
     if _models.get("variant") != variant:
         _models.clear()
         if DEVICE.type == "cuda":
@@ -36,8 +36,8 @@ def build(variant, kind):
         _models["variant"] = variant
         _models["naive"] = naive.naive_sgformer(variant, strict=False).to(DEVICE)
     if kind == "sgattn" and "sgattn" not in _models:
-        model = copy.deepcopy(_models["naive"])
-        sgattn.patch_model(model)
+        model = getattr(sgattn.models, variant)().to(DEVICE)
+        model.load_state_dict(_models["naive"].state_dict())
         _models["sgattn"] = model
     return _models[kind]
 

@@ -282,7 +282,9 @@ class Attention(nn.Module):
 
 def naive_sgformer(variant: str = "sgformer_s", *, strict: bool = True, **kwargs) -> SGFormer:
     """SG-Former ``variant`` ("sgformer_s", "sgformer_m", "sgformer_b") built
-    with the naive ``Attention``; other keyword arguments go to ``SGFormer``."""
+    with the naive ``Attention`` and, like the paper's code, NCHW convolution
+    weights (``channels_last=False``, unless given); other keyword arguments go
+    to ``SGFormer``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown SG-Former variant {variant!r}; known: {', '.join(VARIANTS)}")
     if strict:
@@ -290,4 +292,5 @@ def naive_sgformer(variant: str = "sgformer_s", *, strict: bool = True, **kwargs
     else:
         def layer(*args, **kw):
             return Attention(*args, strict=False, **kw)
+    kwargs.setdefault("channels_last", False)
     return SGFormer(**VARIANTS[variant], attn_layer=layer, **kwargs)

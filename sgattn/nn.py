@@ -45,12 +45,24 @@ def _check_input(module, x, H, W):
 
 
 def tokens_to_grid(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """[B, N, C] row-major tokens -> a contiguous [B, C, H, W] image for the
-    convolutions. Contiguous, not the transposed view: under torch.compile
-    with dynamic shapes, inductor cannot order a view's symbolic strides
+    """[B, N, C] row-major tokens -> a [B, C, H, W] image for the convolutions.
+    Eager: the channels-last view, the tokens' own memory order (no copy).
+    Under torch.compile: a contiguous NCHW copy, which inductor fuses; with
+    dynamic shapes it cannot order channels-last symbolic strides such as
     (1, C*W, C) ("cannot determine truth value of Relational")."""
     B, N, C = x.shape
-    return x.transpose(1, 2).reshape(B, C, H, W).contiguous()
+    grid = x.transpose(1, 2).reshape(B, C, H, W)
+    return grid.contiguous() if torch.compiler.is_compiling() else grid
+
+
+def use_channels_last(module: nn.Module) -> nn.Module:
+    """Store ``module``'s convolution weights channels-last (in place), the
+    layout ``tokens_to_grid`` produces: oneDNN then runs the convolutions on the
+    tokens as they lie, without converting input and output (the depthwise
+    3x3 convs are 4-8x faster than on NCHW on a CPU), and conv outputs flatten
+    back to contiguous tokens for free. The layout survives ``load_state_dict``,
+    ``.to(dtype/device)`` and ``copy.deepcopy``."""
+    return module.to(memory_format=torch.channels_last)
 
 
 class _AttentionBase(nn.Module):
@@ -110,6 +122,7 @@ class HybridScaleAttention(_AttentionBase):
         self.q2 = nn.Linear(dim, dim // 2, bias=qkv_bias)
         self.kv2 = nn.Linear(dim, dim, bias=qkv_bias)
         self.apply(init_weights)
+        use_channels_last(self)
 
     def forward(self, x, H, W, mask=None):
         if mask is not None:
@@ -146,6 +159,7 @@ class SelfGuidedAttention(_AttentionBase):
         for p, r in enumerate(REALLOCATION_GROUPS[sr_ratio], start=1):
             setattr(self, f"f{p}", nn.Linear(r, 1))
         self.apply(init_weights)
+        use_channels_last(self)
 
     @property
     def aggregators(self):
@@ -173,6 +187,7 @@ class GlobalAttention(_AttentionBase):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.apply(init_weights)
+        use_channels_last(self)
 
     def forward(self, x, H, W, mask=None):
         _check_input(self, x, H, W)

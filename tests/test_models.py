@@ -136,6 +136,37 @@ def test_patch_model_replaces_modules_named_attention_and_keeps_weights():
     assert sgattn.patch_model(model) == 0  # sgattn's own modules are left alone
 
 
+def _conv_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_sgattn_model_keeps_channels_last_convolutions_and_matches_the_naive_model():
+    """sgattn's model stores conv weights channels-last (the token maps' memory
+    order); the naive model keeps the paper's NCHW. Same weights, same outputs
+    (float64: the importance sort makes fp32 comparisons tie-sensitive), and
+    the layout survives load_state_dict, dtype changes and deepcopy."""
+    import copy
+
+    from sgattn import naive
+
+    torch.manual_seed(0)
+    ref = naive.naive_sgformer("sgformer_s", strict=False, num_classes=10).double().eval()
+    model = sgformer_s(num_classes=10)
+    model.load_state_dict(ref.state_dict())
+    model = copy.deepcopy(model.double()).eval()
+    for w in _conv_weights(model):  # stride 1 on channels (also for depthwise [C, 1, k, k])
+        assert w.stride(1) == 1 and w.is_contiguous(memory_format=torch.channels_last), w.shape
+    assert any(w.stride(1) != 1 for w in _conv_weights(ref))
+    assert all(w.is_contiguous() for w in _conv_weights(sgformer_s(channels_last=False)))
+    x = torch.randn(2, 3, 96, 160, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-10, atol=1e-10)
+    model.train()
+    model(x).sum().backward()  # gradients take the parameters' layout
+    for w in _conv_weights(model):
+        assert w.grad is not None and w.grad.stride() == w.stride()
+
+
 RESOLUTION_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     from sgattn.models import sgformer_s

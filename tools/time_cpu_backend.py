@@ -64,6 +64,8 @@ ISSUE11 = [
     ("1024x1024 global (sr 8)", (2, 1, 65536, 1024, 32), None),
     ("self-guided at 512", (1, 2, 16384, 1254, 32), None),
     ("stage-1 window 7 at 224", (8, 1, 3136, 3136, 32), (56, 56)),
+    ("self-guided stage 3 at 896", (1, 8, 3136, 2352, 32), None),
+    ("self-guided stage 1 at 896", (1, 2, 50176, 960, 32), None),
 ]
 
 

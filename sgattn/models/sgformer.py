@@ -104,8 +104,7 @@ class DWConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
 
     def forward(self, x, H, W):
-        B, N, C = x.shape
-        return self.dwconv(x.transpose(1, 2).reshape(B, C, H, W)).flatten(2).transpose(1, 2)
+        return self.dwconv(sgnn.tokens_to_grid(x, H, W)).flatten(2).transpose(1, 2)
 
 
 class Mlp(nn.Module):
@@ -151,6 +150,10 @@ class SGFormer(nn.Module):
     H x W >= 32 x 32 resample it. ``features_only`` makes ``forward`` return
     the normalised stage maps [B, C_i, H_i, W_i] for ``out_indices``.
     ``attn_layer`` builds each block's attention (default ``sgattn.nn.Attention``).
+    ``channels_last`` (default True) stores every convolution weight
+    channels-last, the memory order of the token maps, so no convolution
+    converts its input or output (``sgattn.nn.use_channels_last``); False stores
+    them NCHW, as the paper's code does.
 
     timm API: ``forward_features`` (the unpooled, normalised stage-4 map
     [B, C4, H/32, W/32]), ``forward_head(x, pre_logits=False)``,
@@ -161,7 +164,7 @@ class SGFormer(nn.Module):
 
     def __init__(self, embed_dims, num_heads, depths, img_size=224, num_classes=1000, drop_rate=0.0,
                  attn_drop_rate=0.0, drop_path_rate=0.0, features_only=False, out_indices=(0, 1, 2, 3),
-                 mlp_ratio=4.0, attn_layer=sgnn.Attention, in_chans=3, global_pool="avg"):
+                 mlp_ratio=4.0, attn_layer=sgnn.Attention, in_chans=3, global_pool="avg", channels_last=True):
         super().__init__()
         if any(i not in range(4) for i in out_indices):
             raise ValueError(f"out_indices must be stage indices in 0..3, got {out_indices}")
@@ -201,6 +204,8 @@ class SGFormer(nn.Module):
         self.apply(sgnn.init_weights)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed(embed_dims[0], self.pos_grid)[None])
+        # (after the attention modules, which make their own convs channels-last)
+        self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     # ------------------------------------------------------------ timm API ---
 
