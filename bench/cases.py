@@ -8,8 +8,8 @@ Shape sets (``SGATTN_BENCH_SHAPES``, default ``full`` on a GPU, ``cpu`` on a CPU
   1024x1024 and 800x1344 (batch 2); S and M share their per-stage shapes, so the
   op suites list them once as "S/M"; whole models S, M, B.
 - ``cpu``: S stages at 224 batch 2 and 1024x1024 batch 1 (forward only);
-  sgformer_s at 224
-  (batch 2, inference and training) and 1024x1024 (batch 1, inference).
+  sgformer_s at 224 (batch 2, inference and training), 896x896 (batch 1,
+  inference) and 512x512 (batch 1, training).
 - ``smoke``: tiny shapes that exercise every code path in seconds (CI).
 """
 from __future__ import annotations
@@ -62,8 +62,10 @@ def shape_set(name=None, device_type="cpu"):
         ops += [dict(op_shape("S/M", "1024", s, batch=1), modes=["fwd"]) for s in (1, 2, 3)]
         st4 = [op_shape("S/M", "224", 4, batch=2), dict(op_shape("S/M", "1024", 4, batch=1), modes=["fwd"])]
         models = [{"variant": "sgformer_s", "res_label": "224", "resolution": [224, 224], "batch": 2},
-                  {"variant": "sgformer_s", "res_label": "1024", "resolution": [1024, 1024], "batch": 1,
-                   "modes": ["infer"]}]
+                  {"variant": "sgformer_s", "res_label": "896", "resolution": [896, 896], "batch": 1,
+                   "modes": ["infer"]},
+                  {"variant": "sgformer_s", "res_label": "512", "resolution": [512, 512], "batch": 1,
+                   "modes": ["train"]}]
         return {"name": name, "ops": ops, "stage4": st4, "models": models}
     if name == "full":
         ops, st4, models = [], [], []
@@ -91,8 +93,8 @@ def priority(suite, shape, models_first=False):
     target = (shape.get("variant") in ("S/M", "sgformer_s") and res in ("224", "1024", "112")
               and shape.get("stage", 1) in (1, 2, 3, 4))
     if suite == "model":
-        target = shape["variant"] == "sgformer_s" and res in ("224", "112", "1024")
-    order = {"224": 0, "112": 0, "smoke": 0, "1024": 1, "512": 2, "800x1344": 3}.get(res, 4)
+        target = shape["variant"] == "sgformer_s" and res in ("224", "112", "1024", "896", "512")
+    order = {"224": 0, "112": 0, "smoke": 0, "1024": 1, "896": 1, "512": 2, "800x1344": 3}.get(res, 4)
     if models_first and suite == "model" and target:
         return (-1, order, 0, 0)
     return (0 if target else 1, order, 1 if suite == "model" else 0, shape.get("stage", 0))

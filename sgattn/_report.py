@@ -142,20 +142,33 @@ def rounds_for(single_s: float, min_rounds=3, max_rounds=100, target_s=0.5) -> i
 # ---------------------------------------------------------------- memory ----
 
 _M_MMAP_THRESHOLD = -3
-_malloc_fixed = False
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for its dynamic threshold (64-bit)
 
 
-def _fix_malloc_threshold():
-    """Large CPU allocations go to mmap and return to the OS when freed, so
-    that resident-set peaks measure each case (glibc otherwise raises its
-    mmap threshold dynamically and keeps freed memory)."""
-    global _malloc_fixed
-    if not _malloc_fixed:
+class _MeasuredMalloc:
+    """While measuring a resident-set peak: large CPU allocations go to mmap
+    and return to the OS when freed, and freed heap memory is trimmed first,
+    so the peak is this case's. Afterwards the threshold is 32 MiB, where
+    glibc's dynamic threshold settles in a long-running process: the timed
+    calls then reuse memory as a user's process does instead of page-faulting
+    every large tensor in (which a 1 MiB threshold would make them do)."""
+
+    def __init__(self):
         try:
-            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-        except Exception:
-            pass
-        _malloc_fixed = True
+            self.libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            self.libc = None
+
+    def __enter__(self):
+        if self.libc is not None:
+            self.libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+            self.libc.malloc_trim(0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.libc is not None:
+            self.libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        return False
 
 
 def _proc_status(key):
@@ -175,16 +188,16 @@ def peak_memory(fn, device) -> int | None:
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    _fix_malloc_threshold()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _proc_status("VmRSS")
-        fn()
-        return max(0, _proc_status("VmHWM") - base)
-    except OSError:
-        fn()
-        return None
+    with _MeasuredMalloc():
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = _proc_status("VmRSS")
+            fn()
+            return max(0, _proc_status("VmHWM") - base)
+        except OSError:
+            fn()
+            return None
 
 
 # ----------------------------------------------------------------- peaks ----
