@@ -102,15 +102,17 @@ class Scratch {
   char* base_ = nullptr;
 };
 
-// A shared (not per-thread) buffer of a * b elements, zero-filled, within the total limit.
+// A shared (not per-thread) buffer of a * b elements, zero-filled (uninitialised
+// when !zero: the work items fill their own parts), within the total limit.
 template <typename E>
-at::Tensor shared_buffer(int64_t a, int64_t b, at::ScalarType st, const char* op, const char* what) {
+at::Tensor shared_buffer(int64_t a, int64_t b, at::ScalarType st, const char* op, const char* what,
+                         bool zero = true) {
   int64_t n = 0, nb = 0;
   TORCH_CHECK(!__builtin_mul_overflow(a, b, &n) && !__builtin_mul_overflow(n, static_cast<int64_t>(sizeof(E)), &nb) &&
                   nb <= kMaxTotalScratch,
               op, ": ", what, " would need ", a, " x ", b, " elements of scratch, above the cpu kernel's limit of ",
               kMaxTotalScratch >> 30, " GiB; such sizes are not supported");
-  return at::zeros({a, b}, at::TensorOptions().dtype(st));
+  return zero ? at::zeros({a, b}, at::TensorOptions().dtype(st)) : at::empty({a, b}, at::TensorOptions().dtype(st));
 }
 
 // ---------------------------------------------------------------- validation
@@ -213,7 +215,20 @@ void put_rows(T* base, const float* src, int64_t ld, const int64_t* tok, int64_t
 }
 
 constexpr int64_t kQB = 64;      // query rows per tile
-constexpr int64_t kChunks = 64;  // global forward: work items per call (fewer per batch item as B grows)
+constexpr int64_t kChunks = 64;  // global forward and backward: work items per call (fewer per item as B*h grows)
+// Global backward: floats of a P (or dP) tile up to which the query block grows
+// past kQB (to at most 256 rows).
+constexpr int64_t kBwdTileFloats = 16384;
+constexpr int64_t kRB = 32;  // global backward: key rows per item of the partials' reduction
+// Global backward: bytes of fp32 dK/dV partials per call (chunks * Mp * (dp + dvp)
+// floats); shapes that would need more split each head into fewer chunks. A
+// larger buffer is fresh memory on every call (above glibc's largest mmap
+// threshold, 32 MiB) whose first-touch page faults cost more than the chunks
+// gain: B*h = 8, M = 2352, d = 32 ran 16% slower on one thread with 8 chunks
+// per head (38.5 MB) than with 6 (28.9 MB, within this bound), and no slower
+// than one chunk. 32 MiB holds kChunks = 64 slices (the most a call has) of
+// M = 2048 keys with d = dv = 32; M = 8192 with d = dv = 64 gets 8 chunks in all.
+constexpr int64_t kMaxBwdPartials = int64_t(32) << 20;
 
 // Forward. Every work partition below depends on the shapes only, never on the
 // thread count, and every reduction runs in a fixed order: results are
@@ -397,9 +412,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
 }
 
 // Backward: recomputes each tile's probabilities (never the N x M matrix).
-// Global mode: work items (b, h) own their dK, dV and walk the query blocks;
-// window mode: items (b, window) own the window's keys. Deterministic and
-// independent of the thread count.
+// Global mode: work items (b, h, chunk of query blocks), the chunks' dK, dV
+// partials reduced in a fixed order (see below); window mode: items
+// (b, window) own the window's keys. Deterministic and independent of the
+// thread count.
 template <typename T>
 void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        double scale_d, int64_t window, int64_t H, int64_t W, at::Tensor& dq, at::Tensor& dk,
@@ -414,9 +430,24 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
   T* dvp_ = dv_t.data_ptr<T>();
   if (window > 0 && Windows(H, W, window).count() == 1) window = 0;  // one window: global attention
   if (window == 0) {
-    // Global mode: items (b, h) own their dK, dV and walk the query blocks in
-    // order; five BLAS GEMMs per block (see tile_backward_blas).
-    const int64_t nq_max = std::min(kQB, N), Mp = pad16(M);
+    // Global mode: work items (b, h, c), c one of per_bh chunks of consecutive
+    // query blocks; five BLAS GEMMs per block (see tile_backward_blas). An item
+    // writes the dQ rows of its own blocks (exclusive). With one chunk per head
+    // it owns the head's dK, dV and writes them; with more, each item
+    // accumulates dK, dV over its blocks into its own fp32 partial slice, and
+    // the slices are summed in the fixed order c = 0..per_bh-1 afterwards.
+    // fp32 partials: each is a sum over a chunk's blocks exactly as the
+    // one-chunk path accumulates all of a head's blocks (BLAS, beta = 1), and
+    // summing per_bh of them is no less accurate than that sequential sum.
+    const int64_t Mp = pad16(M), BH = B * h, target = (kChunks + BH - 1) / BH;
+    // Query block: 64 rows, up to 256 while the P and dP tiles stay within
+    // kBwdTileFloats each (64 KiB, L2-resident) and the head keeps at least
+    // `target` blocks: with few keys, fewer and larger GEMMs amortise the
+    // BLAS's per-call cost (M = 49, N = 3136: 13 blocks, 65 GEMMs per head
+    // instead of 49 and 245; ~25% less backward time on one thread).
+    int64_t QB = kQB;
+    while (QB < 256 && Mp <= kBwdTileFloats / (2 * QB) && (N + 2 * QB - 1) / (2 * QB) >= target) QB *= 2;
+    const int64_t nq_max = std::min(QB, N), nqb = (N + nq_max - 1) / nq_max;
     constexpr bool is_f32 = std::is_same_v<T, float>;
     auto direct = [&](const View4<T>& t, int64_t c) {
       return is_f32 && t.s3 == 1 && t.s2 >= c && t.s2 <= std::numeric_limits<int>::max();
@@ -427,18 +458,28 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                   hVr = sc.reserve<float>(Mp, dvp), hdO = sc.reserve<float>(nq_max, dvp),
                   hP = sc.reserve<float>(nq_max, Mp), hdP = sc.reserve<float>(nq_max, Mp),
                   hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(Mp, dp),
-                  hdV = sc.reserve<float>(Mp, dvp);
+                  hdV = sc.reserve<float>(Mp, dvp), hAcc = sc.reserve<float>(kRB, dp + dvp);
     TORCH_CHECK(!sc.too_big(), op, ": ", M, " keys per row with d=", d, ", dv=", dv, " need more than ",
                 kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
+    // Partials: per_bh slices of Mp * (dp + dvp) floats per head, at most
+    // kMaxBwdPartials bytes in all (fewer chunks per head beyond that).
+    const int64_t slice = Mp * (dp + dvp);  // no overflow: the scratch (Kr, Vr) holds as much
+    int64_t per_bh = std::min(nqb, target);
+    if (per_bh > 1) per_bh = std::min(per_bh, kMaxBwdPartials / static_cast<int64_t>(sizeof(float)) / slice / BH);
+    per_bh = std::max<int64_t>(per_bh, 1);
+    const int64_t ntask = BH * per_bh, nrb = (M + kRB - 1) / kRB;
+    at::Tensor partial_t = per_bh > 1 ? shared_buffer<float>(ntask, slice, at::kFloat, op, "the dK/dV partials", false)
+                                      : at::Tensor();
+    float* partial = per_bh > 1 ? partial_t.data_ptr<float>() : nullptr;
     const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
     {
       float *Qs = sc.get<float>(hQs), *Kr = sc.get<float>(hKr), *Vr = sc.get<float>(hVr),
-            *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *dQ = sc.get<float>(hdQ),
-            *dK = sc.get<float>(hdK), *dV = sc.get<float>(hdV);
+            *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *dQ = sc.get<float>(hdQ);
 #pragma omp for schedule(static)
-      for (int64_t task = 0; task < B * h; ++task) {
-        const int64_t b = task / h, hh = task % h;
+      for (int64_t task = 0; task < ntask; ++task) {
+        const int64_t bh = task / per_bh, c = task % per_bh, b = bh / h, hh = bh % h;
+        const int64_t blk0 = c * nqb / per_bh, blk1 = (c + 1) * nqb / per_bh;
         const float *kp = Kr, *vp = Vr;
         int64_t ldk = dp, ldv = dvp;
         if (dirK) {
@@ -453,17 +494,54 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
         } else {
           gather_rows(V, b, hh, nullptr, 0, M, dv, 1.0f, Vr, dvp, false);
         }
-        std::fill(dK, dK + Mp * dp, 0.0f);
-        std::fill(dV, dV + Mp * dvp, 0.0f);
-        for (int64_t i0 = 0; i0 < N; i0 += nq_max) {
-          const int64_t nq = std::min(nq_max, N - i0);
+        // The item's dK [Mp][dp] and dV [Mp][dvp]: its partial slice or the
+        // thread's scratch, overwritten by its first block (every item has at
+        // least one: per_bh <= nqb) and accumulated by the others. Only rows
+        // < M and columns < d (dv) are read back.
+        float* dK = partial ? partial + task * slice : sc.get<float>(hdK);
+        float* dV = partial ? dK + Mp * dp : sc.get<float>(hdV);
+        for (int64_t blk = blk0; blk < blk1; ++blk) {
+          const int64_t i0 = blk * nq_max, nq = std::min(nq_max, N - i0);
           gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, dp, false);
           gather_rows(dO, b, hh, nullptr, i0, nq, dv, 1.0f, dOs, dvp, false);
-          tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kp, ldk, vp, ldv, dOs, P, dP, dQ, dK, dV);
-          put_rows(dqp + (b * h + hh) * N * d, dQ, dp, nullptr, i0, nq, d);
+          tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kp, ldk, vp, ldv, dOs, P, dP, dQ, dK, dV,
+                             blk == blk0 ? 0.0f : 1.0f);
+          put_rows(dqp + bh * N * d, dQ, dp, nullptr, i0, nq, d);
         }
-        put_rows(dkp + (b * h + hh) * M * d, dK, dp, nullptr, 0, M, d);
-        put_rows(dvp_ + (b * h + hh) * M * dv, dV, dvp, nullptr, 0, M, dv);
+        if (!partial) {
+          put_rows(dkp + bh * M * d, dK, dp, nullptr, 0, M, d);
+          put_rows(dvp_ + bh * M * dv, dV, dvp, nullptr, 0, M, dv);
+        }
+      }
+      if (partial) {
+        // After the loop's implicit barrier: each key row of each head sums its
+        // per_bh partials in the order c = 0, 1, ..., whoever runs it. Items of
+        // kRB rows, slices outer: each slice is read as a contiguous run.
+        float* acc = sc.get<float>(hAcc);
+#pragma omp for schedule(static) nowait  // the region's end is the barrier
+        for (int64_t item = 0; item < BH * nrb; ++item) {
+          const int64_t bh = item / nrb, j0 = item % nrb * kRB, nj = std::min(kRB, M - j0);
+          const float* src = partial + bh * per_bh * slice;
+          float* ak = acc;
+          float* av = acc + kRB * dp;
+          for (int64_t c = 0; c < per_bh; ++c) {  // padding columns (never written) are skipped
+            const float* sk = src + c * slice + j0 * dp;
+            const float* sv = src + c * slice + Mp * dp + j0 * dvp;
+            for (int64_t i = 0; i < nj; ++i) {
+              if (c == 0) {
+                std::copy(sk + i * dp, sk + i * dp + d, ak + i * dp);
+                std::copy(sv + i * dvp, sv + i * dvp + dv, av + i * dvp);
+                continue;
+              }
+#pragma omp simd
+              for (int64_t e = 0; e < d; ++e) ak[i * dp + e] += sk[i * dp + e];
+#pragma omp simd
+              for (int64_t e = 0; e < dv; ++e) av[i * dvp + e] += sv[i * dvp + e];
+            }
+          }
+          put_rows(dkp + bh * M * d, ak, dp, nullptr, j0, nj, d);
+          put_rows(dvp_ + bh * M * dv, av, dvp, nullptr, j0, nj, dv);
+        }
       }
     }
     return;

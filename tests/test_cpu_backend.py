@@ -46,6 +46,10 @@ ATTN_CASES = [
     (2, 1, 33, 147, 72, 72, None, None),
     (1, 2, 1025, 17, 32, 48, None, None),
     (3, 2, 5, 1, 16, 16, None, None),
+    # Global backward split over chunks of query blocks with fp32 dK/dV partials:
+    # one head (16 chunks of 64 rows), and 8 heads of 49 keys (256-row blocks, 8 chunks each).
+    (1, 1, 1000, 300, 32, 32, None, None),
+    (4, 2, 2048, 49, 16, 24, None, None),
     (2, 2, 99, 99, 24, 24, 7, (9, 11)),
     (1, 3, 196, 196, 32, 32, 7, (14, 14)),
     (2, 2, 91, 91, 40, 40, 7, (13, 7)),

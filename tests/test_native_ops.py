@@ -446,7 +446,17 @@ def _all_results():
     x, idx, w, b = agg_inputs(B=3, N=197, C=70, G=2, groups=(49, 14, 7))
     M = reference.reallocated_length(197, (49, 14, 7))
     grad = torch.randn(2, 3, M, 70)
-    res = [*OPS.attention_fwd(q, k, v, 0.25, 0, 0, 0, True),
+    # Global backward with one head: its query blocks split into chunks whose
+    # dK/dV partials are reduced in a fixed order (fp32 direct and bf16 gathered);
+    # 8 heads of 49 keys: 256-row query blocks, 8 chunks per head.
+    q1, k1, v1 = heads_view(1, 1000, 1, 16), heads_view(1, 300, 1, 16), heads_view(1, 300, 1, 24)
+    dout1 = torch.randn(1, 1, 1000, 24)
+    q8, k8, v8 = heads_view(4, 2048, 2, 16), heads_view(4, 49, 2, 16), heads_view(4, 49, 2, 16)
+    dout8 = torch.randn(4, 2, 2048, 16)
+    res = [*OPS.attention_bwd(dout1, q1, k1, v1, 0.25, 0, 0, 0),
+           *OPS.attention_bwd(*(t.bfloat16() for t in (dout1, q1, k1, v1)), 0.25, 0, 0, 0),
+           *OPS.attention_bwd(dout8, q8, k8, v8, 0.25, 0, 0, 0),
+           *OPS.attention_fwd(q, k, v, 0.25, 0, 0, 0, True),
            *OPS.attention_fwd(qw, qw, qw, 0.25, 7, 10, 13, True),
            *OPS.attention_bwd(dout, q, k, v, 0.25, 0, 0, 0),
            *OPS.attention_bwd(doutw, qw, qw, qw, 0.25, 7, 10, 13),

@@ -225,10 +225,12 @@ inline void tile_backward(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_
 
 // Backward of one tile with BLAS GEMMs (global mode). Qs [nq][dp] (scaled by
 // scale), K [nk] rows of ldk, V [nk] rows of ldv, dO [nq][dvp]. Writes dQ
-// [nq][dp]; accumulates dK [nk][dp] and dV [nk][dvp]. Scratch P, dP [nq][nkp].
+// [nq][dp]; accumulates dK [nk][dp] and dV [nk][dvp] (kv_beta = 1), or
+// overwrites them (kv_beta = 0: their old contents, even garbage, are not read).
+// Scratch P, dP [nq][nkp].
 inline void tile_backward_blas(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_t dp, int64_t dv, int64_t dvp,
                         float scale, const float* Qs, const float* K, int64_t ldk, const float* V, int64_t ldv,
-                        const float* dO, float* P, float* dP, float* dQ, float* dK, float* dV) {
+                        const float* dO, float* P, float* dP, float* dQ, float* dK, float* dV, float kv_beta = 1.0f) {
   gemm_rm(false, true, nq, nk, d, 1.0f, Qs, dp, K, ldk, 0.0f, P, nkp);
   softmax_rows(P, nq, nk, nkp, nullptr, nullptr);
   gemm_rm(false, true, nq, nk, dv, 1.0f, dO, dvp, V, ldv, 0.0f, dP, nkp);
@@ -245,8 +247,8 @@ inline void tile_backward_blas(int64_t nq, int64_t nk, int64_t nkp, int64_t d, i
     for (int64_t j = nk8; j < nk; ++j) g[j] = p[j] * (g[j] - D);
   }
   gemm_rm(false, false, nq, d, nk, scale, dP, nkp, K, ldk, 0.0f, dQ, dp);
-  gemm_rm(true, false, nk, d, nq, 1.0f, dP, nkp, Qs, dp, 1.0f, dK, dp);  // Qs carries the scale
-  gemm_rm(true, false, nk, dv, nq, 1.0f, P, nkp, dO, dvp, 1.0f, dV, dvp);
+  gemm_rm(true, false, nk, d, nq, 1.0f, dP, nkp, Qs, dp, kv_beta, dK, dp);  // Qs carries the scale
+  gemm_rm(true, false, nk, dv, nq, 1.0f, P, nkp, dO, dvp, kv_beta, dV, dvp);
 }
 
 // Non-overlapping w x w windows on the H x W grid (SPEC 2a), the same windows
