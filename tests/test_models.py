@@ -137,7 +137,9 @@ def test_patch_model_replaces_modules_named_attention_and_keeps_weights():
 
 
 def _conv_weights(model):
-    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    """Weights of the convolutions on token maps (all but the stem's)."""
+    return [m.weight for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and not name.startswith("patch_embed1.")]
 
 
 def test_sgattn_model_keeps_channels_last_convolutions_and_matches_the_naive_model():
@@ -158,6 +160,7 @@ def test_sgattn_model_keeps_channels_last_convolutions_and_matches_the_naive_mod
         assert w.stride(1) == 1 and w.is_contiguous(memory_format=torch.channels_last), w.shape
     assert any(w.stride(1) != 1 for w in _conv_weights(ref))
     assert all(w.is_contiguous() for w in _conv_weights(sgformer_s(channels_last=False)))
+    assert all(m.weight.is_contiguous() for m in model.patch_embed1.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.randn(2, 3, 96, 160, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-10, atol=1e-10)
