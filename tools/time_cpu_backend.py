@@ -10,6 +10,11 @@ it on pre-partitioned windows) at the issue-11 shapes, forward and
 forward+backward, interleaved, and prints min/median/max.
 With --threads 1 it measures the calling thread's CPU time (time.thread_time),
 which preemption on a shared machine does not inflate; otherwise wall time.
+
+python tools/time_cpu_backend.py --models [--threads N] [--reps R]
+times sgformer_s inference at 896x896 and a training step at 512x512 (batch 1):
+the naive model, sgattn's model on the cpu backend, and the naive model with
+channels-last convolutions, interleaved (wall time).
 """
 import argparse
 import time
@@ -115,10 +120,60 @@ def issue11(args, clock):
                   f"{fmt(ts):>26s} {statistics.median(tc) / statistics.median(ts):9.2f}x", flush=True)
 
 
+def models(args):
+    """sgformer_s inference at 896x896 and a training step at 512x512, batch 1:
+    the naive model (the authors' attention, NCHW convolutions as in their
+    code), sgattn's model on the cpu backend (channels-last convolutions) and,
+    to separate the two effects, the naive model with channels-last
+    convolutions; same weights, interleaved, wall time."""
+    import statistics
+
+    import torch.nn.functional as F
+
+    import sgattn
+    from sgattn import naive
+
+    torch.manual_seed(0)
+    ref = naive.naive_sgformer("sgformer_s", strict=False)
+    own = sgattn.models.sgformer_s()
+    own.load_state_dict(ref.state_dict())
+    ref_cl = naive.naive_sgformer("sgformer_s", strict=False, channels_last=True)
+    ref_cl.load_state_dict(ref.state_dict())
+    impls = {"naive": ref, "sgattn:cpu": own, "naive, channels-last convs": ref_cl}
+    for mode, res in (("infer", 896), ("train", 512)):
+        x, y = torch.randn(1, 3, res, res), torch.tensor([1])
+
+        def step(model):
+            with sgattn.use_backend("cpu"):
+                if mode == "infer":
+                    model.eval()
+                    with torch.no_grad():
+                        model(x)
+                else:
+                    model.train()
+                    F.cross_entropy(model(x), y).backward()
+
+        times = {k: [] for k in impls}
+        for model in impls.values():
+            step(model)
+        for _ in range(args.reps):
+            for k, model in impls.items():
+                t = time.perf_counter()
+                step(model)
+                times[k].append(time.perf_counter() - t)
+        base = statistics.median(times["naive"])
+        for k, ts in times.items():
+            print(f"sgformer_s {mode} {res}x{res} b1  {k:28s} min/med/max {min(ts) * 1e3:8.0f}/"
+                  f"{statistics.median(ts) * 1e3:8.0f}/{max(ts) * 1e3:8.0f} ms   naive/this "
+                  f"{base / statistics.median(ts):.2f}x", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--issue11", action="store_true", help="issue-11 shapes against SDPA")
     ap.add_argument("--only", default="", help="with --issue11: comma-separated shape indices")
+    ap.add_argument("--models", action="store_true",
+                    help="sgformer_s 896 inference / 512 training: naive vs sgattn:cpu, interleaved")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
@@ -130,6 +185,8 @@ def main():
           f"{'thread CPU time' if args.threads == 1 else 'wall time'}")
     if args.issue11:
         return issue11(args, clock)
+    if args.models:
+        return models(args)
     print(f"{'shape':48s} {'dtype':9s} {'pass':8s} {'reference ms':>12s} {'cpu ms':>9s} {'speedup':>8s}")
     for name, kind, cfg in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
