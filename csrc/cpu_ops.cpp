@@ -275,7 +275,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     Scratch sc;
     const int64_t hK = sc.reserve<float>(Mp, d), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(QB, d),
                   hS = sc.reserve<float>(QB, Mp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
-                  hC = sc.reserve<float>(Mp, 1);
+                  hC = sc.reserve<float>(Mp, 1), hR = sc.reserve<float>(QB, 1);
     TORCH_CHECK(!sc.too_big(), op, ": M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
                 kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
     at::Tensor partial_t = need_imp ? shared_buffer<double>(ntask, M, at::kDouble, op, "the importance partials")
@@ -285,7 +285,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 #pragma omp parallel num_threads(nt)
     {
       float *Kr = sc.get<float>(hK), *Vf = sc.get<float>(hV), *Qs = sc.get<float>(hQ), *S = sc.get<float>(hS),
-            *O = sc.get<float>(hO), *L = sc.get<float>(hL), *cs = sc.get<float>(hC);
+            *O = sc.get<float>(hO), *L = sc.get<float>(hL), *cs = sc.get<float>(hC), *Ri = sc.get<float>(hR);
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < ntask; ++task) {
         const int64_t b = task / per_b, c = task % per_b;
@@ -312,14 +312,22 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
             if (acc) std::fill(cs, cs + Mp, 0.0f);
             // S = Qs K^T, softmax rows (and their column sums), O = P V.
             gemm_rm(false, true, nq, M, d, 1.0f, Qs, d, kp, ldk, 0.0f, S, Mp);
-            softmax_rows(S, nq, M, Mp, L, acc ? cs : nullptr);
+            // The rows stay unnormalised and O's rows are scaled instead (the
+            // nq x M tile is not written a third time).
+            softmax_rows(S, nq, M, Mp, L, acc ? cs : nullptr, Ri);
+            auto normalise = [&](float* rows, int64_t ld) {
+              for (int64_t i = 0; i < nq; ++i)
+                for (int64_t e = 0; e < dv; ++e) rows[i * ld + e] *= Ri[i];
+            };
             if (dirO) {  // fp32 output: written in place, rows i0.. of (b, hh)
               float* orow = reinterpret_cast<float*>(o) + ((b * h + hh) * N + i0) * dv;
               gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vp, ldv, 0.0f, orow, dv);
+              normalise(orow, dv);
               float* lrow = l + (b * h + hh) * N + i0;
               std::copy(L, L + nq, lrow);
             } else {
               gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vp, ldv, 0.0f, O, dvp);
+              normalise(O, dvp);
               store(b, hh, nullptr, i0, nq, O, L);
             }
             if (acc) {  // a tile's fp32 column sums, accumulated in double in a fixed order

@@ -142,7 +142,11 @@ inline void gemm(const float* A, int64_t lda, int64_t nrows, int64_t K, const fl
 
 // Exact softmax of each score row S[i][0:nk] in place (padding [nk, nkp) set
 // to zero); optional row log-sum-exp and column sums (colsum has nkp entries).
-inline void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* lse, float* colsum) {
+// With row_inv the rows are left unnormalised, exp(s - max), and row_inv[i] =
+// 1 / sum: the caller scales P.V's rows instead, and the tile is not written
+// a third time (the column sums, if asked for, only read it).
+inline void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* lse, float* colsum,
+                         float* row_inv = nullptr) {
   const int64_t nk8 = nk / 8 * 8;
   for (int64_t i = 0; i < nq; ++i) {
     float* s = S + i * nkp;
@@ -166,7 +170,13 @@ inline void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* l
     float sum = 0.0f;
     for (int l = 0; l < 8; ++l) sum += vsum[l];
     const float inv = 1.0f / sum;
-    if (colsum) {
+    if (row_inv) {
+      row_inv[i] = inv;
+      if (colsum) {
+        const v8f vinv = splat(inv);
+        for (int64_t j = 0; j < nkp; j += 8) st8(colsum + j, fmadd(ld8(s + j), vinv, ld8(colsum + j)));
+      }
+    } else if (colsum) {
       for (int64_t j = 0; j < nkp; j += 8) {
         const v8f p = ld8(s + j) * inv;
         st8(s + j, p);
