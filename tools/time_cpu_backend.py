@@ -181,8 +181,9 @@ def main():
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     cpu, ref = get_backend("cpu"), get_backend("reference")
-    print(f"torch {torch.__version__}, threads {args.threads}, batch {args.batch}; best of {args.reps}, "
-          f"{'thread CPU time' if args.threads == 1 else 'wall time'}")
+    batch = "" if (args.issue11 or args.models) else f", batch {args.batch}"  # those fix their own shapes
+    print(f"torch {torch.__version__}, threads {args.threads}{batch}; {args.reps} repetitions, "
+          f"{'thread CPU time' if args.threads == 1 and not args.models else 'wall time'}")
     if args.issue11:
         return issue11(args, clock)
     if args.models:
