@@ -205,6 +205,25 @@ void gather_rows(const View4<T>& v, int64_t b, int64_t h, const int64_t* tok, in
   }
 }
 
+// The n rows of (b, h) as a BLAS operand (global paths): fp32 rows with unit
+// stride are used in place (ld = their row stride); others are converted
+// (gathered) into the fp32 scratch, whose row stride is ld_scratch.
+template <typename T>
+bool blas_in_place(const View4<T>& v, int64_t c) {
+  return std::is_same_v<T, float> && v.s3 == 1 && v.s2 >= c && v.s2 <= std::numeric_limits<int>::max();
+}
+struct Rows {
+  const float* p;
+  int64_t ld;
+};
+template <typename T>
+Rows blas_rows(const View4<T>& v, bool in_place, int64_t b, int64_t h, int64_t n, int64_t c, float* scratch,
+               int64_t ld_scratch) {
+  if (in_place) return {reinterpret_cast<const float*>(v.row(b, h, 0)), v.s2};
+  gather_rows(v, b, h, nullptr, 0, n, c, 1.0f, scratch, ld_scratch, false);
+  return {scratch, ld_scratch};
+}
+
 // Writes n rows src[i * ld + 0:c] to base[row * c + 0:c], row = tok[i] (or first + i).
 template <typename T>
 void put_rows(T* base, const float* src, int64_t ld, const int64_t* tok, int64_t first, int64_t n, int64_t c) {
@@ -265,13 +284,10 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
     const int64_t nqb = (N + QB - 1) / QB;
     const int64_t per_b = std::min(nqb, (kChunks + B - 1) / B), ntask = B * per_b;
-    // fp32 inputs with unit-stride rows feed the GEMMs directly; others are
-    // converted (gathered) into fp32 scratch first.
-    constexpr bool is_f32 = std::is_same_v<T, float>;
-    auto direct = [&](const View4<T>& t, int64_t c) {
-      return is_f32 && t.s3 == 1 && t.s2 >= c && t.s2 <= std::numeric_limits<int>::max();
-    };
-    const bool dirK = direct(K, d), dirV = direct(V, dv), dirO = is_f32 && dv <= std::numeric_limits<int>::max();
+    // fp32 K, V with unit-stride rows feed the GEMMs in place (blas_rows); an
+    // fp32 output is written in place too.
+    const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv),
+               dirO = std::is_same_v<T, float> && dv <= std::numeric_limits<int>::max();
     Scratch sc;
     const int64_t hK = sc.reserve<float>(Mp, d), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(QB, d),
                   hS = sc.reserve<float>(QB, Mp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
@@ -292,26 +308,13 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         const int64_t blk0 = c * nqb / per_b, blk1 = (c + 1) * nqb / per_b;
         double* acc = need_imp ? partial + task * M : nullptr;
         for (int64_t hh = 0; hh < h; ++hh) {
-          const float *kp = Kr, *vp = Vf;
-          int64_t ldk = d, ldv = dvp;
-          if (dirK) {
-            kp = reinterpret_cast<const float*>(K.row(b, hh, 0));
-            ldk = K.s2;
-          } else {
-            gather_rows(K, b, hh, nullptr, 0, M, d, 1.0f, Kr, d, false);
-          }
-          if (dirV) {
-            vp = reinterpret_cast<const float*>(V.row(b, hh, 0));
-            ldv = V.s2;
-          } else {
-            gather_rows(V, b, hh, nullptr, 0, M, dv, 1.0f, Vf, dvp, false);
-          }
+          const Rows kr = blas_rows(K, dirK, b, hh, M, d, Kr, d), vr = blas_rows(V, dirV, b, hh, M, dv, Vf, dvp);
           for (int64_t blk = blk0; blk < blk1; ++blk) {
             const int64_t i0 = blk * QB, nq = std::min(QB, N - i0);
             gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, d, false);
             if (acc) std::fill(cs, cs + Mp, 0.0f);
             // S = Qs K^T, softmax rows (and their column sums), O = P V.
-            gemm_rm(false, true, nq, M, d, 1.0f, Qs, d, kp, ldk, 0.0f, S, Mp);
+            gemm_rm(false, true, nq, M, d, 1.0f, Qs, d, kr.p, kr.ld, 0.0f, S, Mp);
             // The rows stay unnormalised and O's rows are scaled instead (the
             // nq x M tile is not written a third time).
             softmax_rows(S, nq, M, Mp, L, acc ? cs : nullptr, Ri);
@@ -321,12 +324,12 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
             };
             if (dirO) {  // fp32 output: written in place, rows i0.. of (b, hh)
               float* orow = reinterpret_cast<float*>(o) + ((b * h + hh) * N + i0) * dv;
-              gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vp, ldv, 0.0f, orow, dv);
+              gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vr.p, vr.ld, 0.0f, orow, dv);
               normalise(orow, dv);
               float* lrow = l + (b * h + hh) * N + i0;
               std::copy(L, L + nq, lrow);
             } else {
-              gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vp, ldv, 0.0f, O, dvp);
+              gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vr.p, vr.ld, 0.0f, O, dvp);
               normalise(O, dvp);
               store(b, hh, nullptr, i0, nq, O, L);
             }
@@ -456,11 +459,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
     int64_t QB = kQB;
     while (QB < 256 && Mp <= kBwdTileFloats / (2 * QB) && (N + 2 * QB - 1) / (2 * QB) >= target) QB *= 2;
     const int64_t nq_max = std::min(QB, N), nqb = (N + nq_max - 1) / nq_max;
-    constexpr bool is_f32 = std::is_same_v<T, float>;
-    auto direct = [&](const View4<T>& t, int64_t c) {
-      return is_f32 && t.s3 == 1 && t.s2 >= c && t.s2 <= std::numeric_limits<int>::max();
-    };
-    const bool dirK = direct(K, d), dirV = direct(V, dv);
+    const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv);
     Scratch sc;
     const int64_t hQs = sc.reserve<float>(nq_max, dp), hKr = sc.reserve<float>(Mp, dp),
                   hVr = sc.reserve<float>(Mp, dvp), hdO = sc.reserve<float>(nq_max, dvp),
@@ -488,20 +487,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
       for (int64_t task = 0; task < ntask; ++task) {
         const int64_t bh = task / per_bh, c = task % per_bh, b = bh / h, hh = bh % h;
         const int64_t blk0 = c * nqb / per_bh, blk1 = (c + 1) * nqb / per_bh;
-        const float *kp = Kr, *vp = Vr;
-        int64_t ldk = dp, ldv = dvp;
-        if (dirK) {
-          kp = reinterpret_cast<const float*>(K.row(b, hh, 0));
-          ldk = K.s2;
-        } else {
-          gather_rows(K, b, hh, nullptr, 0, M, d, 1.0f, Kr, dp, false);
-        }
-        if (dirV) {
-          vp = reinterpret_cast<const float*>(V.row(b, hh, 0));
-          ldv = V.s2;
-        } else {
-          gather_rows(V, b, hh, nullptr, 0, M, dv, 1.0f, Vr, dvp, false);
-        }
+        const Rows kr = blas_rows(K, dirK, b, hh, M, d, Kr, dp), vr = blas_rows(V, dirV, b, hh, M, dv, Vr, dvp);
         // The item's dK [Mp][dp] and dV [Mp][dvp]: its partial slice or the
         // thread's scratch, overwritten by its first block (every item has at
         // least one: per_bh <= nqb) and accumulated by the others. Only rows
@@ -512,7 +498,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
           const int64_t i0 = blk * nq_max, nq = std::min(nq_max, N - i0);
           gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, dp, false);
           gather_rows(dO, b, hh, nullptr, i0, nq, dv, 1.0f, dOs, dvp, false);
-          tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kp, ldk, vp, ldv, dOs, P, dP, dQ, dK, dV,
+          tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kr.p, kr.ld, vr.p, vr.ld, dOs, P, dP, dQ, dK, dV,
                              blk == blk0 ? 0.0f : 1.0f);
           put_rows(dqp + bh * N * d, dQ, dp, nullptr, i0, nq, d);
         }
@@ -554,18 +540,17 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
     }
     return;
   }
-  const bool windowed = window > 0;
-  const Windows geo(windowed ? H : 1, windowed ? W : 1, windowed ? window : 1);
-  const int64_t nk_max = windowed ? geo.max_tokens() : M, nq_max = std::min(kQB, windowed ? nk_max : N);
-  const int64_t nkp_max = pad16(nk_max);
-  const int64_t nW = geo.count(), ntask = windowed ? B * nW : B * h;
+  // Window mode: items (b, window) own the window's keys, all heads.
+  const Windows geo(H, W, window);
+  const int64_t nk_max = geo.max_tokens(), nq_max = std::min(kQB, nk_max), nkp_max = pad16(nk_max);
+  const int64_t nW = geo.count(), ntask = B * nW;
   Scratch sc;
   const int64_t hQs = sc.reserve<float>(nq_max, dp), hKr = sc.reserve<float>(nkp_max, dp),
                 hKt = sc.reserve<float>(d, nkp_max), hVt = sc.reserve<float>(dv, nkp_max),
                 hdO = sc.reserve<float>(nq_max, dvp), hP = sc.reserve<float>(nq_max, nkp_max),
                 hdP = sc.reserve<float>(nq_max, nkp_max), hTr = sc.reserve<float>(nkp_max, nq_max),
                 hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(nkp_max, dp),
-                hdV = sc.reserve<float>(nkp_max, dvp), hT = sc.reserve<int64_t>(windowed ? nk_max : 0, 1);
+                hdV = sc.reserve<float>(nkp_max, dvp), hT = sc.reserve<int64_t>(nk_max, 1);
   TORCH_CHECK(!sc.too_big(), op, ": ", nk_max, " keys per row with d=", d, ", dv=", dv, " need more than ",
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
   const int nt = sc.allocate();
@@ -574,34 +559,28 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
     float *Qs = sc.get<float>(hQs), *Kr = sc.get<float>(hKr), *Kt = sc.get<float>(hKt), *Vt = sc.get<float>(hVt),
           *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *Tr = sc.get<float>(hTr),
           *dQ = sc.get<float>(hdQ), *dK = sc.get<float>(hdK), *dV = sc.get<float>(hdV);
-    int64_t* ktok = windowed ? sc.get<int64_t>(hT) : nullptr;  // null: keys 0..M-1
+    int64_t* tok = sc.get<int64_t>(hT);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < ntask; ++task) {
-      // (b, heads, keys) of this item; global items hold one head, window items all heads.
-      const int64_t b = windowed ? task / nW : task / h;
-      const int64_t nk = windowed ? geo.tokens(task % nW, ktok) : M, nkp = pad16(nk);
-      const int64_t h0 = windowed ? 0 : task % h, h1 = windowed ? h : h0 + 1;
-      for (int64_t hh = h0; hh < h1; ++hh) {
+      const int64_t b = task / nW, nk = geo.tokens(task % nW, tok), nkp = pad16(nk);
+      for (int64_t hh = 0; hh < h; ++hh) {
         std::fill(Kr, Kr + nkp * dp, 0.0f);
         std::fill(Kt, Kt + d * nkp, 0.0f);
         std::fill(Vt, Vt + dv * nkp, 0.0f);
         std::fill(dK, dK + nkp * dp, 0.0f);
         std::fill(dV, dV + nkp * dvp, 0.0f);
-        gather_rows(K, b, hh, ktok, 0, nk, d, 1.0f, Kr, dp, false);
-        gather_rows(K, b, hh, ktok, 0, nk, d, 1.0f, Kt, nkp, true);
-        gather_rows(V, b, hh, ktok, 0, nk, dv, 1.0f, Vt, nkp, true);
-        const int64_t nqs = windowed ? nk : N;
-        for (int64_t i0 = 0; i0 < nqs; i0 += nq_max) {
-          const int64_t nq = std::min(nq_max, nqs - i0);
-          const int64_t* qtok = windowed ? ktok + i0 : nullptr;  // null: queries i0..i0+nq-1
-          const int64_t first = windowed ? 0 : i0;
-          gather_rows(Q, b, hh, qtok, first, nq, d, scale, Qs, dp, false);
-          gather_rows(dO, b, hh, qtok, first, nq, dv, 1.0f, dOs, dvp, false);
+        gather_rows(K, b, hh, tok, 0, nk, d, 1.0f, Kr, dp, false);
+        gather_rows(K, b, hh, tok, 0, nk, d, 1.0f, Kt, nkp, true);
+        gather_rows(V, b, hh, tok, 0, nk, dv, 1.0f, Vt, nkp, true);
+        for (int64_t i0 = 0; i0 < nk; i0 += nq_max) {  // the window's queries are its keys' tokens
+          const int64_t nq = std::min(nq_max, nk - i0);
+          gather_rows(Q, b, hh, tok + i0, 0, nq, d, scale, Qs, dp, false);
+          gather_rows(dO, b, hh, tok + i0, 0, nq, dv, 1.0f, dOs, dvp, false);
           tile_backward(nq, nk, nkp, d, dp, dv, dvp, scale, Qs, Kr, Kt, Vt, dOs, P, dP, Tr, dQ, dK, dV);
-          put_rows(dqp + (b * h + hh) * N * d, dQ, dp, qtok, first, nq, d);
+          put_rows(dqp + (b * h + hh) * N * d, dQ, dp, tok + i0, 0, nq, d);
         }
-        put_rows(dkp + (b * h + hh) * M * d, dK, dp, ktok, 0, nk, d);
-        put_rows(dvp_ + (b * h + hh) * M * dv, dV, dvp, ktok, 0, nk, dv);
+        put_rows(dkp + (b * h + hh) * M * d, dK, dp, tok, 0, nk, d);
+        put_rows(dvp_ + (b * h + hh) * M * dv, dV, dvp, tok, 0, nk, dv);
       }
     }
   }
