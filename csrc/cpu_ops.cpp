@@ -422,20 +422,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
   return {out, lse, imp};
 }
 
-// Backward: recomputes each tile's probabilities (never the N x M matrix).
-// Global mode: work items (b, h, chunk of query blocks), the chunks' dK, dV
+// Backward from the forward's lse: each tile's scores are recomputed (never
+// the N x M matrix) and P = exp(s - lse) taken in one pass (see
+// tile_backward for D). Global mode: work items (b, h, chunk of query blocks), the chunks' dK, dV
 // partials reduced in a fixed order (see below); window mode: items
 // (b, window) own the window's keys. Deterministic and independent of the
 // thread count.
 template <typename T>
 void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       double scale_d, int64_t window, int64_t H, int64_t W, at::Tensor& dq, at::Tensor& dk,
-                       at::Tensor& dv_t) {
+                       const at::Tensor& lse, double scale_d, int64_t window, int64_t H, int64_t W, at::Tensor& dq,
+                       at::Tensor& dk, at::Tensor& dv_t) {
   const char* op = "attention_bwd";
   const int64_t B = q.size(0), h = q.size(1), N = q.size(2), d = q.size(3);
   const int64_t M = k.size(2), dv = v.size(3), dp = pad16(d), dvp = pad16(dv);
   const float scale = static_cast<float>(scale_d);
   const View4<T> Q(q), K(k), V(v), dO(dout);
+  // The forward's lse of n query rows of (b, hh), rows tok[i] (or first + i), into L.
+  const float* lsep = lse.const_data_ptr<float>();  // contiguous [B, h, N]
+  auto gather_lse = [&](int64_t b, int64_t hh, const int64_t* tok, int64_t first, int64_t n, float* L) {
+    for (int64_t i = 0; i < n; ++i) L[i] = lsep[(b * h + hh) * N + (tok ? tok[i] : first + i)];
+  };
   T* dqp = dq.data_ptr<T>();  // contiguous outputs
   T* dkp = dk.data_ptr<T>();
   T* dvp_ = dv_t.data_ptr<T>();
@@ -465,7 +471,8 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                   hVr = sc.reserve<float>(Mp, dvp), hdO = sc.reserve<float>(nq_max, dvp),
                   hP = sc.reserve<float>(nq_max, Mp), hdP = sc.reserve<float>(nq_max, Mp),
                   hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(Mp, dp),
-                  hdV = sc.reserve<float>(Mp, dvp), hAcc = sc.reserve<float>(kRB, dp + dvp);
+                  hdV = sc.reserve<float>(Mp, dvp), hAcc = sc.reserve<float>(kRB, dp + dvp),
+                  hL = sc.reserve<float>(nq_max, 1);
     TORCH_CHECK(!sc.too_big(), op, ": ", M, " keys per row with d=", d, ", dv=", dv, " need more than ",
                 kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
     // Partials: per_bh slices of Mp * (dp + dvp) floats per head, at most
@@ -482,7 +489,8 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
 #pragma omp parallel num_threads(nt)
     {
       float *Qs = sc.get<float>(hQs), *Kr = sc.get<float>(hKr), *Vr = sc.get<float>(hVr),
-            *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *dQ = sc.get<float>(hdQ);
+            *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *dQ = sc.get<float>(hdQ),
+            *L = sc.get<float>(hL);
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < ntask; ++task) {
         const int64_t bh = task / per_bh, c = task % per_bh, b = bh / h, hh = bh % h;
@@ -498,7 +506,8 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
           const int64_t i0 = blk * nq_max, nq = std::min(nq_max, N - i0);
           gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, dp, false);
           gather_rows(dO, b, hh, nullptr, i0, nq, dv, 1.0f, dOs, dvp, false);
-          tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kr.p, kr.ld, vr.p, vr.ld, dOs, P, dP, dQ, dK, dV,
+          gather_lse(b, hh, nullptr, i0, nq, L);
+          tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kr.p, kr.ld, vr.p, vr.ld, dOs, L, P, dP, dQ, dK, dV,
                              blk == blk0 ? 0.0f : 1.0f);
           put_rows(dqp + bh * N * d, dQ, dp, nullptr, i0, nq, d);
         }
@@ -550,7 +559,8 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                 hdO = sc.reserve<float>(nq_max, dvp), hP = sc.reserve<float>(nq_max, nkp_max),
                 hdP = sc.reserve<float>(nq_max, nkp_max), hTr = sc.reserve<float>(nkp_max, nq_max),
                 hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(nkp_max, dp),
-                hdV = sc.reserve<float>(nkp_max, dvp), hT = sc.reserve<int64_t>(nk_max, 1);
+                hdV = sc.reserve<float>(nkp_max, dvp), hT = sc.reserve<int64_t>(nk_max, 1),
+                hL = sc.reserve<float>(nq_max, 1);
   TORCH_CHECK(!sc.too_big(), op, ": ", nk_max, " keys per row with d=", d, ", dv=", dv, " need more than ",
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
   const int nt = sc.allocate();
@@ -558,7 +568,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
   {
     float *Qs = sc.get<float>(hQs), *Kr = sc.get<float>(hKr), *Kt = sc.get<float>(hKt), *Vt = sc.get<float>(hVt),
           *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *Tr = sc.get<float>(hTr),
-          *dQ = sc.get<float>(hdQ), *dK = sc.get<float>(hdK), *dV = sc.get<float>(hdV);
+          *dQ = sc.get<float>(hdQ), *dK = sc.get<float>(hdK), *dV = sc.get<float>(hdV), *L = sc.get<float>(hL);
     int64_t* tok = sc.get<int64_t>(hT);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < ntask; ++task) {
@@ -576,7 +586,8 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
           const int64_t nq = std::min(nq_max, nk - i0);
           gather_rows(Q, b, hh, tok + i0, 0, nq, d, scale, Qs, dp, false);
           gather_rows(dO, b, hh, tok + i0, 0, nq, dv, 1.0f, dOs, dvp, false);
-          tile_backward(nq, nk, nkp, d, dp, dv, dvp, scale, Qs, Kr, Kt, Vt, dOs, P, dP, Tr, dQ, dK, dV);
+          gather_lse(b, hh, tok + i0, 0, nq, L);
+          tile_backward(nq, nk, nkp, d, dp, dv, dvp, scale, Qs, Kr, Kt, Vt, dOs, L, P, dP, Tr, dQ, dK, dV);
           put_rows(dqp + (b * h + hh) * N * d, dQ, dp, tok + i0, 0, nq, d);
         }
         put_rows(dkp + (b * h + hh) * M * d, dK, dp, tok, 0, nk, d);
@@ -588,15 +599,30 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                              const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse_in,
                                                              double scale, int64_t window, int64_t H, int64_t W) {
-  check_attention_args("attention_bwd", q, k, v, &dout, scale, window, H, W, false);
+  const char* op = "attention_bwd";
+  check_attention_args(op, q, k, v, &dout, scale, window, H, W, false);
+  // The forward's out and lse (any strides; lse is read contiguous). The CPU
+  // kernels take D from each score tile and read only lse; out is checked so
+  // that the op's contract is the same on every device.
+  check_dense_cpu(out, op, "out");
+  check_dense_cpu(lse_in, op, "lse");
+  TORCH_CHECK(out.sizes() == dout.sizes(), op, ": out must be [B, h, N, dv] = ", dout.sizes(), " (the forward's), got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), op, ": out must have q's dtype ", q.scalar_type(), ", got ",
+              out.scalar_type());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.sizes() == q.sizes().slice(0, 3) && lse_in.scalar_type() == at::kFloat, op,
+              ": lse must be float32 [B, h, N] = ", q.sizes().slice(0, 3), " (the forward's), got ",
+              lse_in.scalar_type(), " ", lse_in.sizes());
+  const at::Tensor lse = lse_in.contiguous();
   // Contiguous outputs (at::empty of the sizes), whatever the inputs' strides.
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
   if (q.size(0) == 0 || q.size(1) == 0) return {dq, dk, dv};  // empty gradients
-  dispatch_floating(q.scalar_type(), false, "attention_bwd", [&](auto tag) {
-    attention_bwd_cpu<decltype(tag)>(dout, q, k, v, scale, window, H, W, dq, dk, dv);
+  dispatch_floating(q.scalar_type(), false, op, [&](auto tag) {
+    attention_bwd_cpu<decltype(tag)>(dout, q, k, v, lse, scale, window, H, W, dq, dk, dv);
   });
   return {dq, dk, dv};
 }

@@ -150,20 +150,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
   return {out, lse, imp};
 }
 
-// dq, dk, dv by the fused backward kernels (kernels/attention_bwd.cuh); the
-// forward is rerun inside (the schema hands over q, k, v, not out and lse).
+// dq, dk, dv by the fused backward kernels (kernels/attention_bwd.cuh) from
+// the forward's out and lse (the forward is not rerun).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q,
                                                                   const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& out, const at::Tensor& lse_in,
                                                                   double scale, int64_t window, int64_t H,
                                                                   int64_t W) {
   const char* op = "attention_bwd";
-  check_devices(op, {{"q", &q}, {"dout", &dout}});
+  check_devices(op, {{"q", &q}, {"dout", &dout}, {"out", &out}, {"lse", &lse_in}});
   sgattn::AttnParams p = attention_args(op, q, k, v, scale, window, H, W);
   const DType dt = dtype_of(q, op, "q");
   TORCH_CHECK(dout.dim() == 4 && dout.sizes() == q.sizes(), op, " (cuda): dout must have q's shape ", q.sizes(),
               ", got ", dout.sizes());
   TORCH_CHECK(dout.scalar_type() == q.scalar_type(), op, " (cuda): dout must have q's dtype ", q.scalar_type(),
               ", got ", dout.scalar_type());
+  TORCH_CHECK(out.dim() == 4 && out.sizes() == q.sizes(), op, " (cuda): out must have q's shape ", q.sizes(),
+              " (the forward's), got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), op, " (cuda): out must have q's dtype ", q.scalar_type(),
+              ", got ", out.scalar_type());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.sizes() == q.sizes().slice(0, 3) && lse_in.scalar_type() == at::kFloat, op,
+              " (cuda): lse must be float32 [B, h, N] = ", q.sizes().slice(0, 3), " (the forward's), got ",
+              lse_in.scalar_type(), " ", lse_in.sizes());
   c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = p.B, h = p.h, N = p.N, M = p.M, d = p.d;
   auto dq = at::empty({B, h, N, d}, q.options());
@@ -179,18 +187,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
   TORCH_CHECK(plan.bwd_error == nullptr, op, " (cuda): ", plan.bwd_error);
   // Every real key is a key of exactly one segment (window), so the kernels write every row of dk, dv.
   auto fopts = q.options().dtype(at::kFloat);
-  auto lse = at::empty({B, h, N}, fopts);
-  auto out32 = at::empty({B, h, N, d}, fopts);
+  const at::Tensor lse = lse_in.contiguous();  // read by row, [B, h, N]
   auto delta = at::empty({B, h, N}, fopts);
-  auto m2 = at::empty({B, h, N}, fopts);
-  auto linv = at::empty({B, h, N}, fopts);
-  p.lse = lse.data_ptr<float>();
-  p.m2 = m2.data_ptr<float>();
-  p.linv = linv.data_ptr<float>();
+  p.lse = const_cast<float*>(lse.const_data_ptr<float>());  // read only by the backward kernels
   sgattn::AttnBwdArgs g{};
   g.dout = dout.const_data_ptr();
   strides_of(dout, g.do_stride);
-  g.out32 = out32.data_ptr<float>();
+  g.out = out.const_data_ptr();
+  strides_of(out, g.out_stride);
   g.delta = delta.data_ptr<float>();
   at::Tensor kv_partial;
   if (plan.kv_partial_elems > 0) {

@@ -316,15 +316,8 @@ __global__ void __launch_bounds__(128, DP == 32 ? 8 : 1) attention_fwd_kernel(At
     const int qt = seg.query(q0 + r);
     if (qt < 0) continue;
     const float l = Lrow[r], inv = 1.0f / l;
-    if (p.out32 != nullptr) {
-      for (int c = lane; c < d; c += 32) p.out32[(int64_t(bh) * p.N + qt) * d + c] = O[r * ldo + c] * inv;
-    } else {
-      for (int c = lane; c < d; c += 32) out[int64_t(qt) * d + c] = from_f<T>(O[r * ldo + c] * inv);
-    }
-    if (lane == 0) {
-      p.lse[int64_t(bh) * p.N + qt] = (Mrow[r] + log2f(l)) * 0.6931471805599453f;
-      if (p.m2 != nullptr) { p.m2[int64_t(bh) * p.N + qt] = Mrow[r]; p.linv[int64_t(bh) * p.N + qt] = inv; }
-    }
+    for (int c = lane; c < d; c += 32) out[int64_t(qt) * d + c] = from_f<T>(O[r * ldo + c] * inv);
+    if (lane == 0) p.lse[int64_t(bh) * p.N + qt] = (Mrow[r] + log2f(l)) * 0.6931471805599453f;
   }
 }
 

@@ -1,14 +1,13 @@
 // Fused attention backward (dQ, dK, dV) for global and window attention, any
 // key count, fp16/bf16 on tensor cores (WMMA, fp32 accumulation) and fp32 SIMT.
-// The op's schema hands over dO, q, k, v only, so the backward first reruns
-// the forward kernel (fp32 output, row max m and 1/l of the base-2 softmax
-// into scratch; P = exp2(s - m) / l keeps P as accurate as a recomputed
-// softmax, unlike exp(s - lse), whose rounding grows with |lse|), then:
-//   delta kernel: D = rowsum(dO * O) per query (fp32);
+// The forward's output O and row log-sum-exp (natural log, fp32) are handed
+// over, so the forward is not rerun: P = exp2(s * scale * log2(e) - lse2),
+// lse2 = lse * log2(e), one exp per score, and
+//   delta kernel: D = rowsum(dO * O) per query (fp32, O in the output dtype);
 //   dK/dV kernel (key-major): one block owns 16 * kv_warps keys of one
 //     (batch, head, segment) and loops over that segment's queries (or one
 //     query split of them: long global rows) in chunks of 32:
-//     P^T = exp2(K Q^T * scale * log2(e) - m) / l, dP^T = V dO^T,
+//     P^T = exp2(K Q^T * scale * log2(e) - lse2), dP^T = V dO^T,
 //     dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q * scale;
 //     with several splits, fp32 partials are summed in split order by a
 //     small reduction kernel;
@@ -119,9 +118,9 @@ __global__ void __launch_bounds__(256) attention_bwd_delta_kernel(AttnParams p, 
   if (row >= p.B * p.h * p.N) return;
   const int64_t bh = row / p.N, n = row - bh * p.N, b = bh / p.h, hh = bh - b * p.h;
   const T* dO = static_cast<const T*>(g.dout) + b * g.do_stride[0] + hh * g.do_stride[1] + n * g.do_stride[2];
-  const float* o = g.out32 + row * p.d;
+  const T* o = static_cast<const T*>(g.out) + b * g.out_stride[0] + hh * g.out_stride[1] + n * g.out_stride[2];
   float s = 0.0f;
-  for (int c = lane; c < p.d; c += 32) s += to_f(dO[c * g.do_stride[3]]) * o[c];
+  for (int c = lane; c < p.d; c += 32) s += to_f(dO[c * g.do_stride[3]]) * to_f(o[c * g.out_stride[3]]);
   s = warp_sum(s);
   if (lane == 0) g.delta[row] = s;
 }
@@ -152,8 +151,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
   float* dPt = detail::carve<float>(at, size_t(KTb) * LDQ * 4);  // dP^T, then dS^T
   float* dKa = detail::carve<float>(at, size_t(KTb) * LDO * 4);
   float* dVa = detail::carve<float>(at, size_t(KTb) * LDO * 4);
-  float* L2 = detail::carve<float>(at, size_t(QC) * 4);  // row max m (+inf: masked query)
-  float* Li = detail::carve<float>(at, size_t(QC) * 4);  // 1 / l
+  float* L2 = detail::carve<float>(at, size_t(QC) * 4);  // lse2 (+inf: masked query)
   float* Dq = detail::carve<float>(at, size_t(QC) * 4);
 
   auto ktok = [&](int j) { return seg.key(k0 + j); };
@@ -162,8 +160,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
   for (int i = threadIdx.x; i < KTb * LDO; i += blockDim.x) { dKa[i] = 0.0f; dVa[i] = 0.0f; }
 
   const float sl2 = p.scale * 1.4426950408889634f;
-  const float* m2 = p.m2 + int64_t(bh) * p.N;
-  const float* linv = p.linv + int64_t(bh) * p.N;
+  const float* lse = p.lse + int64_t(bh) * p.N;
   const float* delta = g.delta + int64_t(bh) * p.N;
   const int qbeg = split * int(plan.kv_split_queries), qend = min(seg.nq, qbeg + int(plan.kv_split_queries));
   for (int c0 = qbeg; c0 < qend; c0 += QC) {
@@ -173,8 +170,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
     detail::load_tile_any<T, DP>(g.do_load, dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QC, d, qtok);
     for (int r = threadIdx.x; r < QC; r += blockDim.x) {
       const int t = qtok(r);
-      L2[r] = t >= 0 ? m2[t] : INFINITY;  // masked queries: P = 0
-      Li[r] = t >= 0 ? linv[t] : 0.0f;
+      L2[r] = t >= 0 ? lse[t] * 1.4426950408889634f : INFINITY;  // masked queries: P = 0
       Dq[r] = t >= 0 ? delta[t] : 0.0f;
     }
     detail::load_wait();  // this chunk (and, first time round, the K and V tiles)
@@ -187,7 +183,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
 #pragma unroll
       for (int t = 0; t < QC / 32; ++t) {
         const int r = lane + 32 * t;
-        pv[t] = exp2f(St[j * LDQ + r] * sl2 - L2[r]) * Li[r];
+        pv[t] = exp2f(St[j * LDQ + r] * sl2 - L2[r]);
         ds[t] = pv[t] * (dPt[j * LDQ + r] - Dq[r]);
       }
       __syncwarp();
@@ -262,20 +258,17 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
   float* S = detail::carve<float>(at, size_t(QTb) * LDS * 4);   // scores, then dS (T in place for TC)
   float* dP = detail::carve<float>(at, size_t(QTb) * LDS * 4);
   float* dQa = detail::carve<float>(at, size_t(QTb) * LDO * 4);
-  float* L2 = detail::carve<float>(at, size_t(QTb) * 4);
-  float* Li = detail::carve<float>(at, size_t(QTb) * 4);
+  float* L2 = detail::carve<float>(at, size_t(QTb) * 4);  // lse2
   float* Dr = detail::carve<float>(at, size_t(QTb) * 4);
 
   auto qtok = [&](int r) { return seg.query(q0 + r); };
   detail::load_tile_any<T, DP>(p.q_load, Qs, LDK, static_cast<const T*>(p.q), p.q_stride, b, hh, QTb, d, qtok);
   detail::load_tile_any<T, DP>(g.do_load, dOs, LDK, static_cast<const T*>(g.dout), g.do_stride, b, hh, QTb, d, qtok);
-  const float* m2 = p.m2 + int64_t(bh) * p.N;
-  const float* linv = p.linv + int64_t(bh) * p.N;
+  const float* lse = p.lse + int64_t(bh) * p.N;
   const float* delta = g.delta + int64_t(bh) * p.N;
   for (int r = threadIdx.x; r < QTb; r += blockDim.x) {
     const int t = qtok(r);
-    L2[r] = t >= 0 ? m2[t] : INFINITY;
-    Li[r] = t >= 0 ? linv[t] : 0.0f;
+    L2[r] = t >= 0 ? lse[t] * 1.4426950408889634f : INFINITY;
     Dr[r] = t >= 0 ? delta[t] : 0.0f;
   }
   for (int i = threadIdx.x; i < QTb * LDO; i += blockDim.x) dQa[i] = 0.0f;
@@ -301,7 +294,7 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
 #pragma unroll
       for (int t = 0; t < KT / 32; ++t) {
         const int j = lane + 32 * t;
-        const float pv = valid[t] ? exp2f(S[r * LDS + j] * sl2 - L2[r]) * Li[r] : 0.0f;
+        const float pv = valid[t] ? exp2f(S[r * LDS + j] * sl2 - L2[r]) : 0.0f;
         ds[t] = pv * (dP[r * LDS + j] - Dr[r]);
       }
       __syncwarp();
@@ -320,23 +313,19 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
   }
 }
 
-// Backward: forward rerun (fp32 O and lse into scratch), delta, dK/dV, dQ.
-// p.lse, p.m2, p.linv and g.out32 / g.delta are scratch; p.out is unused.
+// Backward from the forward's g.out and p.lse: delta, dK/dV, dQ (g.delta and
+// g.kv_partial are scratch; p.out is unused).
 template <typename T, int DP>
 cudaError_t attention_backward_launch(AttnParams p, const AttnPlan& plan, AttnBwdArgs g, cudaStream_t stream) {
-  static int fwd_set[64] = {}, kv_set[64] = {}, dq_set[64] = {};
+  static int kv_set[64] = {}, dq_set[64] = {};
   if (plan.fwd_blocks == 0) return cudaSuccess;
-  p.out32 = g.out32;
   choose_load_modes<T>(p);
   g.do_load = choose_load_mode<T>(g.dout, g.do_stride);
-  auto fwd = attention_fwd_kernel<T, DP>;
-  cudaError_t err = ensure_smem(fwd, plan.smem, fwd_set);
-  if (err != cudaSuccess) return err;
-  fwd<<<unsigned(plan.fwd_blocks), 32 * plan.warps, plan.smem, stream>>>(p, plan);
   const int64_t rows = p.B * p.h * p.N;
   attention_bwd_delta_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p, g);
   auto kv = attention_bwd_kv_kernel<T, DP>;
-  if ((err = ensure_smem(kv, plan.kv_smem, kv_set)) != cudaSuccess) return err;
+  cudaError_t err = ensure_smem(kv, plan.kv_smem, kv_set);
+  if (err != cudaSuccess) return err;
   kv<<<unsigned(plan.kv_blocks), 32 * plan.kv_warps, plan.kv_smem, stream>>>(p, plan, g);
   if (plan.kv_splits > 1) {
     const int64_t elems = p.B * p.h * p.M * p.d;

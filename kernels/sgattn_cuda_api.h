@@ -14,7 +14,7 @@ namespace sgattn {
 // Attention forward; partial/importance both null when importance is not needed.
 cudaError_t attention_forward(DType dtype, const AttnParams& p, const AttnPlan& plan, float* partial,
                               float* importance, cudaStream_t stream);
-// Attention backward (dq, dk, dv of g); p.lse, g.out32 and g.delta are scratch.
+// Attention backward (dq, dk, dv of g) from the forward's g.out and p.lse; g.delta is scratch.
 cudaError_t attention_backward(DType dtype, const AttnParams& p, const AttnPlan& plan, const AttnBwdArgs& g,
                                cudaStream_t stream);
 // Reallocation forward; 16-byte vector loads when C and the pointers allow.

@@ -29,11 +29,8 @@ struct AttnParams {
   const void* q;  // [B, h, N, d] with strides q_stride (elements)
   const void* k;  // [B, h, M, d]
   const void* v;  // [B, h, M, d]
-  void* out;      // [B, h, N, d] contiguous
-  float* out32;   // when set, the forward writes out here in fp32 instead ([B, h, N, d], backward scratch)
-  float* lse;     // [B, h, N] contiguous: natural-log log-sum-exp of the scaled scores
-  float* m2;      // when set (backward rerun): row max of the base-2 scaled scores, [B, h, N]
-  float* linv;    // when set (backward rerun): 1 / row sum of exp2(s - m2), [B, h, N]
+  void* out;      // [B, h, N, d] contiguous (forward)
+  float* lse;     // [B, h, N] contiguous: natural-log log-sum-exp of the scaled scores (forward writes, backward reads)
   int64_t q_stride[4], k_stride[4], v_stride[4];
   int64_t B, h, N, M, d;
   float scale;
@@ -46,7 +43,8 @@ struct AttnBwdArgs {
   const void* dout;        // [B, h, N, d] with strides do_stride
   int64_t do_stride[4];
   int do_load;             // kLoad* mode of dout
-  float* out32;            // [B, h, N, d] fp32 scratch: the forward output
+  const void* out;         // [B, h, N, d] with strides out_stride: the forward's output
+  int64_t out_stride[4];
   float* delta;            // [B, h, N] fp32 scratch: rowsum(dO * O)
   float* kv_partial;       // plan.kv_partial_elems fp32 scratch (kv_splits > 1): per-split dK, dV
   void* dq;                // [B, h, N, d]
@@ -106,18 +104,18 @@ inline size_t attention_imp_smem(DType t, int DP) {
          round128(size_t(kKeyTile) * (kQueryChunk + 4) * 4) + 2 * round128(kQueryChunk * 4);
 }
 
-// Backward, dK/dV: K, V tiles, Q, dO chunks, scores and dP (transposed), dK, dV accumulators, m, 1/l and D.
+// Backward, dK/dV: K, V tiles, Q, dO chunks, scores and dP (transposed), dK, dV accumulators, lse and D.
 inline size_t attention_kv_smem(DType t, int DP, int KTb) {
   const size_t es = dtype_size(t), ld = tile_ld(t, DP);
   return 2 * round128(KTb * ld * es) + 2 * round128(kBwdQueryChunk * ld * es) +
          2 * round128(size_t(KTb) * (kBwdQueryChunk + 4) * 4) + 2 * round128(size_t(KTb) * (DP + 4) * 4) +
-         3 * round128(kBwdQueryChunk * 4);
+         2 * round128(kBwdQueryChunk * 4);
 }
-// Backward, dQ: Q, dO tiles, K, V tiles, scores and dP, dQ accumulator, m, 1/l and D.
+// Backward, dQ: Q, dO tiles, K, V tiles, scores and dP, dQ accumulator, lse and D.
 inline size_t attention_dq_smem(DType t, int DP, int QTb) {
   const size_t es = dtype_size(t), ld = tile_ld(t, DP);
   return 2 * round128(QTb * ld * es) + 2 * round128(kKeyTile * ld * es) + 2 * round128(size_t(QTb) * (kKeyTile + 4) * 4) +
-         round128(size_t(QTb) * (DP + 4) * 4) + 3 * round128(QTb * 4);
+         round128(size_t(QTb) * (DP + 4) * 4) + 2 * round128(QTb * 4);
 }
 
 // Plans both attention kernels for the inputs (warps chosen to fit max_smem);

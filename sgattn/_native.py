@@ -4,15 +4,14 @@ Loads the extensions built by setup.py (``sgattn._C`` defines the schemas and
 the CPU kernels, ``sgattn._C_cuda`` adds CUDA kernels), registers fake (meta)
 kernels for ``torch.compile`` and the autograd formulas.
 
-Attention backward (op ``attention_bwd``): the forward saves only q, k and v;
-the backward recomputes the probabilities one query block at a time (whole key
-rows, never the full N x M matrix; window mode per window) and applies the
-standard softmax-attention gradient. CPU: C++ (csrc/cpu_ops.cpp); CUDA: C++
-(csrc/cuda_ops.cpp, kernels/). ``attention_backward`` below is the same
-recomputation in torch ops (device-independent, not registered). Recomputing
-the softmax of each row (rather than exp(s - lse) from the saved fp32
-log-sum-exp, which shifts a whole row by the lse rounding) keeps the gradients
-as accurate as the reference's.
+Attention backward (op ``attention_bwd``): the forward saves q, k, v, its
+output and the fp32 row log-sum-exp; the backward recomputes the scores one
+query block at a time (whole key rows, never the full N x M matrix; window
+mode per window), takes P = exp(s - lse) in one pass and applies the standard
+softmax-attention gradient, with no rerun of the forward. D = rowsum(dO * O)
+comes from the saved output on CUDA (C++: csrc/cuda_ops.cpp, kernels/);
+the CPU kernels (csrc/cpu_ops.cpp, kernels/cpu/) hold whole score rows and
+take D = rowsum(P * dP), which cancels exactly where the reference's does.
 
 Layout contract: every native op (attention_fwd, attention_bwd, aggregate_fwd,
 aggregate_bwd, on every device) returns contiguous tensors whatever its
@@ -80,47 +79,6 @@ def aggregate_sorted(x, index, weights, biases):
     return out if grouped else out[0]
 
 
-# ------------------------------------------------------------------ backward
-
-def attention_backward(dout, q, k, v, scale, window, hw):
-    """dq, dk, dv of softmax attention by recomputation (see module doc)."""
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if window:
-        return _window_backward(dout, q, k, v, scale, window, hw, ct)
-    qc, kc, vc, do = q.to(ct), k.to(ct), v.to(ct), dout.to(ct)
-    B, h, N, _ = q.shape
-    M = k.shape[2]
-    chunk = max(1, reference.MAX_BLOCK_ELEMENTS // max(1, B * h * M))
-    dq = torch.empty_like(qc)
-    dk = torch.zeros_like(kc)
-    dv = torch.zeros_like(vc)
-    for s in range(0, N, chunk):
-        sl = slice(s, s + chunk)
-        p = torch.softmax(torch.matmul(qc[:, :, sl], kc.transpose(-1, -2)) * scale, dim=-1)
-        dv += torch.matmul(p.transpose(-1, -2), do[:, :, sl])
-        dp = torch.matmul(do[:, :, sl], vc.transpose(-1, -2))
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-        dq[:, :, sl] = torch.matmul(ds, kc) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, sl]) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def _window_backward(dout, q, k, v, scale, window, hw, ct):
-    part = lambda t: reference.window_partition(t, window, hw)  # noqa: E731
-    qw, kw, vw, dow = (part(t.to(ct)) for t in (q, k, v, dout))
-    real = part(torch.ones(1, 1, q.shape[2], 1, dtype=ct, device=q.device))[0, 0, :, :, 0]  # [nW, L]
-    s = torch.matmul(qw, kw.transpose(-1, -2)) * scale
-    s = s.masked_fill(real[:, None, :] == 0, float("-inf"))  # padded keys
-    p = torch.softmax(s, dim=-1) * real[:, :, None]  # padded queries contribute nothing
-    dvw = torch.matmul(p.transpose(-1, -2), dow)
-    dp = torch.matmul(dow, vw.transpose(-1, -2))
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    dqw = torch.matmul(ds, kw) * scale
-    dkw = torch.matmul(ds.transpose(-1, -2), qw) * scale
-    rev = lambda t, like: reference.window_reverse(t, window, hw).to(like.dtype)  # noqa: E731
-    return rev(dqw, q), rev(dkw, k), rev(dvw, v)
-
-
 # --------------------------------------------------- fake kernels and autograd
 
 def _attention_fake(q, k, v, scale, window, H, W, need_importance):
@@ -134,15 +92,15 @@ def _attention_fake(q, k, v, scale, window, H, W, need_importance):
 def _attention_setup(ctx, inputs, output):
     q, k, v, scale, window, H, W, _ = inputs
     out, lse, imp = output
-    ctx.save_for_backward(q, k, v)
+    ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale, ctx.window, ctx.hw = scale, window, (H, W)
     ctx.mark_non_differentiable(lse, imp)
 
 
 def _attention_grad(ctx, dout, _dlse, _dimp):
-    q, k, v = ctx.saved_tensors
+    q, k, v, out, lse = ctx.saved_tensors
     H, W = ctx.hw
-    dq, dk, dv = op("attention_bwd")(dout, q, k, v, ctx.scale, ctx.window, H, W)
+    dq, dk, dv = op("attention_bwd")(dout, q, k, v, out, lse, ctx.scale, ctx.window, H, W)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -150,7 +108,7 @@ def _attention_bwd_grad(ctx, *grads):
     raise NotImplementedError("sgattn: double backward through the native attention is not implemented")
 
 
-def _attention_bwd_fake(dout, q, k, v, scale, window, H, W):
+def _attention_bwd_fake(dout, q, k, v, out, lse, scale, window, H, W):
     # new_empty, not empty_like: the kernels return contiguous tensors whatever
     # the inputs' strides (empty_like would keep a permuted q's layout).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

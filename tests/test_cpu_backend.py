@@ -197,8 +197,10 @@ def test_ops_pass_torch_library_opcheck():
     torch.library.opcheck(_native.op("attention_fwd"), (qw, kw, vw, 0.3, 3, 3, 4, True))
     dout = rand(1, 2, 12, 8, dtype=torch.float32)
     plain = [t.detach() for t in (qw, kw, vw, q, k, v)]  # attention_bwd has no double backward
-    torch.library.opcheck(_native.op("attention_bwd"), (dout, *plain[:3], 0.3, 3, 3, 4))
-    torch.library.opcheck(_native.op("attention_bwd"), (dout[:, :, :9], *plain[3:], 0.3, 0, 0, 0))
+    stats_w = _native.op("attention_fwd")(*plain[:3], 0.3, 3, 3, 4, False)[:2]
+    stats = _native.op("attention_fwd")(*plain[3:], 0.3, 0, 0, 0, False)[:2]
+    torch.library.opcheck(_native.op("attention_bwd"), (dout, *plain[:3], *stats_w, 0.3, 3, 3, 4))
+    torch.library.opcheck(_native.op("attention_bwd"), (dout[:, :, :9], *plain[3:], *stats, 0.3, 0, 0, 0))
     with pytest.raises(RuntimeError, match="double backward"):
         out, _ = CPU.attention(q, k, v)
         (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)

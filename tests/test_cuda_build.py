@@ -253,7 +253,10 @@ def test_cuda_attention_backward_direct_strided_dout(dtype):
     B, h, N, M, d = 2, 3, 77, 130, 40
     q, k, v = (torch.randn(B, h, n, d, device="cuda", dtype=torch.float64) for n in (N, M, M))
     dout = torch.randn(B, N, h, d, device="cuda", dtype=torch.float64).transpose(1, 2)  # not contiguous
-    dq, dk, dv = _native.op("attention_bwd")(dout.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype), d ** -0.5, 0, 0, 0)
+    qt, kt, vt = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, lse, _ = _native.op("attention_fwd")(qt, kt, vt, d ** -0.5, 0, 0, 0, False)
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)  # a strided out too
+    dq, dk, dv = _native.op("attention_bwd")(dout.to(dtype), qt, kt, vt, out, lse, d ** -0.5, 0, 0, 0)
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
     ref = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     ref64 = [t.detach().clone().requires_grad_() for t in (q, k, v)]

@@ -40,6 +40,18 @@ def heads_view(B, N, h, d, dtype=torch.float32):
     return torch.randn(B, N, h * d, dtype=dtype).reshape(B, N, h, d).transpose(1, 2)
 
 
+def fwd_stats(q, k, v, scale, window, H, W, permuted=False):
+    """The forward's (out, lse) that attention_bwd takes; out as a permuted
+    (non-contiguous) copy when asked."""
+    out, lse, _ = OPS.attention_fwd(q, k, v, scale, window, H, W, False)
+    return (out.transpose(1, 2).contiguous().transpose(1, 2) if permuted else out), lse
+
+
+def attention_bwd(dout, q, k, v, scale, window, H, W):
+    """OPS.attention_bwd with the statistics of the forward on the same inputs."""
+    return OPS.attention_bwd(dout, q, k, v, *fwd_stats(q, k, v, scale, window, H, W), scale, window, H, W)
+
+
 def perm_index(G, B, N):
     return torch.argsort(torch.rand(G, B, N), dim=-1)
 
@@ -66,8 +78,10 @@ def _op_cases():
         "attention_fwd-global": ("attention_fwd", (q, k, v, 0.3, 0, 0, 0, True)),
         "attention_fwd-noimp": ("attention_fwd", (q, k, v, 0.3, 0, 0, 0, False)),
         "attention_fwd-window": ("attention_fwd", (qw, kw, vw, 0.3, 3, 3, 4, True)),
-        "attention_bwd-global": ("attention_bwd", (dout, q, k, v, 0.3, 0, 0, 0)),
-        "attention_bwd-window": ("attention_bwd", (doutw, qw, kw, vw, 0.3, 3, 3, 4)),
+        "attention_bwd-global": ("attention_bwd", (dout, q, k, v, *fwd_stats(q, k, v, 0.3, 0, 0, 0, True),
+                                                   0.3, 0, 0, 0)),
+        "attention_bwd-window": ("attention_bwd", (doutw, qw, kw, vw, *fwd_stats(qw, kw, vw, 0.3, 3, 3, 4, True),
+                                                   0.3, 3, 3, 4)),
         "aggregate_fwd": ("aggregate_fwd", (x, idx, w, b, [2, 1])),
         "aggregate_bwd": ("aggregate_bwd", (grad, x, idx, w, [2, 1])),
     }
@@ -106,7 +120,7 @@ def test_ops_match_reference_with_permuted_inputs():
     s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * 0.3
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
     dout = cases["attention_bwd-global"][1][0]
-    grads = OPS.attention_bwd(dout, q, k, v, 0.3, 0, 0, 0)
+    grads = OPS.attention_bwd(dout, q, k, v, out, lse, 0.3, 0, 0, 0)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref_g = torch.autograd.grad(reference.attention(*leaves, scale=0.3)[0], leaves, dout)
@@ -161,6 +175,7 @@ def _attention_bad_cases():
     q = _q(1, 2, 12, 8)
     k5 = _q(1, 2, 5, 8)
     meta = torch.empty(1, 2, 12, 8, device="meta")
+    o, lse = fwd_stats(q, q, q, 0.3, 0, 0, 0)  # the statistics the backward cases hand over
     return [
         ("q not 4-D", lambda: OPS.attention_fwd(q[0], q, q, 0.3, 0, 0, 0, True),
          r"attention_fwd: q, k, v must be 4-D"),
@@ -211,17 +226,28 @@ def _attention_bad_cases():
         ("sparse q", lambda: OPS.attention_fwd.default.redispatch(
             torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), q.to_sparse(), q, q, 0.3, 0, 0, 0, True),
          r"attention_fwd: q must be a dense \(strided\) tensor, got layout Sparse"),
-        ("bwd dout shape", lambda: OPS.attention_bwd(_q(1, 2, 12, 4), q, q, q, 0.3, 0, 0, 0),
+        ("bwd dout shape", lambda: OPS.attention_bwd(_q(1, 2, 12, 4), q, q, q, o, lse, 0.3, 0, 0, 0),
          r"attention_bwd: dout must be \[B, h, N, dv\] = \[1, 2, 12, 8\], got \[1, 2, 12, 4\]"),
-        ("bwd dout dtype", lambda: OPS.attention_bwd(q.bfloat16(), q, q, q, 0.3, 0, 0, 0),
+        ("bwd dout dtype", lambda: OPS.attention_bwd(q.bfloat16(), q, q, q, o, lse, 0.3, 0, 0, 0),
          r"attention_bwd: dout must have q's dtype Float, got BFloat16"),
-        ("bwd H*W != N", lambda: OPS.attention_bwd(q, q, q, q, 0.3, 3, 4, 4),
+        ("bwd H*W != N", lambda: OPS.attention_bwd(q, q, q, q, o, lse, 0.3, 3, 4, 4),
          r"attention_bwd: window mode needs H\*W == N, got H\*W=16"),
-        ("bwd window M != N", lambda: OPS.attention_bwd(q, q, k5, k5, 0.3, 3, 3, 4),
+        ("bwd window M != N", lambda: OPS.attention_bwd(q, q, k5, k5, o, lse, 0.3, 3, 3, 4),
          r"attention_bwd: window mode needs as many keys as queries \(M == N\), got M=5, N=12"),
         ("bwd dout on meta", lambda: OPS.attention_bwd.default.redispatch(
-            torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), meta, q, q, q, 0.3, 0, 0, 0),
+            torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), meta, q, q, q, o, lse, 0.3, 0, 0, 0),
          r"attention_bwd: dout must be a CPU tensor \(this is the cpu kernel\), got a tensor on meta"),
+        ("bwd out shape", lambda: OPS.attention_bwd(q, q, q, q, o[:, :, :11], lse, 0.3, 0, 0, 0),
+         r"attention_bwd: out must be \[B, h, N, dv\] = \[1, 2, 12, 8\] \(the forward's\), got \[1, 2, 11, 8\]"),
+        ("bwd out dtype", lambda: OPS.attention_bwd(q, q, q, q, o.half(), lse, 0.3, 0, 0, 0),
+         r"attention_bwd: out must have q's dtype Float, got Half"),
+        ("bwd lse dtype", lambda: OPS.attention_bwd(q, q, q, q, o, lse.double(), 0.3, 0, 0, 0),
+         r"attention_bwd: lse must be float32 \[B, h, N\] = \[1, 2, 12\] \(the forward's\), got Double \[1, 2, 12\]"),
+        ("bwd lse shape", lambda: OPS.attention_bwd(q, q, q, q, o, lse[..., None], 0.3, 0, 0, 0),
+         r"attention_bwd: lse must be float32 \[B, h, N\] = \[1, 2, 12\] \(the forward's\), got Float \[1, 2, 12, 1\]"),
+        ("bwd lse on meta", lambda: OPS.attention_bwd.default.redispatch(
+            torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), q, q, q, q, o, meta[..., 0], 0.3, 0, 0, 0),
+         r"attention_bwd: lse must be a CPU tensor \(this is the cpu kernel\), got a tensor on meta"),
     ]
 
 
@@ -311,7 +337,8 @@ def _risky_cases():
     # importance included (the cases return the difference, which must be 0).
     q = _q(1, 2, 12, 8)
     glob = lambda: OPS.attention_fwd(q, q, q, 0.3, 0, 0, 0, True)  # noqa: E731
-    glob_bwd = lambda: OPS.attention_bwd(q, q, q, q, 0.3, 0, 0, 0)  # noqa: E731
+    stats = fwd_stats(q, q, q, 0.3, 0, 0, 0)
+    glob_bwd = lambda: OPS.attention_bwd(q, q, q, q, *stats, 0.3, 0, 0, 0)  # noqa: E731
     q1 = _q(1, 2, 12, 1)
     return [
         ("window 10**6", lambda: _max_diff(OPS.attention_fwd(q, q, q, 0.3, 10 ** 6, 3, 4, True), glob()), None),
@@ -319,14 +346,15 @@ def _risky_cases():
          None),
         ("window 2**63-1", lambda: _max_diff(OPS.attention_fwd(q, q, q, 0.3, 2 ** 63 - 1, 3, 4, True), glob()),
          None),
-        ("bwd window 2**63-1", lambda: _max_diff(OPS.attention_bwd(q, q, q, q, 0.3, 2 ** 63 - 1, 3, 4), glob_bwd()),
+        ("bwd window 2**63-1", lambda: _max_diff(OPS.attention_bwd(q, q, q, q, *stats, 0.3, 2 ** 63 - 1, 3, 4), glob_bwd()),
          None),
         ("huge M", lambda: OPS.attention_fwd(q, _huge(2 ** 40, 8), _huge(2 ** 40, 8), 0.3, 0, 0, 0, False),
          r"attention_fwd: M=1099511627776 keys with d=8, dv=8 need more than 1 GiB of scratch per thread"),
         ("huge M importance", lambda: OPS.attention_fwd(q, _huge(2 ** 26, 8), _huge(2 ** 26, 8), 0.3, 0, 0, 0, True),
          r"attention_fwd: M=67108864 keys with d=8, dv=8 need more than 1 GiB of scratch per thread"),
         # dk, dv are real (64 MiB, never written); the scratch would be ~2 GiB per thread.
-        ("huge M bwd", lambda: OPS.attention_bwd(q1, q1, _huge(2 ** 23, 1), _huge(2 ** 23, 1), 0.3, 0, 0, 0),
+        ("huge M bwd", lambda: OPS.attention_bwd(q1, q1, _huge(2 ** 23, 1), _huge(2 ** 23, 1), q1, torch.zeros(1, 2, 12),
+                                                 0.3, 0, 0, 0),
          r"attention_bwd: 8388608 keys per row with d=1, dv=1 need more than 1 GiB of scratch per thread"),
     ]
 
@@ -388,7 +416,7 @@ def test_empty_batch_or_heads_give_empty_results(B, h, need, window):
     out, lse, imp = OPS.attention_fwd(q, k, v, 0.3, window, H, W, need)
     assert out.shape == (B, h, 12, 4) and lse.shape == (B, h, 12)
     assert imp.shape == ((B, 12 if window else 5) if need else (0,))
-    dq, dk, dv = OPS.attention_bwd(_q(B, h, 12, 4), q, k, v, 0.3, window, H, W)
+    dq, dk, dv = OPS.attention_bwd(_q(B, h, 12, 4), q, k, v, out, lse, 0.3, window, H, W)
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
 
 
@@ -453,13 +481,13 @@ def _all_results():
     dout1 = torch.randn(1, 1, 1000, 24)
     q8, k8, v8 = heads_view(4, 2048, 2, 16), heads_view(4, 49, 2, 16), heads_view(4, 49, 2, 16)
     dout8 = torch.randn(4, 2, 2048, 16)
-    res = [*OPS.attention_bwd(dout1, q1, k1, v1, 0.25, 0, 0, 0),
-           *OPS.attention_bwd(*(t.bfloat16() for t in (dout1, q1, k1, v1)), 0.25, 0, 0, 0),
-           *OPS.attention_bwd(dout8, q8, k8, v8, 0.25, 0, 0, 0),
+    res = [*attention_bwd(dout1, q1, k1, v1, 0.25, 0, 0, 0),
+           *attention_bwd(*(t.bfloat16() for t in (dout1, q1, k1, v1)), 0.25, 0, 0, 0),
+           *attention_bwd(dout8, q8, k8, v8, 0.25, 0, 0, 0),
            *OPS.attention_fwd(q, k, v, 0.25, 0, 0, 0, True),
            *OPS.attention_fwd(qw, qw, qw, 0.25, 7, 10, 13, True),
-           *OPS.attention_bwd(dout, q, k, v, 0.25, 0, 0, 0),
-           *OPS.attention_bwd(doutw, qw, qw, qw, 0.25, 7, 10, 13),
+           *attention_bwd(dout, q, k, v, 0.25, 0, 0, 0),
+           *attention_bwd(doutw, qw, qw, qw, 0.25, 7, 10, 13),
            OPS.aggregate_fwd(x, idx, w, b, [49, 14, 7]),
            *OPS.aggregate_bwd(grad, x, idx, w, [49, 14, 7])]
     for dtype in (torch.bfloat16, torch.float16):

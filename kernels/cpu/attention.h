@@ -141,7 +141,7 @@ inline void gemm(const float* A, int64_t lda, int64_t nrows, int64_t K, const fl
 }
 
 // Exact softmax of each score row S[i][0:nk] in place (padding [nk, nkp) set
-// to zero); optional row log-sum-exp and column sums (colsum has nkp entries).
+// to zero), its row log-sum-exp lse[i] and optional column sums (colsum has nkp entries).
 // With row_inv the rows are left unnormalised, exp(s - max), and row_inv[i] =
 // 1 / sum: the caller scales P.V's rows instead, and the tile is not written
 // a third time (the column sums, if asked for, only read it).
@@ -185,7 +185,23 @@ inline void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* l
     } else {
       for (int64_t j = 0; j < nkp; j += 8) st8(s + j, ld8(s + j) * inv);
     }
-    if (lse) lse[i] = mx + std::log(sum);
+    lse[i] = mx + std::log(sum);
+  }
+}
+
+// The forward's probabilities from its row log-sum-exp, in place and in one
+// pass: P[i][j] = exp(S[i][j] - lse[i]) for j < nk, padding [nk, nkp) zero.
+inline void probs_from_lse(float* S, int64_t nq, int64_t nk, int64_t nkp, const float* lse) {
+  for (int64_t i = 0; i < nq; ++i) {
+    float* s = S + i * nkp;
+    const v8f l = splat(lse[i]);
+    for (int64_t j = 0; j < nkp; j += 8) {
+      v8f e = exp8_nonpos(ld8(s + j) - l);
+      if (j + 8 > nk) {
+        for (int t = 0; t < 8; ++t) e[t] = j + t < nk ? e[t] : 0.0f;
+      }
+      st8(s + j, e);
+    }
   }
 }
 
@@ -206,15 +222,18 @@ inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols,
     for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
 }
 
-// Backward of one tile by recomputation. Qs [nq][dp] (scaled by scale),
+// Backward of one tile from the forward's row log-sum-exp lse [nq]: P = exp(s - lse),
+// one pass; D = rowsum(P * dP) of the tile, as in the reference's softmax
+// backward (rowsum(dO * O), from the output rounded to its dtype, does not
+// cancel where the reference does: a single key gets a nonzero dq). Qs [nq][dp] (scaled by scale),
 // K [nkp][dp], Kt [d][nkp], Vt [dv][nkp], dO [nq][dvp], padding zero.
 // Writes dQ [nq][dp]; accumulates dK [nkp][dp] and dV [nkp][dvp].
 // Scratch: P, dP [nq][nkp], Tr [nkp][nq].
 inline void tile_backward(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_t dp, int64_t dv, int64_t dvp, float scale,
-                   const float* Qs, const float* K, const float* Kt, const float* Vt, const float* dO, float* P,
-                   float* dP, float* Tr, float* dQ, float* dK, float* dV) {
+                   const float* Qs, const float* K, const float* Kt, const float* Vt, const float* dO, const float* lse,
+                   float* P, float* dP, float* Tr, float* dQ, float* dK, float* dV) {
   gemm(Qs, dp, nq, d, Kt, nkp, nkp, P, nkp);
-  softmax_rows(P, nq, nk, nkp, nullptr, nullptr);
+  probs_from_lse(P, nq, nk, nkp, lse);
   gemm(dO, dvp, nq, dv, Vt, nkp, nkp, dP, nkp);
   for (int64_t i = 0; i < nq; ++i) {  // dS = P * (dP - rowsum(P * dP)), in dP
     const float* p = P + i * nkp;
@@ -233,16 +252,18 @@ inline void tile_backward(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_
   gemm<true>(Tr, nq, nk, nq, dO, dvp, dvp, dV, dvp);
 }
 
-// Backward of one tile with BLAS GEMMs (global mode). Qs [nq][dp] (scaled by
+// Backward of one tile with BLAS GEMMs (global mode) from the forward's row
+// log-sum-exp lse [nq] (as tile_backward). Qs [nq][dp] (scaled by
 // scale), K [nk] rows of ldk, V [nk] rows of ldv, dO [nq][dvp]. Writes dQ
 // [nq][dp]; accumulates dK [nk][dp] and dV [nk][dvp] (kv_beta = 1), or
 // overwrites them (kv_beta = 0: their old contents, even garbage, are not read).
 // Scratch P, dP [nq][nkp].
 inline void tile_backward_blas(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_t dp, int64_t dv, int64_t dvp,
                         float scale, const float* Qs, const float* K, int64_t ldk, const float* V, int64_t ldv,
-                        const float* dO, float* P, float* dP, float* dQ, float* dK, float* dV, float kv_beta = 1.0f) {
+                        const float* dO, const float* lse, float* P, float* dP, float* dQ, float* dK, float* dV,
+                        float kv_beta = 1.0f) {
   gemm_rm(false, true, nq, nk, d, 1.0f, Qs, dp, K, ldk, 0.0f, P, nkp);
-  softmax_rows(P, nq, nk, nkp, nullptr, nullptr);
+  probs_from_lse(P, nq, nk, nkp, lse);
   gemm_rm(false, true, nq, nk, dv, 1.0f, dO, dvp, V, ldv, 0.0f, dP, nkp);
   for (int64_t i = 0; i < nq; ++i) {  // dS = P * (dP - rowsum(P * dP)), in dP
     const float* p = P + i * nkp;

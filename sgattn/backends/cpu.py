@@ -4,7 +4,8 @@ csrc/cpu_ops.cpp).
 
 Forward attention computes exact softmax rows one query block at a time
 (never the N x M matrix) and the importance in the same pass; the backward
-recomputes the probabilities from q, k and v (``sgattn._native``). Global
+recomputes the scores and takes the probabilities from the forward's saved
+row log-sum-exp, P = exp(s - lse) (``sgattn._native``). Global
 attention runs its GEMMs (S = Q K^T, O = P V and the five backward products)
 on the BLAS that torch links (``sgemm_``, MKL on x86 wheels, as PyTorch's own
 CPU flash attention does), called sequentially inside the kernel's own

@@ -17,10 +17,10 @@
   assertion, no host synchronisation (CUDA-graph capturable).
 - Self-guided attention (inference and training): reallocation kernel ->
   kv projections (cuBLAS through torch) -> attention kernel, at every length.
-- Attention backward: fused CUDA kernels (op ``attention_bwd``; the forward
-  saves q, k, v only, so it reruns the forward kernel for the fp32 output and
-  the log-sum-exp, then D = rowsum(dO * O), a key-major dK/dV kernel and a
-  query-major dQ kernel; deterministic, no atomics).
+- Attention backward: fused CUDA kernels (op ``attention_bwd``) from the
+  forward's saved output and log-sum-exp (the forward is not rerun):
+  D = rowsum(dO * O), then a key-major dK/dV kernel and a query-major dQ
+  kernel with P = exp(s - lse); deterministic, no atomics.
 - Probability dropout is not implemented (``unsupported`` says so).
 
 The launch limits (shared memory per device, grid sizes, 32-bit index ranges)
