@@ -11,12 +11,24 @@ forward+backward, interleaved, and prints min/median/max.
 With --threads 1 it measures the calling thread's CPU time (time.thread_time),
 which preemption on a shared machine does not inflate; otherwise wall time.
 
+python tools/time_cpu_backend.py --bwd [--old DIR] [--rounds K] [--threads N] [--reps R]
+times the cpu backend's attention backward alone (autograd.grad of a saved
+forward, float32) at the SG-Former-S attention shapes at 224 (batch 8) and
+896 (batch 1) and prints min/median/max. With --old DIR it alternates K
+processes running DIR's sgattn (another checkout with its extension built)
+with K running this one, and reports both over all their samples.
+
 python tools/time_cpu_backend.py --models [--threads N] [--reps R]
 times sgformer_s inference at 896x896 and a training step at 512x512 (batch 1):
 the naive model, sgattn's model on the cpu backend, and the naive model with
 channels-last convolutions, interleaved (wall time).
 """
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -75,8 +87,6 @@ ISSUE11 = [
 
 
 def issue11(args, clock):
-    import statistics
-
     import torch.nn.functional as F
 
     cpu = get_backend("cpu")
@@ -120,14 +130,79 @@ def issue11(args, clock):
                   f"{fmt(ts):>26s} {statistics.median(tc) / statistics.median(ts):9.2f}x", flush=True)
 
 
+BWD_SHAPES = [
+    # name, (B, h, N, M, d), window grid or None. 896: the 224 shapes' tokens and keys x 16, batch 1.
+    ("224 stage1 HSA global", (8, 1, 3136, 49, 32), None),
+    ("224 stage1 HSA window", (8, 1, 3136, 3136, 32), (56, 56)),
+    ("224 stage1 SGA global", (8, 2, 3136, 60, 32), None),
+    ("224 stage2 HSA window", (8, 2, 784, 784, 32), (28, 28)),
+    ("224 stage3 SGA global", (8, 8, 196, 147, 32), None),
+    ("224 stage4 plain", (8, 16, 49, 49, 32), None),
+    ("896 stage1 HSA global", (1, 1, 50176, 784, 32), None),
+    ("896 stage1 HSA window", (1, 1, 50176, 50176, 32), (224, 224)),
+    ("896 stage1 SGA global", (1, 2, 50176, 960, 32), None),
+    ("896 stage2 HSA window", (1, 2, 12544, 12544, 32), (112, 112)),
+    ("896 stage3 SGA global", (1, 8, 3136, 2352, 32), None),
+    ("896 stage4 plain", (1, 16, 784, 784, 32), None),
+]
+
+
+def bwd_samples(args, clock):
+    """{shape name: [ms, ...]}: the attention backward alone, args.reps times per shape."""
+    cpu = get_backend("cpu")
+    res = {}
+    for name, (B, h, N, M, d), hw in BWD_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, h, n, d, generator=g, requires_grad=True) for n in (N, M, M))
+        do = torch.randn(B, h, N, d, generator=g)
+        out = cpu.attention(q, k, v, **(dict(window=7, hw=hw) if hw else {}))[0]
+        grad = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
+        grad()
+        times = []
+        for _ in range(args.reps):
+            t = clock()
+            grad()
+            times.append((clock() - t) * 1e3)
+        res[name] = times
+    return res
+
+
+def bwd(args, clock):
+    fmt = lambda a: f"{min(a):9.2f}/{statistics.median(a):9.2f}/{max(a):9.2f}"  # noqa: E731
+    if not args.old:
+        samples = bwd_samples(args, clock)
+        if args.json:
+            return print(json.dumps(samples))
+        for name, shape, _ in BWD_SHAPES:
+            print(f"{name:24s} {str(shape):28s} backward ms min/med/max {fmt(samples[name])}")
+        return None
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = {"old": os.path.abspath(args.old), "new": here}
+    samples = {tree: {} for tree in trees}
+    cmd = [sys.executable, os.path.abspath(__file__), "--bwd", "--json", "--threads", str(args.threads),
+           "--reps", str(args.reps)]
+    for _ in range(args.rounds):
+        for tree, path in trees.items():  # alternating processes: old, new, old, new, ...
+            out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path}, check=True, capture_output=True,
+                                 text=True).stdout
+            for name, ts in json.loads(out.splitlines()[-1]).items():
+                samples[tree].setdefault(name, []).extend(ts)
+    print(f"old = {trees['old']}, new = {trees['new']}; {args.rounds} alternating processes each")
+    print(f"{'shape':24s} {'(B, h, N, M, d)':28s} {'old ms min/med/max':>30s} {'new ms min/med/max':>30s} "
+          f"{'old/new (med)':>13s}")
+    for name, shape, _ in BWD_SHAPES:
+        o, n = samples["old"][name], samples["new"][name]
+        print(f"{name:24s} {str(shape):28s} {fmt(o):>30s} {fmt(n):>30s} "
+              f"{statistics.median(o) / statistics.median(n):12.2f}x", flush=True)
+    return None
+
+
 def models(args):
     """sgformer_s inference at 896x896 and a training step at 512x512, batch 1:
     the naive model (the authors' attention, NCHW convolutions as in their
     code), sgattn's model on the cpu backend (channels-last convolutions) and,
     to separate the two effects, the naive model with channels-last
     convolutions; same weights, interleaved, wall time."""
-    import statistics
-
     import torch.nn.functional as F
 
     import sgattn
@@ -174,6 +249,10 @@ def main():
     ap.add_argument("--only", default="", help="with --issue11: comma-separated shape indices")
     ap.add_argument("--models", action="store_true",
                     help="sgformer_s 896 inference / 512 training: naive vs sgattn:cpu, interleaved")
+    ap.add_argument("--bwd", action="store_true", help="attention backward alone at 224 and 896")
+    ap.add_argument("--old", default="", help="with --bwd: a checkout to compare with, in alternating processes")
+    ap.add_argument("--rounds", type=int, default=3, help="with --bwd --old: processes per checkout")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # --bwd child output
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
@@ -181,9 +260,12 @@ def main():
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     cpu, ref = get_backend("cpu"), get_backend("reference")
-    batch = "" if (args.issue11 or args.models) else f", batch {args.batch}"  # those fix their own shapes
-    print(f"torch {torch.__version__}, threads {args.threads}{batch}; {args.reps} repetitions, "
-          f"{'thread CPU time' if args.threads == 1 and not args.models else 'wall time'}")
+    batch = "" if (args.issue11 or args.models or args.bwd) else f", batch {args.batch}"  # those fix their own shapes
+    if not args.json:
+        print(f"torch {torch.__version__}, threads {args.threads}{batch}; {args.reps} repetitions, "
+              f"{'thread CPU time' if args.threads == 1 and not args.models else 'wall time'}")
+    if args.bwd:
+        return bwd(args, clock)
     if args.issue11:
         return issue11(args, clock)
     if args.models:
