@@ -378,6 +378,17 @@ def test_cuda_ops_validate_direct_calls():
         out, lse, imp = fwd(e, e, e, 1.0, 0, 0, 0, True)
         assert out.shape == shape and lse.shape == shape[:3] and imp.shape == (shape[0], 12)
         assert out.is_contiguous()
+    # The backward takes the forward's out and lse.
+    bwd = _native.op("attention_bwd")
+    out, lse, _ = fwd(q, q, q, 1.0, 0, 0, 0, False)
+    with pytest.raises(RuntimeError, match="out must have q's shape"):
+        bwd(q, q, q, q, out[:, :, :6], lse, 1.0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="out must have q's dtype"):
+        bwd(q, q, q, q, out.half(), lse, 1.0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"lse must be float32 \[B, h, N\]"):
+        bwd(q, q, q, q, out, lse.double(), 1.0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        bwd(q, q, q, q, out, lse.cpu(), 1.0, 0, 0, 0)
     agg = _native.op("aggregate_fwd")
     x = torch.randn(2, 8, 4, device="cuda")
     idx = torch.argsort(torch.rand(1, 2, 8, device="cuda"), -1)
