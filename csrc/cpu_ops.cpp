@@ -424,10 +424,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
 
 // Backward from the forward's lse: each tile's scores are recomputed (never
 // the N x M matrix) and P = exp(s - lse) taken in one pass (see
-// tile_backward for D). Global mode: work items (b, h, chunk of query blocks), the chunks' dK, dV
-// partials reduced in a fixed order (see below); window mode: items
-// (b, window) own the window's keys. Deterministic and independent of the
-// thread count.
+// tile_backward for D). Global mode: work items (b, h, chunk of query
+// blocks), the chunks' dK, dV partials reduced in a fixed order (see below);
+// window mode: items (b, window) own the window's keys. Deterministic and
+// independent of the thread count.
 template <typename T>
 void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& lse, double scale_d, int64_t window, int64_t H, int64_t W, at::Tensor& dq,

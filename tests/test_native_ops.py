@@ -346,15 +346,16 @@ def _risky_cases():
          None),
         ("window 2**63-1", lambda: _max_diff(OPS.attention_fwd(q, q, q, 0.3, 2 ** 63 - 1, 3, 4, True), glob()),
          None),
-        ("bwd window 2**63-1", lambda: _max_diff(OPS.attention_bwd(q, q, q, q, *stats, 0.3, 2 ** 63 - 1, 3, 4), glob_bwd()),
+        ("bwd window 2**63-1",
+         lambda: _max_diff(OPS.attention_bwd(q, q, q, q, *stats, 0.3, 2 ** 63 - 1, 3, 4), glob_bwd()),
          None),
         ("huge M", lambda: OPS.attention_fwd(q, _huge(2 ** 40, 8), _huge(2 ** 40, 8), 0.3, 0, 0, 0, False),
          r"attention_fwd: M=1099511627776 keys with d=8, dv=8 need more than 1 GiB of scratch per thread"),
         ("huge M importance", lambda: OPS.attention_fwd(q, _huge(2 ** 26, 8), _huge(2 ** 26, 8), 0.3, 0, 0, 0, True),
          r"attention_fwd: M=67108864 keys with d=8, dv=8 need more than 1 GiB of scratch per thread"),
         # dk, dv are real (64 MiB, never written); the scratch would be ~2 GiB per thread.
-        ("huge M bwd", lambda: OPS.attention_bwd(q1, q1, _huge(2 ** 23, 1), _huge(2 ** 23, 1), q1, torch.zeros(1, 2, 12),
-                                                 0.3, 0, 0, 0),
+        ("huge M bwd", lambda: OPS.attention_bwd(q1, q1, _huge(2 ** 23, 1), _huge(2 ** 23, 1), q1,
+                                                 torch.zeros(1, 2, 12), 0.3, 0, 0, 0),
          r"attention_bwd: 8388608 keys per row with d=1, dv=1 need more than 1 GiB of scratch per thread"),
     ]
 
