@@ -168,9 +168,9 @@ void check_attention_args(const char* op, const at::Tensor& q, const at::Tensor&
     TORCH_CHECK(dout->scalar_type() == q.scalar_type(), op, ": dout must have q's dtype ", q.scalar_type(), ", got ",
                 dout->scalar_type());
   }
-  TORCH_CHECK(!(need_importance && h == 0 && B > 0), op,
-              ": the importance is a mean over heads and h = 0 (with B > 0) has none; "
-              "pass need_importance=False or at least one head");
+  TORCH_CHECK_VALUE(!(need_importance && h == 0 && B > 0), op,
+                    ": the importance is a mean over heads and h = 0 (with B > 0) has none; "
+                    "pass need_importance=False or at least one head");
 }
 
 // ----------------------------------------------------------------- attention

@@ -128,7 +128,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
   auto lse = at::empty({B, h, N}, q.options().dtype(at::kFloat));
   const int64_t ncols = window > 0 ? N : M;
   auto fopts = q.options().dtype(at::kFloat);
-  if (B * h * N == 0) {  // nothing to launch; importance is a mean over no heads or queries
+  // The same check (and ValueError) as the cpu binding: a mean over no heads is refused.
+  TORCH_CHECK_VALUE(!(need_importance && h == 0 && B > 0), op,
+                    " (cuda): the importance is a mean over heads and h = 0 (with B > 0) has none; "
+                    "pass need_importance=False or at least one head");
+  if (B * h * N == 0) {  // nothing to launch; importance is a mean over no queries
     at::Tensor imp = need_importance ? at::full({B, ncols}, std::numeric_limits<float>::quiet_NaN(), fopts)
                                      : at::empty({0}, fopts);
     return {out, lse, imp};

@@ -40,7 +40,7 @@ def _versions() -> dict:
 
 def cmd_info(args) -> int:
     import sgattn
-    from sgattn.backends import PREFERENCE, forced_backend
+    from sgattn.backends import PREFERENCE, capability_table, forced_backend
     print(f"sgattn {sgattn.__version__}")
     for k, v in _versions().items():
         print(f"{k:>18}: {v}")
@@ -54,6 +54,7 @@ def cmd_info(args) -> int:
     print(f"backends (dispatch order {', '.join(PREFERENCE)}):")
     for name, why in sgattn.available_backends().items():
         print(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    print("capabilities:\n  " + "\n  ".join(capability_table()))
     return 0
 
 

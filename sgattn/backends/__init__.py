@@ -5,14 +5,17 @@ importance, and the aggregation of importance-sorted tokens. Everything else
 (hybrid-scale and self-guided attention) is composed from them in
 ``sgattn.ops``; a backend may override the compositions to fuse them.
 
-Each backend says why it cannot run an input (``unsupported``); the
-dispatcher takes the first backend in ``PREFERENCE`` that can, and a forced
-backend (``use_backend`` or ``SGATTN_BACKEND``) that cannot raises an error
-naming the reason.
+Each backend declares what it runs as data (``Capabilities``, with the
+kernel-side limits read from the kernels' own planners), and ``unsupported``
+derives from it every reason it cannot run an input; the dispatcher takes the
+first backend in ``PREFERENCE`` that can, and a forced backend (``use_backend``
+or ``SGATTN_BACKEND``) that cannot raises one ``BackendError`` naming every
+reason.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 
@@ -28,16 +31,86 @@ PREFERENCE = ("triton", "cuda", "cpu", "reference")
 _forced: str | None = os.environ.get("SGATTN_BACKEND") or None
 
 
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class BackendError(RuntimeError):
-    """No backend (or not the forced one) can run the given inputs."""
+    """No backend (or not the forced one) can run the given inputs; the
+    message names every reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend runs. A limit of None is no limit."""
+
+    devices: tuple[str, ...] | None           # device types of the tensors (None: any)
+    dtypes: tuple[torch.dtype, ...]           # attention (and self-guided attention)
+    aggregate_dtypes: tuple[torch.dtype, ...]  # token reallocation
+    head_dims: tuple[int, int] | None = None  # d and dv, inclusive range
+    value_dim_is_head_dim: bool = False       # dv must equal d
+    max_window: int | None = None
+    max_tokens: int | None = None             # queries and keys of one attention
+    dropout: bool = False                     # probability dropout
+    launch_limits: str = ""                   # per-call limits asked of the kernels' planner
+
+
+def attention_calls(op: str, tensors, options):
+    """(q, k, v, window, hw) of each attention ``op`` runs on ``tensors``;
+    self-guided attention's keys are the reallocated tokens, at most N: its
+    worst case (q, q, q) stands for them."""
+    window, hw = options.get("window"), options.get("hw")
+    if op in ("attention", "attention_with_importance"):
+        return [(*tensors[:3], window, hw)]
+    if op == "hybrid_scale_attention":  # the global triple, then the windowed one
+        return [(*tensors[:3], None, None), (*tensors[3:6], window, hw)]
+    if op == "self_guided_attention":
+        q = tensors[0]
+        return [(q, q, q, None, None)]
+    return []
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(t).removeprefix("torch.") for t in dtypes)
+
+
+def capability_reasons(caps: Capabilities, op: str, tensors, options) -> list[str]:
+    """Every reason ``caps`` excludes ``op`` on ``tensors`` (empty: none)."""
+    reasons = []
+    if caps.devices is not None:
+        kinds = " and ".join(d.upper() for d in caps.devices)
+        for device in sorted({str(t.device) for t in tensors if t.device.type not in caps.devices}):
+            reasons.append(f"runs {kinds} tensors only, got a tensor on {device}")
+        devices = sorted({str(t.device) for t in tensors})
+        if len(devices) > 1:
+            reasons.append(f"tensors on several devices ({', '.join(devices)}): one launch runs on one device")
+    allowed = caps.aggregate_dtypes if op == "reallocate_tokens" else caps.dtypes
+    for dtype in sorted({t.dtype for t in tensors} - set(allowed), key=str):
+        reasons.append(f"dtype {dtype} is not supported ({_names(allowed)} are)")
+    for q, k, v, window, _ in attention_calls(op, tensors, options):
+        d, dv, N, M = q.shape[-1], v.shape[-1], q.shape[2], k.shape[2]
+        if caps.head_dims is not None:
+            lo, hi = caps.head_dims
+            for what, n in (("head dim", d), ("value head dim", dv)):
+                if not lo <= n <= hi:
+                    reasons.append(f"{what} {n} is outside {lo}..{hi}")
+        if caps.value_dim_is_head_dim and dv != d:
+            reasons.append(f"value head dim {dv} differs from head dim {d}")
+        if caps.max_tokens is not None and max(N, M) > caps.max_tokens:
+            reasons.append(f"{N} queries and {M} keys: more than {caps.max_tokens} in one attention")
+        if window is not None and caps.max_window is not None and window > caps.max_window:
+            reasons.append(f"window {window} is larger than {caps.max_window}")
+    if options.get("dropout_p", 0.0) > 0 and not caps.dropout:
+        reasons.append("probability dropout is not implemented")
+    return list(dict.fromkeys(reasons))  # a hybrid call's two triples may repeat one
 
 
 class Backend:
     """Base class: the reference composition of the two primitives.
 
     Subclasses set ``name`` and override ``attention`` and ``aggregate_sorted``
-    (same signatures as in ``sgattn.reference``), ``unavailable`` and
-    ``unsupported``; they may override ``hybrid_scale_attention`` and
+    (same signatures as in ``sgattn.reference``), ``unavailable``,
+    ``capabilities`` and, for limits that depend on the sizes of a call,
+    ``launch_limits``; they may override ``hybrid_scale_attention`` and
     ``self_guided_attention`` to fuse more.
     """
 
@@ -50,9 +123,26 @@ class Backend:
         """Why this backend cannot run at all on this machine (None: it can)."""
         return None
 
+    def capabilities(self) -> Capabilities:
+        raise NotImplementedError
+
+    def launch_limits(self, op: str, tensors, options) -> list[str]:
+        """Why the kernels cannot launch ``op`` at these sizes (asked only of
+        inputs the capabilities admit)."""
+        return []
+
     def unsupported(self, op: str, tensors, **options) -> str | None:
-        """Why this backend cannot run ``op`` on these inputs (None: it can)."""
-        return None
+        """Every reason this backend cannot run ``op`` on these inputs, joined
+        by "; " (None: it can)."""
+        reasons = capability_reasons(self.capabilities(), op, tensors, options)
+        if not reasons:
+            reasons = self.launch_limits(op, tensors, options)
+        return "; ".join(reasons) or None
+
+    def refuse_dropout(self, dropout_p):
+        """A direct call of a backend method with dropout it does not implement."""
+        if dropout_p > 0 and not self.capabilities().dropout:
+            raise BackendError(f"backend {self.name!r} cannot run attention: probability dropout is not implemented")
 
     def attention(self, q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0,
                   need_importance=True):
@@ -82,6 +172,9 @@ class ReferenceBackend(Backend):
     """Plain PyTorch (``sgattn.reference``): any device and dtype, the oracle."""
 
     name = "reference"
+
+    def capabilities(self):
+        return Capabilities(devices=None, dtypes=FLOATS, aggregate_dtypes=FLOATS, dropout=True)
 
     def attention(self, q, k, v, **options):
         return reference.attention(q, k, v, **options)
@@ -160,7 +253,7 @@ def select(op: str, tensors, **options) -> Backend:
     if _forced is not None:
         backend = get_backend(_forced)
         why = backend.unavailable() or backend.unsupported(op, tensors, **options)
-        if why:
+        if why:  # every reason at once
             raise BackendError(f"backend {_forced!r} cannot run {op}: {why}")
         return backend
     reasons = []
@@ -175,6 +268,32 @@ def select(op: str, tensors, **options) -> Backend:
                 return backend
         reasons.append(f"{name}: {why}")
     raise BackendError(f"no sgattn backend can run {op}: " + "; ".join(reasons))
+
+
+def _limit(value, fmt="{}") -> str:
+    return "any" if value is None else fmt.format(value)
+
+
+def capability_table() -> list[str]:
+    """Lines of a table of what every backend runs (``sgattn info``)."""
+    rows = [("backend", "devices", "attention dtypes", "reallocation dtypes", "head dims", "window",
+             "tokens", "dropout")]
+    notes = []
+    for name in _registry:
+        try:
+            caps = get_backend(name).capabilities()
+        except BackendError as exc:
+            notes.append(f"{name}: capabilities unknown ({exc})")
+            continue
+        dims = _limit(caps.head_dims and "{}..{}".format(*caps.head_dims)) + (", dv = d" if caps.value_dim_is_head_dim
+                                                                               else "")
+        rows.append((name, _limit(caps.devices and ", ".join(caps.devices)), _names(caps.dtypes),
+                     _names(caps.aggregate_dtypes), dims, _limit(caps.max_window, "<= {}"),
+                     _limit(caps.max_tokens, "<= {}"), "yes" if caps.dropout else "no"))
+        if caps.launch_limits:
+            notes.append(f"{name}: per call, {caps.launch_limits}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows] + notes
 
 
 def _load_all():

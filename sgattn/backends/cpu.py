@@ -26,10 +26,12 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from . import Backend
+from . import FLOATS, Backend, Capabilities
 
-ATTENTION_OPS = ("attention_with_importance", "attention", "hybrid_scale_attention", "self_guided_attention")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels (csrc/cpu_ops.cpp) take any sizes: int64 indexing, any head dim,
+# window and key count; float64 only in the aggregation.
+CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                            aggregate_dtypes=FLOATS)
 
 
 class CpuBackend(Backend):
@@ -39,20 +41,11 @@ class CpuBackend(Backend):
     def unavailable(self):
         return _native.load_extension(self.extension)  # cached after the first call
 
-    def unsupported(self, op, tensors, **options):
-        for t in tensors:
-            if t.device.type != "cpu":
-                return f"the cpu backend runs CPU tensors only, got a tensor on {t.device}"
-        dtype = tensors[0].dtype
-        if op in ATTENTION_OPS and dtype not in DTYPES:
-            return f"{dtype} attention is not implemented (float32, bfloat16, float16 are)"
-        if options.get("dropout_p", 0.0) > 0:
-            return "probability dropout is not implemented"
-        return None
+    def capabilities(self):
+        return CAPABILITIES
 
     def attention(self, q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0, need_importance=True):
-        if dropout_p > 0:
-            raise ValueError("the cpu backend does not implement probability dropout")
+        self.refuse_dropout(dropout_p)
         return _native.attention(q, k, v, scale=scale, window=window, hw=hw, need_importance=need_importance)
 
     def aggregate_sorted(self, x, index, weights, biases):

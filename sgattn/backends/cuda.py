@@ -23,23 +23,23 @@
   kernel with P = exp(s - lse); deterministic, no atomics.
 - Probability dropout is not implemented (``unsupported`` says so).
 
-The launch limits (shared memory per device, grid sizes, 32-bit index ranges)
-come from the kernels' own planner (``sgattn._C_cuda.plan_attention``, C++,
-runs without a GPU); ``unsupported`` asks it, so it mirrors every limit.
+The limits (head dims, token counts, window, shared memory per device, grid
+sizes) come from the kernels' own planner (``sgattn._C_cuda.plan_attention``,
+C++, runs without a GPU): the declared capabilities are read from it once and
+``launch_limits`` asks it about each call, so they mirror every limit.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
 
 from .. import _native, reference
-from . import Backend
+from . import Backend, BackendError, Capabilities, attention_calls
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-MAX_HEAD_DIM = 128
-ATTENTION_OPS = ("attention_with_importance", "attention", "hybrid_scale_attention")
 INT32_MAX = 2 ** 31 - 1
 
 
@@ -50,6 +50,30 @@ def plan_attention(dtype, B, h, N, M, d, window, hw, max_smem):
     H, W = (int(hw[0]), int(hw[1])) if window else (0, 0)
     return ext.plan_attention(DTYPE_NAMES[dtype], int(B), int(h), int(N), int(M), int(d), int(window or 0),
                               H, W, int(max_smem))
+
+
+def _largest(fits, lo, hi):
+    """The largest n in lo..hi with fits(n), for fits true up to some n and false above."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+@functools.cache
+def planner_capabilities() -> Capabilities:
+    """The kernels' limits as the planner states them (with unlimited shared
+    memory: the device's own limit is asked per call)."""
+    def fits(**sizes):
+        args = dict(B=1, h=1, N=1, M=1, d=16, window=0, hw=(1, 1)) | sizes
+        return plan_attention(torch.float32, max_smem=2 ** 40, **args)["error"] is None
+    lo = next(d for d in range(1, 2 ** 16) if fits(d=d))
+    return Capabilities(
+        devices=("cuda",), dtypes=DTYPES, aggregate_dtypes=DTYPES, value_dim_is_head_dim=True,
+        head_dims=(lo, _largest(lambda d: fits(d=d), lo, 2 ** 16)),
+        max_tokens=_largest(lambda m: fits(M=m), 1, 2 ** 40),
+        max_window=_largest(lambda w: fits(window=w), 1, 2 ** 20),
+        launch_limits="plan_attention: shared memory of the device, grid sizes (and the reallocation's grid)")
 
 
 def aggregate_limits(G, B, N, M):
@@ -96,12 +120,14 @@ class CudaBackend(Backend):
             self._smem[index] = ext.device_smem_optin(index)
         return self._smem[index]
 
-    def _attention_limit(self, q, k, v, window, hw=None):
+    def capabilities(self):
+        why = _native.load_extension(self.extension)
+        if why is not None:  # the planner is in the extension
+            raise BackendError(why)
+        return planner_capabilities()
+
+    def _attention_limit(self, q, k, v, window, hw):
         """Why the attention kernels cannot run these tensors (the C++ planner's limits)."""
-        if v.shape[-1] != q.shape[-1]:
-            return "value dim differs from head dim"
-        if q.shape[-1] > MAX_HEAD_DIM:
-            return f"head dim {q.shape[-1]} is above {MAX_HEAD_DIM}"
         B, h, N, d = q.shape
         M = k.shape[2]
         if window:
@@ -115,50 +141,23 @@ class CudaBackend(Backend):
             return f"backward: {plan['bwd_error']}"
         return None
 
-    def unsupported(self, op, tensors, **options):
-        devices = set()
-        for t in tensors:
-            if t.device.type != "cuda":
-                return f"the cuda backend runs CUDA tensors only, got a tensor on {t.device}"
-            if t.dtype not in DTYPES:
-                return f"dtype {t.dtype} is not supported (float16, bfloat16 or float32)"
-            devices.add(t.device)
-        if len(devices) > 1:
-            return f"tensors on several devices: {sorted(map(str, devices))}"
-        if options.get("dropout_p", 0.0) > 0:
-            return "probability dropout is not implemented"
-        why = self._device_problem(tensors[0].device.index if tensors[0].device.index is not None
-                                   else torch.cuda.current_device())
+    def launch_limits(self, op, tensors, options):
+        device = tensors[0].device
+        why = self._device_problem(device.index if device.index is not None else torch.cuda.current_device())
         if why is not None:
-            return why
-        window = options.get("window")
-        if window is not None and int(window) < 1:
-            return f"window {window} must be >= 1"
-        if op in ATTENTION_OPS:
-            groups = [tensors[i:i + 3] for i in range(0, len(tensors), 3)]
-            for i, (q, k, v) in enumerate(groups):
-                # hybrid-scale: the first triple is global, the second windowed.
-                w = window if (op != "hybrid_scale_attention" or i == 1) else None
-                why = self._attention_limit(q, k, v, w, options.get("hw") if w else None)
-                if why is not None:
-                    return why
-        elif op == "self_guided_attention":
-            q, x = tensors[:2]
-            B, h, N, d = q.shape
-            # The reallocated sequence is at most N tokens long.
-            why = self._attention_limit(q, q, q, None) or aggregate_limits(2, B, N, N)
-            if why is not None:
-                return why
+            return [why]
+        reasons = [self._attention_limit(q, k, v, window, hw) for q, k, v, window, hw
+                   in attention_calls(op, tensors, options)]
+        if op == "self_guided_attention":  # the reallocated sequence is at most N tokens long
+            B, _, N, _ = tensors[0].shape
+            reasons.append(aggregate_limits(2, B, N, N))
         elif op == "reallocate_tokens":
             B, N = tensors[0].shape[:2]
-            why = aggregate_limits(1, B, N, N)
-            if why is not None:
-                return why
-        return None
+            reasons.append(aggregate_limits(1, B, N, N))
+        return [r for r in dict.fromkeys(reasons) if r is not None]
 
     def attention(self, q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0, need_importance=True):
-        if dropout_p > 0:
-            raise ValueError("the cuda backend does not implement probability dropout")
+        self.refuse_dropout(dropout_p)
         return _native.attention(q, k, v, scale=scale, window=window, hw=hw, need_importance=need_importance)
 
     def aggregate_sorted(self, x, index, weights, biases):

@@ -10,7 +10,8 @@ Ops:
 - ``sgattn::triton_aggregate_fwd(x, index, w_cat, b_cat, group_sizes) -> [G, B, M, C]``
 - ``sgattn::triton_aggregate_bwd(dout, x, index, w_cat, group_sizes) -> (dx, dw, db)``
 
-Every op validates its arguments itself (ValueError naming the problem), with
+Every op validates its arguments itself (ValueError "op: problem", the style
+of the public ops and the native bindings), with
 no host synchronisation on CUDA tensors; only under the interpreter (CPU
 tensors) is an aggregation index checked to be a permutation. The kernels
 never read or write out of bounds whatever the index holds (loads through it
@@ -33,7 +34,7 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _fail(op, message):
-    raise ValueError(f"sgattn::{op}: {message}")
+    raise ValueError(f"{op}: {message}")
 
 
 def _device_ok(op, tensors):
@@ -63,7 +64,7 @@ def _float_same(op, tensors):
             _fail(op, f"dtype mismatch: {first_name} is {first.dtype} but {name} is {t.dtype}")
 
 
-def _check_attention(op, q, k, v, scale, window, H, W):
+def _check_attention(op, q, k, v, scale, window, H, W, need_importance=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _dims(op, name, t, 4)
     _float_same(op, (("q", q), ("k", k), ("v", v)))
@@ -74,6 +75,9 @@ def _check_attention(op, q, k, v, scale, window, H, W):
     if tuple(v.shape[:3]) != tuple(k.shape[:3]):
         _fail(op, f"v must be [B, h, M, dv] matching k {tuple(k.shape)}, got {tuple(v.shape)}")
     M, dv = k.shape[2], v.shape[3]
+    if need_importance and h == 0 and B > 0:  # as the native attention_fwd
+        _fail(op, "the importance is a mean over heads and h = 0 (with B > 0) has none; "
+                  "pass need_importance=False or at least one head")
     if N < 1 or M < 1:
         _fail(op, f"need at least one query and one key, got N={N}, M={M}")
     lo, hi = _attn.HEAD_DIM_RANGE
@@ -125,7 +129,7 @@ def _pad_last(t: Tensor) -> Tensor:
 @torch.library.custom_op("sgattn::triton_attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int, H: int, W: int,
                   need_importance: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_attention("triton_attention_fwd", q, k, v, scale, window, H, W)
+    _check_attention("triton_attention_fwd", q, k, v, scale, window, H, W, need_importance)
     d, dv = q.shape[-1], v.shape[-1]
     if _aligned(d) == d and _aligned(dv) == dv:
         return _attn.attention_forward(q, k, v, scale, window, (H, W), need_importance)
@@ -138,7 +142,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int, H:
 
 @attention_fwd.register_fake
 def _(q, k, v, scale, window, H, W, need_importance):
-    _check_attention("triton_attention_fwd", q, k, v, scale, window, H, W)
+    _check_attention("triton_attention_fwd", q, k, v, scale, window, H, W, need_importance)
     B, h, N, d = q.shape
     M = k.shape[2]
     out = _attn.new_out(q, v.shape[3])
