@@ -17,7 +17,8 @@ Every result (outputs, lse, importance, gradients) is bitwise independent of
 the thread count: the work partition depends on the shapes only and every
 reduction runs in a fixed order. The registered ops validate their arguments
 themselves (a direct ``torch.ops.sgattn.*`` call with bad input raises a
-RuntimeError naming the problem); aggregation index rows must be permutations
+RuntimeError naming the problem, a ValueError for importance over zero
+heads, as on cuda and triton); aggregation index rows must be permutations
 of 0..N-1 (argsorts), which the kernels check. A window at least as large as
 the grid is one window over the whole grid.
 """
