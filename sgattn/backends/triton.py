@@ -29,6 +29,14 @@ except Exception as exc:  # triton missing or broken: report it, do not fail the
 
 _UNSET = object()
 
+# CUDA tensors (CPU tensors under the interpreter); the head dims d, dv and
+# windows of the tile plans (padded to 32, 64 or 128; a window is at most 256
+# positions); token counts that fit the kernels' int32 indices.
+CAPABILITIES = None if _ops is None else Capabilities(
+    devices=("cpu",) if _INTERPRET else ("cuda",), dtypes=_ops.FLOATS, aggregate_dtypes=_ops.FLOATS,
+    head_dims=_attn.HEAD_DIM_RANGE, max_window=_attn.MAX_WINDOW, max_tokens=_ops.INT32_MAX,
+    launch_limits="the tile plans: programs in one launch (2**31-1), shared memory per block of the GPU")
+
 
 class TritonBackend(Backend):
     name = "triton"
@@ -48,15 +56,9 @@ class TritonBackend(Backend):
         return self._unavailable
 
     def capabilities(self):
-        """CUDA tensors (CPU tensors under the interpreter); head dims d, dv and
-        windows of the tile plans (padded to 32, 64 or 128; a window is at most
-        256 positions); token counts that fit the kernels' int32 indices."""
         if _IMPORT_ERROR is not None:
             raise BackendError(f"triton is not importable ({_IMPORT_ERROR})")
-        return Capabilities(
-            devices=("cpu",) if _INTERPRET else ("cuda",), dtypes=_ops.FLOATS, aggregate_dtypes=_ops.FLOATS,
-            head_dims=_attn.HEAD_DIM_RANGE, max_window=_attn.MAX_WINDOW, max_tokens=_ops.INT32_MAX,
-            launch_limits="the tile plans: programs in one launch (2**31-1), shared memory per block of the GPU")
+        return CAPABILITIES
 
     def launch_limits(self, op, tensors, options):
         reasons = []
