@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu/attention.h"
+#include "op_contract.h"
 #include "sgattn_common.h"
 #include "sgattn_op_schemas.h"
 
@@ -47,8 +48,8 @@ void dispatch_floating(at::ScalarType st, bool allow_double, const char* op, F&&
 // ------------------------------------------------------------------ scratch
 
 // Every registered op validates all of its arguments before it touches memory
-// (sizes with overflow-checked arithmetic, dtypes, devices, index contents) and
-// fails with a TORCH_CHECK (RuntimeError in Python) that names the problem.
+// (sizes with overflow-checked arithmetic, dtypes, devices, index contents,
+// scratch sizes) and fails with a ValueError that names the problem.
 // Scratch is allocated before each parallel region, so no C++ exception can
 // leave an OpenMP region (which would terminate the process).
 
@@ -108,7 +109,7 @@ template <typename E>
 at::Tensor shared_buffer(int64_t a, int64_t b, at::ScalarType st, const char* op, const char* what,
                          bool zero = true) {
   int64_t n = 0, nb = 0;
-  TORCH_CHECK(!__builtin_mul_overflow(a, b, &n) && !__builtin_mul_overflow(n, static_cast<int64_t>(sizeof(E)), &nb) &&
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &n) && !__builtin_mul_overflow(n, static_cast<int64_t>(sizeof(E)), &nb) &&
                   nb <= kMaxTotalScratch,
               op, ": ", what, " would need ", a, " x ", b, " elements of scratch, above the cpu kernel's limit of ",
               kMaxTotalScratch >> 30, " GiB; such sizes are not supported");
@@ -116,61 +117,15 @@ at::Tensor shared_buffer(int64_t a, int64_t b, at::ScalarType st, const char* op
 }
 
 // ---------------------------------------------------------------- validation
+// The contract shared with the cuda binding is csrc/op_contract.h; the device
+// check is this binding's.
 
-void check_dense_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor (this is the cpu kernel), got a tensor on ",
-              t.device());
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ", t.layout());
-}
-
-bool is_low_float(at::ScalarType st) { return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf; }
-
-// dout is null for attention_fwd.
-void check_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor* dout, double scale, int64_t window, int64_t H, int64_t W,
-                          bool need_importance) {
-  check_dense_cpu(q, op, "q");
-  check_dense_cpu(k, op, "k");
-  check_dense_cpu(v, op, "v");
-  if (dout) check_dense_cpu(*dout, op, "dout");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
-              ": q, k, v must be 4-D ([B, h, N, d], [B, h, M, d], [B, h, M, dv]), got ", q.sizes(), ", ", k.sizes(),
-              ", ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
-              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(is_low_float(q.scalar_type()), op,
-              ": the cpu kernel supports float32, bfloat16 and float16, got ", q.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
-              ": k must be [B, h, M, d] matching q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
-              ": v must be [B, h, M, dv] matching k ", k.sizes(), ", got ", v.sizes());
-  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3), dv = v.size(3);
-  TORCH_CHECK(N > 0 && M > 0 && d > 0 && dv > 0, op,
-              ": N, M, d and dv must be positive (a softmax over no keys or of no queries is undefined), got N=", N,
-              ", M=", M, ", d=", d, ", dv=", dv);
-  TORCH_CHECK(std::isfinite(scale) && std::fabs(scale) <= std::numeric_limits<float>::max(), op,
-              ": scale must be finite in float32, got ", scale);
-  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: global attention), got ", window);
-  if (window == 0) {
-    TORCH_CHECK(H >= 0 && W >= 0, op, ": H and W must be >= 0 (unused in global mode), got H=", H, ", W=", W);
-  } else {
-    TORCH_CHECK(H > 0 && W > 0, op, ": window mode needs a grid with H > 0 and W > 0, got H=", H, ", W=", W);
-    int64_t HW = 0;
-    TORCH_CHECK(!__builtin_mul_overflow(H, W, &HW), op, ": H*W overflows int64 (H=", H, ", W=", W, ")");
-    TORCH_CHECK(HW == N, op, ": window mode needs H*W == N, got H*W=", HW, " (H=", H, ", W=", W, ") and N=", N);
-    TORCH_CHECK(M == N, op, ": window mode needs as many keys as queries (M == N), got M=", M, ", N=", N);
+void check_cpu(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
+  for (const auto& [name, t] : ts) {
+    TORCH_CHECK_VALUE(t->defined(), op, ": ", name, " is undefined");
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": ", name,
+                      " must be a CPU tensor (this is the cpu kernel), got a tensor on ", t->device());
   }
-  if (dout) {
-    TORCH_CHECK(dout->dim() == 4 && dout->size(0) == B && dout->size(1) == h && dout->size(2) == N &&
-                    dout->size(3) == dv,
-                op, ": dout must be [B, h, N, dv] = [", B, ", ", h, ", ", N, ", ", dv, "], got ", dout->sizes());
-    TORCH_CHECK(dout->scalar_type() == q.scalar_type(), op, ": dout must have q's dtype ", q.scalar_type(), ", got ",
-                dout->scalar_type());
-  }
-  TORCH_CHECK_VALUE(!(need_importance && h == 0 && B > 0), op,
-                    ": the importance is a mean over heads and h = 0 (with B > 0) has none; "
-                    "pass need_importance=False or at least one head");
 }
 
 // ----------------------------------------------------------------- attention
@@ -292,7 +247,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     const int64_t hK = sc.reserve<float>(Mp, d), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(QB, d),
                   hS = sc.reserve<float>(QB, Mp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
                   hC = sc.reserve<float>(Mp, 1), hR = sc.reserve<float>(QB, 1);
-    TORCH_CHECK(!sc.too_big(), op, ": M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
+    TORCH_CHECK_VALUE(!sc.too_big(), op, ": M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
                 kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
     at::Tensor partial_t = need_imp ? shared_buffer<double>(ntask, M, at::kDouble, op, "the importance partials")
                                     : at::Tensor();
@@ -364,7 +319,7 @@ void attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t hKt = sc.reserve<float>(d, Lp), hV = sc.reserve<float>(Lp, dvp), hQ = sc.reserve<float>(QB, d),
                 hS = sc.reserve<float>(QB, Lp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
                 hC = sc.reserve<float>(Lp, 1), hA = sc.reserve<double>(Lmax, 1), hT = sc.reserve<int64_t>(Lmax, 1);
-  TORCH_CHECK(!sc.too_big(), op, ": windows of ", Lmax, " tokens with d=", d, ", dv=", dv, " need more than ",
+  TORCH_CHECK_VALUE(!sc.too_big(), op, ": windows of ", Lmax, " tokens with d=", d, ", dv=", dv, " need more than ",
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
   float* dst = need_imp ? imp.data_ptr<float>() : nullptr;
   const int nt = sc.allocate();
@@ -407,7 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q
                                                              const at::Tensor& v, double scale,
                                                              int64_t window, int64_t H, int64_t W,
                                                              bool need_importance) {
-  check_attention_args("attention_fwd", q, k, v, nullptr, scale, window, H, W, need_importance);
+  check_cpu("attention_fwd", {{"q", &q}, {"k", &k}, {"v", &v}});
+  sgattn::contract::check_attention("attention_fwd", q, k, v, scale, window, H, W, need_importance);
   const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), dv = v.size(3);
   // Contract of every native op: contiguous outputs, whatever the inputs' strides.
   auto out = at::empty({B, h, N, dv}, q.options());
@@ -473,7 +429,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                   hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(Mp, dp),
                   hdV = sc.reserve<float>(Mp, dvp), hAcc = sc.reserve<float>(kRB, dp + dvp),
                   hL = sc.reserve<float>(nq_max, 1);
-    TORCH_CHECK(!sc.too_big(), op, ": ", M, " keys per row with d=", d, ", dv=", dv, " need more than ",
+    TORCH_CHECK_VALUE(!sc.too_big(), op, ": ", M, " keys per row with d=", d, ", dv=", dv, " need more than ",
                 kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
     // Partials: per_bh slices of Mp * (dp + dvp) floats per head, at most
     // kMaxBwdPartials bytes in all (fewer chunks per head beyond that).
@@ -561,7 +517,7 @@ void attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
                 hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(nkp_max, dp),
                 hdV = sc.reserve<float>(nkp_max, dvp), hT = sc.reserve<int64_t>(nk_max, 1),
                 hL = sc.reserve<float>(nq_max, 1);
-  TORCH_CHECK(!sc.too_big(), op, ": ", nk_max, " keys per row with d=", d, ", dv=", dv, " need more than ",
+  TORCH_CHECK_VALUE(!sc.too_big(), op, ": ", nk_max, " keys per row with d=", d, ", dv=", dv, " need more than ",
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
   const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
@@ -602,19 +558,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                                                              const at::Tensor& out, const at::Tensor& lse_in,
                                                              double scale, int64_t window, int64_t H, int64_t W) {
   const char* op = "attention_bwd";
-  check_attention_args(op, q, k, v, &dout, scale, window, H, W, false);
   // The forward's out and lse (any strides; lse is read contiguous). The CPU
   // kernels take D from each score tile and read only lse; out is checked so
   // that the op's contract is the same on every device.
-  check_dense_cpu(out, op, "out");
-  check_dense_cpu(lse_in, op, "lse");
-  TORCH_CHECK(out.sizes() == dout.sizes(), op, ": out must be [B, h, N, dv] = ", dout.sizes(), " (the forward's), got ",
-              out.sizes());
-  TORCH_CHECK(out.scalar_type() == q.scalar_type(), op, ": out must have q's dtype ", q.scalar_type(), ", got ",
-              out.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.sizes() == q.sizes().slice(0, 3) && lse_in.scalar_type() == at::kFloat, op,
-              ": lse must be float32 [B, h, N] = ", q.sizes().slice(0, 3), " (the forward's), got ",
-              lse_in.scalar_type(), " ", lse_in.sizes());
+  check_cpu(op, {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse_in}});
+  const auto shape = sgattn::contract::check_attention(op, q, k, v, scale, window, H, W, false);
+  sgattn::contract::check_attention_grads(op, shape, q, dout, out, lse_in);
   const at::Tensor lse = lse_in.contiguous();
   // Contiguous outputs (at::empty of the sizes), whatever the inputs' strides.
   auto dq = at::empty(q.sizes(), q.options());
@@ -628,43 +577,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 }
 
 // ---------------------------------------------------------------- aggregation
-
-// Validates the aggregation arguments (biases: null for aggregate_bwd) and
-// returns the reallocation plan.
-ReallocPlan make_plan(const char* op, const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights,
-                      const at::Tensor* biases, c10::IntArrayRef group_sizes) {
-  check_dense_cpu(x, op, "x");
-  check_dense_cpu(index, op, "index");
-  check_dense_cpu(weights, op, "weights");
-  if (biases) check_dense_cpu(*biases, op, "biases");
-  TORCH_CHECK(x.dim() == 3, op, ": x must be [B, N, C], got ", x.sizes());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(is_low_float(st) || st == at::kDouble, op,
-              ": x must be float32, float64, bfloat16 or float16, got ", st);
-  TORCH_CHECK(index.scalar_type() == at::kLong, op, ": index must be int64, got ", index.scalar_type());
-  TORCH_CHECK(index.dim() == 3 && index.size(1) == x.size(0) && index.size(2) == x.size(1), op,
-              ": index must be [G, B, N] matching x [B, N, C] = ", x.sizes(), ", got ", index.sizes());
-  const int64_t P = static_cast<int64_t>(group_sizes.size()), N = x.size(1);
-  TORCH_CHECK(P == 2 || P == 3, op, ": group_sizes must list 2 or 3 parts, got ", P, " (", group_sizes, ")");
-  int64_t total = 0;
-  for (const int64_t r : group_sizes) {
-    TORCH_CHECK(r >= 1, op, ": group sizes must be >= 1, got ", group_sizes);
-    int64_t unused = 0;
-    TORCH_CHECK(!__builtin_add_overflow(r, N, &unused) && !__builtin_add_overflow(total, r, &total), op,
-                ": group sizes ", group_sizes, " overflow int64");
-  }
-  TORCH_CHECK(weights.dim() == 1 && weights.numel() == total, op,
-              ": weights must be 1-D with sum(group_sizes) = ", total, " values, got shape ", weights.sizes());
-  TORCH_CHECK(weights.scalar_type() == st, op, ": weights must have x's dtype ", st, ", got ",
-              weights.scalar_type());
-  if (biases) {
-    TORCH_CHECK(biases->dim() == 1 && biases->numel() == P, op, ": biases must be 1-D with one value per part (",
-                P, "), got shape ", biases->sizes());
-    TORCH_CHECK(biases->scalar_type() == st, op, ": biases must have x's dtype ", st, ", got ",
-                biases->scalar_type());
-  }
-  return ReallocPlan(N, static_cast<int>(P), group_sizes.data());
-}
 
 // Every index row [g, b, :] must be a permutation of 0..N-1 (an argsort):
 // other values would read or write out of bounds, and the backward relies on
@@ -699,12 +611,12 @@ void check_permutations(const at::Tensor& idx, const char* op) {
     const int64_t* row = p + r * N;
     const int64_t g = r / B, b = r % B;
     for (int64_t i = 0; i < N; ++i) {
-      TORCH_CHECK(row[i] >= 0 && row[i] < N, op, ": index values must lie in [0, N) = [0, ", N, "), got index[", g,
+      TORCH_CHECK_VALUE(row[i] >= 0 && row[i] < N, op, ": index values must lie in [0, N) = [0, ", N, "), got index[", g,
                   ", ", b, ", ", i, "] = ", row[i]);
     }
     std::vector<uint8_t> s(N, 0);
     for (int64_t i = 0; i < N; ++i) {
-      TORCH_CHECK(!s[row[i]], op, ": index[", g, ", ", b, "] is not a permutation of 0..N-1 (value ", row[i],
+      TORCH_CHECK_VALUE(!s[row[i]], op, ": index[", g, ", ", b, "] is not a permutation of 0..N-1 (value ", row[i],
                   " repeats at position ", i, "); each row must be the argsort of an importance vector");
       s[row[i]] = 1;
     }
@@ -726,7 +638,7 @@ void aggregate_fwd_cpu(const at::Tensor& x, const at::Tensor& idx, const at::Ten
   T* op = out.data_ptr<T>();
   Scratch sc;
   const int64_t hA = sc.reserve<A>(C, 1);
-  TORCH_CHECK(!sc.too_big(), "aggregate_fwd: C=", C, " channels are not supported");
+  TORCH_CHECK_VALUE(!sc.too_big(), "aggregate_fwd: C=", C, " channels are not supported");
   const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
   {
@@ -778,7 +690,7 @@ void aggregate_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
   double* partial = partial_t.data_ptr<double>();
   Scratch sc;
   const int64_t hD = sc.reserve<A>(N, std::min(CH, C));
-  TORCH_CHECK(!sc.too_big(), op, ": N=", N, " tokens are not supported");
+  TORCH_CHECK_VALUE(!sc.too_big(), op, ": N=", N, " tokens are not supported");
   const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
   {
@@ -840,7 +752,8 @@ void aggregate_bwd_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Te
 at::Tensor aggregate_fwd(const at::Tensor& x_in, const at::Tensor& index, const at::Tensor& weights,
                          const at::Tensor& biases, c10::IntArrayRef group_sizes) {
   const char* op = "aggregate_fwd";
-  const ReallocPlan plan = make_plan(op, x_in, index, weights, &biases, group_sizes);
+  check_cpu(op, {{"x", &x_in}, {"index", &index}, {"weights", &weights}, {"biases", &biases}});
+  const ReallocPlan plan = sgattn::contract::check_aggregate(op, x_in, index, weights, &biases, group_sizes, true);
   // Contiguous output [G, B, M, C].
   auto out = at::empty({index.size(0), x_in.size(0), plan.M, x_in.size(2)}, x_in.options());
   auto idx = index.contiguous();
@@ -857,14 +770,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_bwd(const at::Tensor& g
                                                              const at::Tensor& index, const at::Tensor& weights,
                                                              c10::IntArrayRef group_sizes) {
   const char* op = "aggregate_bwd";
-  const ReallocPlan plan = make_plan(op, x_in, index, weights, nullptr, group_sizes);
-  check_dense_cpu(grad_in, op, "grad");
-  const int64_t G = index.size(0), B = x_in.size(0), C = x_in.size(2);
-  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == G && grad_in.size(1) == B && grad_in.size(2) == plan.M &&
-                  grad_in.size(3) == C,
-              op, ": grad must be [G, B, M, C] = [", G, ", ", B, ", ", plan.M, ", ", C, "], got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), op, ": grad must have x's dtype ", x_in.scalar_type(),
-              ", got ", grad_in.scalar_type());
+  check_cpu(op, {{"grad", &grad_in}, {"x", &x_in}, {"index", &index}, {"weights", &weights}});
+  const ReallocPlan plan = sgattn::contract::check_aggregate(op, x_in, index, weights, nullptr, group_sizes, true);
+  sgattn::contract::check_aggregate_grad(op, plan, x_in, index, grad_in);
   auto idx = index.contiguous();
   check_permutations(idx, op);
   // Contiguous outputs, whatever the inputs' strides.

@@ -3,15 +3,15 @@
 // compiler; the kernels sit behind the framework-free API of
 // kernels/sgattn_cuda_api.h, so no torch header goes through nvcc.
 //
-// Every argument of a direct torch.ops.sgattn.* call is validated here
-// (devices, dtypes, shapes, overflow, launch limits) with a message naming the
-// problem; index *values* are validated on the device (kernels/reallocation.cuh),
+// Every argument of a direct torch.ops.sgattn.* call is validated (the
+// contract shared with the cpu binding in csrc/op_contract.h; devices and the
+// kernels' limits here) with a ValueError naming the problem; index *values*
+// are validated on the device (kernels/reallocation.cuh),
 // so no op synchronises with the host. Outputs are contiguous. The module also
 // exposes the launch planner (runs without a GPU), the device's shared-memory
 // limit and a kernel-image probe to sgattn/backends/cuda.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -22,6 +22,7 @@
 #include <cmath>
 #include <limits>
 
+#include "op_contract.h"
 #include "sgattn_cuda_api.h"
 #include "sgattn_op_schemas.h"
 
@@ -30,19 +31,17 @@ namespace {
 using sgattn::DType;
 constexpr int64_t kI32Max = std::numeric_limits<int32_t>::max();
 
-DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
+// The kernels' dtype of a tensor the contract checked (float32, float16, bfloat16).
+DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::F32;
     case at::kHalf: return DType::F16;
     case at::kBFloat16: return DType::BF16;
-    default:
-      TORCH_CHECK(false, op, " (cuda): ", name, " has unsupported dtype ", t.scalar_type(),
-                  "; use float32, float16 or bfloat16");
+    default: return DType::F32;
   }
 }
 
 void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, op, ": the cuda kernel launch failed: ", cudaGetErrorString(err));
 }
 
 // All tensors defined, on CUDA, on the device of the first one.
@@ -50,10 +49,11 @@ void check_devices(const char* op, std::initializer_list<std::pair<const char*, 
   const at::Tensor* first = ts.begin()->second;
   const char* first_name = ts.begin()->first;
   for (const auto& [name, t] : ts) {
-    TORCH_CHECK(t->defined(), op, " (cuda): ", name, " is undefined");
-    TORCH_CHECK(t->is_cuda(), op, " (cuda): ", name, " must be a CUDA tensor, got one on ", t->device());
-    TORCH_CHECK(t->device() == first->device(), op, " (cuda): ", name, " is on ", t->device(), " but ", first_name,
-                " is on ", first->device(), "; all tensors must be on the same CUDA device");
+    TORCH_CHECK_VALUE(t->defined(), op, ": ", name, " is undefined");
+    TORCH_CHECK_VALUE(t->is_cuda(), op, ": ", name, " must be a CUDA tensor (this is the cuda kernel), got a tensor on ",
+                      t->device());
+    TORCH_CHECK_VALUE(t->device() == first->device(), op, ": ", name, " is on ", t->device(), " but ", first_name,
+                      " is on ", first->device(), "; all tensors must be on the same CUDA device");
   }
 }
 
@@ -73,35 +73,19 @@ void strides_of(const at::Tensor& t, int64_t* s) {
   for (int i = 0; i < 4; ++i) s[i] = t.stride(i);
 }
 
-// Validates the attention arguments (shared by forward and backward); fills the sizes of p.
+// The contract (csrc/op_contract.h), then the kernels' own limits; fills the sizes of p.
 sgattn::AttnParams attention_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  double scale, int64_t window, int64_t H, int64_t W) {
-  check_devices(op, {{"q", &q}, {"k", &k}, {"v", &v}});
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, " (cuda): q, k, v must be 4-D [B, h, N|M, d], got ",
-              q.dim(), "-D, ", k.dim(), "-D, ", v.dim(), "-D");
-  dtype_of(q, op, "q");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              " (cuda): q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
-  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), M = k.size(2), d = q.size(3);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == h && k.size(3) == d, op, " (cuda): k must be [B, h, M, d] = [", B, ", ",
-              h, ", M, ", d, "] to match q, got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), op, " (cuda): v must have k's shape ", k.sizes(),
-              " (value dim == head dim), got ", v.sizes());
-  TORCH_CHECK(d >= 1 && d <= sgattn::kMaxHeadDim, op, " (cuda): head dim must be in 1..", sgattn::kMaxHeadDim,
-              ", got ", d);
-  TORCH_CHECK(N <= kI32Max && M <= kI32Max, op, " (cuda): N = ", N, " and M = ", M, " must be below 2^31");
-  TORCH_CHECK(std::isfinite(scale), op, " (cuda): scale must be finite, got ", scale);
-  TORCH_CHECK(window >= 0, op, " (cuda): window must be >= 0 (0: global attention), got ", window);
-  if (window > 0) {
-    TORCH_CHECK(H > 0 && W > 0, op, " (cuda): window mode needs H > 0 and W > 0, got H=", H, ", W=", W);
-    TORCH_CHECK(H <= kI32Max / W, op, " (cuda): H*W overflows (H=", H, ", W=", W, ")");
-    TORCH_CHECK(H * W == N, op, " (cuda): window mode needs H*W == N, got H*W = ", H * W, " and N = ", N);
-    TORCH_CHECK(M == N, op, " (cuda): window mode needs M == N (keys on the same grid), got M = ", M, ", N = ", N);
-    TORCH_CHECK(window <= 46340, op, " (cuda): window*window overflows 32 bits (window = ", window, ")");
-  } else {
-    TORCH_CHECK(M >= 1 || B * h * N == 0, op, " (cuda): global attention needs at least one key (M = 0)");
-  }
+                                  double scale, int64_t window, int64_t H, int64_t W, bool need_importance) {
+  const auto [B, h, N, M, d, dv] = sgattn::contract::check_attention(op, q, k, v, scale, window, H, W,
+                                                                     need_importance);
+  TORCH_CHECK_VALUE(dv == d, op, ": the cuda kernels need the value head dim dv = ", dv, " to equal the head dim d = ",
+                    d);
+  TORCH_CHECK_VALUE(d <= sgattn::kMaxHeadDim, op, ": head dim d = ", d, " is outside 1..", sgattn::kMaxHeadDim,
+                    " (the cuda kernels)");
+  TORCH_CHECK_VALUE(N <= kI32Max && M <= kI32Max, op, ": the cuda kernels need N = ", N, " and M = ", M,
+                    " below 2^31");
+  TORCH_CHECK_VALUE(window <= 46340, op, ": window*window overflows 32 bits in the cuda kernels (window = ", window,
+                    ")");
   sgattn::AttnParams p{};
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
@@ -120,27 +104,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tens
                                                                   int64_t window, int64_t H, int64_t W,
                                                                   bool need_importance) {
   const char* op = "attention_fwd";
-  sgattn::AttnParams p = attention_args(op, q, k, v, scale, window, H, W);
-  const DType dt = dtype_of(q, op, "q");
+  check_devices(op, {{"q", &q}, {"k", &k}, {"v", &v}});
+  sgattn::AttnParams p = attention_args(op, q, k, v, scale, window, H, W, need_importance);
+  const DType dt = dtype_of(q);
   const int64_t B = p.B, h = p.h, N = p.N, M = p.M, d = p.d;
   c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty({B, h, N, d}, q.options());
   auto lse = at::empty({B, h, N}, q.options().dtype(at::kFloat));
   const int64_t ncols = window > 0 ? N : M;
   auto fopts = q.options().dtype(at::kFloat);
-  // The same check (and ValueError) as the cpu binding: a mean over no heads is refused.
-  TORCH_CHECK_VALUE(!(need_importance && h == 0 && B > 0), op,
-                    " (cuda): the importance is a mean over heads and h = 0 (with B > 0) has none; "
-                    "pass need_importance=False or at least one head");
-  if (B * h * N == 0) {  // nothing to launch; importance is a mean over no queries
-    at::Tensor imp = need_importance ? at::full({B, ncols}, std::numeric_limits<float>::quiet_NaN(), fopts)
-                                     : at::empty({0}, fopts);
-    return {out, lse, imp};
+  if (B * h == 0) {  // nothing to launch (the contract refuses importance over no heads)
+    return {out, lse, need_importance ? at::empty({B, ncols}, fopts) : at::empty({0}, fopts)};
   }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   const sgattn::AttnPlan plan = sgattn::plan_attention(dt, p, max_smem_optin(op));
-  TORCH_CHECK(plan.error == nullptr, op, " (cuda): ", plan.error);
+  TORCH_CHECK_VALUE(plan.error == nullptr, op, ": the cuda kernels cannot run these sizes: ", plan.error);
 
   at::Tensor partial, imp = at::empty({0}, fopts);
   if (need_importance) {
@@ -162,20 +141,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
                                                                   double scale, int64_t window, int64_t H,
                                                                   int64_t W) {
   const char* op = "attention_bwd";
-  check_devices(op, {{"q", &q}, {"dout", &dout}, {"out", &out}, {"lse", &lse_in}});
-  sgattn::AttnParams p = attention_args(op, q, k, v, scale, window, H, W);
-  const DType dt = dtype_of(q, op, "q");
-  TORCH_CHECK(dout.dim() == 4 && dout.sizes() == q.sizes(), op, " (cuda): dout must have q's shape ", q.sizes(),
-              ", got ", dout.sizes());
-  TORCH_CHECK(dout.scalar_type() == q.scalar_type(), op, " (cuda): dout must have q's dtype ", q.scalar_type(),
-              ", got ", dout.scalar_type());
-  TORCH_CHECK(out.dim() == 4 && out.sizes() == q.sizes(), op, " (cuda): out must have q's shape ", q.sizes(),
-              " (the forward's), got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == q.scalar_type(), op, " (cuda): out must have q's dtype ", q.scalar_type(),
-              ", got ", out.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.sizes() == q.sizes().slice(0, 3) && lse_in.scalar_type() == at::kFloat, op,
-              " (cuda): lse must be float32 [B, h, N] = ", q.sizes().slice(0, 3), " (the forward's), got ",
-              lse_in.scalar_type(), " ", lse_in.sizes());
+  check_devices(op, {{"dout", &dout}, {"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse_in}});
+  sgattn::AttnParams p = attention_args(op, q, k, v, scale, window, H, W, false);
+  sgattn::contract::check_attention_grads(op, {p.B, p.h, p.N, p.M, p.d, p.d}, q, dout, out, lse_in);
+  const DType dt = dtype_of(q);
   c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = p.B, h = p.h, N = p.N, M = p.M, d = p.d;
   auto dq = at::empty({B, h, N, d}, q.options());
@@ -187,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
     return {dq, dk, dv};
   }
   const sgattn::AttnPlan plan = sgattn::plan_attention(dt, p, max_smem_optin(op));
-  TORCH_CHECK(plan.error == nullptr, op, " (cuda): ", plan.error);
-  TORCH_CHECK(plan.bwd_error == nullptr, op, " (cuda): ", plan.bwd_error);
+  TORCH_CHECK_VALUE(plan.error == nullptr, op, ": the cuda kernels cannot run these sizes: ", plan.error);
+  TORCH_CHECK_VALUE(plan.bwd_error == nullptr, op, ": the cuda kernels cannot run these sizes: ", plan.bwd_error);
   // Every real key is a key of exactly one segment (window), so the kernels write every row of dk, dv.
   auto fopts = q.options().dtype(at::kFloat);
   const at::Tensor lse = lse_in.contiguous();  // read by row, [B, h, N]
@@ -212,35 +181,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
   return {dq, dk, dv};
 }
 
-// Shapes and plan of the reallocation ops (index values are checked on the device).
+// The contract (csrc/op_contract.h), then the kernels' own limits (index values are checked on the device).
 sgattn::ReallocArgs realloc_args(const at::Tensor& x, const at::Tensor& index, const at::Tensor& weights,
-                                 c10::IntArrayRef group_sizes, const char* op) {
-  TORCH_CHECK(x.dim() == 3, op, " (cuda): x must be [B, N, C], got ", x.dim(), "-D");
-  TORCH_CHECK(index.dim() == 3 && index.scalar_type() == at::kLong, op,
-              " (cuda): index must be a 3-D [G, B, N] int64 tensor, got ", index.dim(), "-D ", index.scalar_type());
-  TORCH_CHECK(index.size(1) == x.size(0) && index.size(2) == x.size(1), op, " (cuda): index must be [G, ", x.size(0),
-              ", ", x.size(1), "] to match x ", x.sizes(), ", got ", index.sizes());
-  const int P = static_cast<int>(group_sizes.size());
-  TORCH_CHECK(P == 2 || P == 3, op, " (cuda): group_sizes must have 2 or 3 parts, got ", P);
-  int64_t total = 0;
+                                 const at::Tensor* biases, c10::IntArrayRef group_sizes, const char* op) {
+  const sgattn::ReallocPlan plan =
+      sgattn::contract::check_aggregate(op, x, index, weights, biases, group_sizes, false);
   for (auto r : group_sizes) {
-    TORCH_CHECK(r >= 1 && r <= sgattn::kMaxGroupSize, op, " (cuda): group sizes must be in 1..",
-                sgattn::kMaxGroupSize, ", got ", r);
-    total += r;
+    TORCH_CHECK_VALUE(r <= sgattn::kMaxGroupSize, op, ": the cuda kernels take group sizes up to ",
+                      sgattn::kMaxGroupSize, ", got ", group_sizes);
   }
-  TORCH_CHECK(weights.dim() == 1 && weights.numel() == total, op, " (cuda): weights must be 1-D with sum(group_sizes) = ",
-              total, " values, got ", weights.sizes());
-  TORCH_CHECK(weights.scalar_type() == x.scalar_type(), op, " (cuda): weights must have x's dtype ", x.scalar_type(),
-              ", got ", weights.scalar_type());
   const int64_t G = index.size(0), B = x.size(0), N = x.size(1), C = x.size(2);
   sgattn::ReallocArgs a{};
-  a.plan = sgattn::ReallocPlan(N, P, group_sizes.data());
+  a.plan = plan;
   a.G = G; a.B = B; a.N = N; a.C = C;
   // Launch limits: forward one block per output row, backward one warp per token / row.
-  TORCH_CHECK(G == 0 || B == 0 || a.plan.M == 0 || G * B <= kI32Max / a.plan.M, op,
-              " (cuda): G*B*M = ", G, "*", B, "*", a.plan.M, " output rows exceed one launch (2^31-1)");
-  TORCH_CHECK(B * N / 8 < kI32Max && G * B * N / 256 < kI32Max, op, " (cuda): G*B*N = ", G, "*", B, "*", N,
-              " tokens exceed one launch");
+  TORCH_CHECK_VALUE(G == 0 || B == 0 || a.plan.M == 0 || G * B <= kI32Max / a.plan.M, op,
+                    ": G*B*M = ", G, "*", B, "*", a.plan.M, " output rows exceed one cuda launch (2^31-1)");
+  TORCH_CHECK_VALUE(B * N / 8 < kI32Max && G * B * N / 256 < kI32Max, op, ": G*B*N = ", G, "*", B, "*", N,
+                    " tokens exceed one cuda launch");
   return a;
 }
 
@@ -248,11 +206,8 @@ at::Tensor aggregate_fwd_cuda(const at::Tensor& x_in, const at::Tensor& index_in
                               const at::Tensor& biases, c10::IntArrayRef group_sizes) {
   const char* op = "aggregate_fwd";
   check_devices(op, {{"x", &x_in}, {"index", &index_in}, {"weights", &weights}, {"biases", &biases}});
-  const DType dt = dtype_of(x_in, op, "x");
-  sgattn::ReallocArgs a = realloc_args(x_in, index_in, weights, group_sizes, op);
-  TORCH_CHECK(biases.dim() == 1 && biases.numel() == a.plan.P && biases.scalar_type() == x_in.scalar_type(), op,
-              " (cuda): biases must be 1-D with one value per part (", a.plan.P, ") in x's dtype, got ",
-              biases.sizes(), " ", biases.scalar_type());
+  sgattn::ReallocArgs a = realloc_args(x_in, index_in, weights, &biases, group_sizes, op);
+  const DType dt = dtype_of(x_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous(), index = index_in.contiguous(), w = weights.contiguous(), b = biases.contiguous();
   auto out = at::empty({a.G, a.B, a.plan.M, a.C}, x.options());
@@ -268,14 +223,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_bwd_cuda(const at::Tens
                                                                   c10::IntArrayRef group_sizes) {
   const char* op = "aggregate_bwd";
   check_devices(op, {{"grad", &grad_in}, {"x", &x_in}, {"index", &index_in}, {"weights", &weights}});
-  const DType dt = dtype_of(x_in, op, "x");
-  sgattn::ReallocArgs a = realloc_args(x_in, index_in, weights, group_sizes, op);
-  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == a.G && grad_in.size(1) == a.B &&
-                  grad_in.size(2) == a.plan.M && grad_in.size(3) == a.C,
-              op, " (cuda): grad must be [G, B, M, C] = [", a.G, ", ", a.B, ", ", a.plan.M, ", ", a.C, "], got ",
-              grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(), op, " (cuda): grad must have x's dtype ",
-              x_in.scalar_type(), ", got ", grad_in.scalar_type());
+  sgattn::ReallocArgs a = realloc_args(x_in, index_in, weights, nullptr, group_sizes, op);
+  sgattn::contract::check_aggregate_grad(op, a.plan, x_in, index_in, grad_in);
+  const DType dt = dtype_of(x_in);
   c10::cuda::CUDAGuard guard(x_in.device());
   auto x = x_in.contiguous(), index = index_in.contiguous(), w = weights.contiguous(), grad = grad_in.contiguous();
   auto dx = at::empty({a.B, a.N, a.C}, x.options());

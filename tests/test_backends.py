@@ -95,7 +95,7 @@ def test_capability_miss_lists_every_reason(name):
     with pytest.raises(BackendError, match="probability dropout is not implemented"):
         backend.attention(q, k, v, window=window, hw=hw, dropout_p=0.5)
     if len(expect) > 1:  # without dropout the kernels themselves refuse the rest
-        with pytest.raises((ValueError, RuntimeError)):
+        with pytest.raises(ValueError):
             backend.attention(q, k, v, window=window, hw=hw)
 
 
@@ -131,7 +131,7 @@ def test_zero_heads_with_importance_is_a_value_error(name, window):
     _, caps, device = _present(name)
     q = torch.zeros(2, 0, 12, 16, device=device)
     H, W = (3, 4) if window else (0, 0)
-    with pytest.raises(ValueError, match=r"attention_fwd( \(cuda\))?: the importance is a mean over heads and "
+    with pytest.raises(ValueError, match=r"attention_fwd: the importance is a mean over heads and "
                                          r"h = 0 \(with B > 0\) has none"):
         _registered_fwd(name)(q, q, q, 0.25, window, H, W, True)
     out, lse, _ = _registered_fwd(name)(q, q, q, 0.25, window, H, W, False)

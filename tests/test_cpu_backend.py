@@ -177,15 +177,15 @@ def test_bad_index_raises_instead_of_crashing():
     for bad in (8, -1):
         idx = torch.arange(8).reshape(1, 8)
         idx[0, 3] = bad
-        with pytest.raises(RuntimeError, match=rf"index values must lie in \[0, N\) = \[0, 8\), got index\[0, 0, 3\] = {bad}"):
+        with pytest.raises(ValueError, match=rf"index values must lie in \[0, N\) = \[0, 8\), got index\[0, 0, 3\] = {bad}"):
             CPU.aggregate_sorted(x, idx, w, b)
     # Repeated rows (in range, but not an argsort) are refused too: the backward
     # relies on one sorted position per token.
     idx = torch.arange(8).reshape(1, 8)
     idx[0, 5] = 2
-    with pytest.raises(RuntimeError, match=r"index\[0, 0\] is not a permutation of 0..N-1 \(value 2 repeats at position 5\)"):
+    with pytest.raises(ValueError, match=r"index\[0, 0\] is not a permutation of 0..N-1 \(value 2 repeats at position 5\)"):
         CPU.aggregate_sorted(x, idx, w, b)
-    with pytest.raises(RuntimeError, match="index must be int64, got Int"):
+    with pytest.raises(ValueError, match="index must be int64, got Int"):
         CPU.aggregate_sorted(x, torch.arange(8, dtype=torch.int32).reshape(1, 8), w, b)
 
 

@@ -351,57 +351,31 @@ def test_cuda_aggregate_does_not_synchronise():
 
 @gpu
 def test_cuda_ops_validate_direct_calls():
+    """The device checks of the cuda binding and its empty results; the bad
+    arguments every backend shares are the table of tests/test_contract.py."""
     from sgattn import _native
     _native.load_extension("sgattn._C_cuda")
     fwd = _native.op("attention_fwd")
     q = torch.randn(1, 2, 12, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
+    with pytest.raises(ValueError, match=r"attention_fwd: k must be a CUDA tensor \(this is the cuda kernel\)"):
         fwd(q, q.cpu(), q, 1.0, 0, 0, 0, True)
-    with pytest.raises(RuntimeError, match="share a dtype"):
-        fwd(q, q.half(), q, 1.0, 0, 0, 0, True)
-    with pytest.raises(RuntimeError, match="window must be >= 0"):
-        fwd(q, q, q, 1.0, -1, 3, 4, True)
-    with pytest.raises(RuntimeError, match="H\\*W == N"):
-        fwd(q, q, q, 1.0, 2, 3, 5, True)
-    with pytest.raises(RuntimeError, match="M == N"):
-        fwd(q, q[:, :, :6], q[:, :, :6], 1.0, 2, 3, 4, True)
-    with pytest.raises(RuntimeError, match="overflows"):
-        fwd(q, q, q, 1.0, 2, 2 ** 40, 2 ** 40, True)
-    with pytest.raises(RuntimeError, match="value dim"):
-        fwd(q, q, torch.randn(1, 2, 12, 4, device="cuda"), 1.0, 0, 0, 0, True)
-    with pytest.raises(RuntimeError, match="head dim"):
-        big = torch.randn(1, 1, 4, 130, device="cuda")
-        fwd(big, big, big, 1.0, 0, 0, 0, True)
-    # Empty batch or heads: empty outputs, no launch.
+    # Empty batch or heads: empty outputs, no launch (importance over no heads is refused).
     for shape in ((0, 2, 12, 8), (1, 0, 12, 8)):
         e = torch.randn(*shape, device="cuda")
-        out, lse, imp = fwd(e, e, e, 1.0, 0, 0, 0, True)
-        assert out.shape == shape and lse.shape == shape[:3] and imp.shape == (shape[0], 12)
+        need = shape[1] > 0
+        out, lse, imp = fwd(e, e, e, 1.0, 0, 0, 0, need)
+        assert out.shape == shape and lse.shape == shape[:3] and imp.shape == ((shape[0], 12) if need else (0,))
         assert out.is_contiguous()
     # The backward takes the forward's out and lse.
     bwd = _native.op("attention_bwd")
     out, lse, _ = fwd(q, q, q, 1.0, 0, 0, 0, False)
-    with pytest.raises(RuntimeError, match="out must have q's shape"):
-        bwd(q, q, q, q, out[:, :, :6], lse, 1.0, 0, 0, 0)
-    with pytest.raises(RuntimeError, match="out must have q's dtype"):
-        bwd(q, q, q, q, out.half(), lse, 1.0, 0, 0, 0)
-    with pytest.raises(RuntimeError, match=r"lse must be float32 \[B, h, N\]"):
-        bwd(q, q, q, q, out, lse.double(), 1.0, 0, 0, 0)
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
+    with pytest.raises(ValueError, match=r"attention_bwd: lse must be a CUDA tensor"):
         bwd(q, q, q, q, out, lse.cpu(), 1.0, 0, 0, 0)
     agg = _native.op("aggregate_fwd")
     x = torch.randn(2, 8, 4, device="cuda")
     idx = torch.argsort(torch.rand(1, 2, 8, device="cuda"), -1)
     w, b = torch.ones(3, device="cuda"), torch.zeros(2, device="cuda")
-    with pytest.raises(RuntimeError, match="2 or 3 parts"):
-        agg(x, idx, w, b, [3])
-    with pytest.raises(RuntimeError, match="int64"):
-        agg(x, idx.int(), w, b, [2, 1])
-    with pytest.raises(RuntimeError, match="sum\\(group_sizes\\)"):
-        agg(x, idx, torch.ones(4, device="cuda"), b, [2, 1])
-    with pytest.raises(RuntimeError, match="group sizes"):
-        agg(x, idx, w, b, [0, 3])
-    with pytest.raises(RuntimeError, match="same CUDA device|CUDA tensor"):
+    with pytest.raises(ValueError, match="aggregate_fwd: index must be a CUDA tensor"):
         agg(x, idx.cpu(), w, b, [2, 1])
     assert agg(x[:0], idx[:, :0], w, b, [2, 1]).shape == (1, 0, 6, 4)  # M = 4/2 + 4/1
 

@@ -16,10 +16,10 @@ inputs accumulate in fp32; float64 attention is left to the reference backend.
 Every result (outputs, lse, importance, gradients) is bitwise independent of
 the thread count: the work partition depends on the shapes only and every
 reduction runs in a fixed order. The registered ops validate their arguments
-themselves (a direct ``torch.ops.sgattn.*`` call with bad input raises a
-RuntimeError naming the problem, a ValueError for importance over zero
-heads, as on cuda and triton); aggregation index rows must be permutations
-of 0..N-1 (argsorts), which the kernels check. A window at least as large as
+themselves through the contract they share with the cuda ops
+(csrc/op_contract.h): a direct ``torch.ops.sgattn.*`` call with bad input
+raises a ValueError naming the problem; aggregation index rows must be
+permutations of 0..N-1 (argsorts), which the kernels check. A window at least as large as
 the grid is one window over the whole grid.
 """
 from __future__ import annotations

@@ -30,6 +30,7 @@ from . import importance as _imp
 from . import reallocation as _realloc
 
 INT32_MAX = 2 ** 31 - 1
+FLOAT32_MAX = torch.finfo(torch.float32).max
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -84,10 +85,12 @@ def _check_attention(op, q, k, v, scale, window, H, W, need_importance=False):
     for name, n in (("head dim d", d), ("value head dim dv", dv)):
         if not lo <= n <= hi:
             _fail(op, f"{name} = {n} is outside {lo}..{hi}")
-    if not math.isfinite(scale):
-        _fail(op, f"scale must be finite, got {scale}")
+    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:  # the kernels scale in float32
+        _fail(op, f"scale must be finite (in float32), got {scale}")
     if window < 0:
         _fail(op, f"window must be >= 0 (0: global attention), got {window}")
+    if not window and (H < 0 or W < 0):
+        _fail(op, f"H and W must be >= 0 (unused in global mode), got H={H}, W={W}")
     if window > _attn.MAX_WINDOW:
         _fail(op, f"window {window} is larger than {_attn.MAX_WINDOW}")
     if window:
