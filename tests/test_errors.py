@@ -1,4 +1,7 @@
-"""Bad input raises a clear exception naming the problem."""
+"""Bad input raises a clear exception naming the problem: the public ops'
+own arguments (options, layouts, importance, modules). The bad tensor
+arguments they share with the registered ops of every backend are the table
+of tests/test_contract.py."""
 import pytest
 import torch
 
@@ -15,12 +18,7 @@ def attn_args(**over):
 
 
 @pytest.mark.parametrize("over,match", [
-    (dict(q=R(2, 12, 8)), "q must have 4 dimensions"),
     (dict(k=R(1, 3, 12, 8)), "k must be"),
-    (dict(k=R(1, 2, 12, 4)), "k must be"),
-    (dict(v=R(1, 2, 11, 8)), "v must be"),
-    (dict(q=R(1, 2, 12, 8).double()), "dtype mismatch"),
-    (dict(q=R(1, 2, 12, 8).int()), "unsupported dtype"),
     (dict(q=R(1, 2, 12, 8, device="meta")), "device mismatch"),
     (dict(q=[[1.0]]), "must be a torch.Tensor"),
 ])
@@ -29,13 +27,9 @@ def test_attention_rejects_bad_tensors(over, match):
         sgattn.attention_with_importance(**attn_args(**over))
 
 
-def test_window_mode_needs_a_matching_grid():
-    with pytest.raises(ValueError, match="H\\*W = 3\\*5 = 15 does not match N = 12"):
-        sgattn.attention_with_importance(**attn_args(), window=7, hw=(3, 5))
+def test_window_mode_needs_a_grid():
     with pytest.raises(ValueError, match="hw must be a pair"):
         sgattn.attention_with_importance(**attn_args(), window=7)
-    with pytest.raises(ValueError, match="as many keys as queries"):
-        sgattn.attention_with_importance(**attn_args(k=R(1, 2, 6, 8), v=R(1, 2, 6, 8)), window=7, hw=(3, 4))
     with pytest.raises(ValueError, match="window must be an int >= 1"):
         sgattn.attention_with_importance(**attn_args(), window=0, hw=(3, 4))
 
@@ -54,11 +48,9 @@ def realloc_args(**over):
 
 
 @pytest.mark.parametrize("over,match", [
-    (dict(x=R(10, 4)), "x must have 3 dimensions"),
     (dict(importance=R(2, 9)), "importance must be \\[B, N\\]"),
     (dict(weights=[R(2)], biases=[R(1)]), "need 2 or 3 parts"),
     (dict(biases=[R(2), R(1)]), "bias one element"),
-    (dict(weights=[R(2).double(), R(1)]), "dtype mismatch"),
     (dict(importance=torch.tensor([[0.0] * 9 + [float("nan")]] * 2)), "NaN or infinite"),
 ])
 def test_reallocation_rejects_bad_input(over, match):
@@ -118,13 +110,11 @@ def test_backend_selection_errors():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: sgattn.attention_with_importance(R(1, 0, 12, 8), R(1, 0, 12, 8), R(1, 0, 12, 8)), "zero heads"),
     (lambda: sgattn.attention_with_importance(**attn_args(), window=3.5, hw=(3, 4)), "window must be an int"),
     (lambda: sgattn.attention_with_importance(**attn_args(), window=True, hw=(3, 4)), "window must be an int"),
     (lambda: sgattn.attention_with_importance(**attn_args(), window=3, hw=(3.0, 4)), "hw must be a pair"),
     (lambda: sgattn.attention_with_importance(**attn_args(), dropout_p=-0.1), "dropout_p must be a probability"),
     (lambda: sgattn.attention_with_importance(**attn_args(), dropout_p=1.5), "dropout_p must be a probability"),
-    (lambda: sgattn.attention_with_importance(**attn_args(), scale=float("nan")), "scale must be a finite"),
     (lambda: sgattn.attention_with_importance(**attn_args(), scale="0.1"), "scale must be a finite"),
     # a [B, W, H] map has the right number of values but the wrong layout
     (lambda: sgattn.self_guided_attention(**sga_args(importance=R(1, 4, 3))), "importance\\[0\\] must be"),
