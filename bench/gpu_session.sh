@@ -123,9 +123,10 @@ fi
 # ---- tests: GPU kernels against the float64 reference, fixed order
 export SGATTN_REQUIRE_CUDA_BUILD=$GPU SGATTN_REQUIRE_NATIVE=1
 if [ $GPU = 1 ]; then
-  # leaves the benchmarks at least 90 s
+  # leaves the benchmarks at least 90 s; a failed CUDA build makes test_cuda_build fail to import,
+  # the other files still run
   stage tests "$(cap 150 $(( $(left) - SAN_S - END_S - 90 )))" "$OUT/tests.txt" "${PYTEST[@]}" $GPU_TESTS \
-    -q -rfEs -p no:cacheprovider --junitxml="$OUT/tests.xml"
+    -q -rfEs -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/tests.xml"
   record tests "$(outcome)" "$(pytest_line "$OUT/tests.txt")"
 else
   stage tests "$(cap 60 $(left))" "$OUT/tests.txt" "${PYTEST[@]}" $GPU_TESTS \
