@@ -183,9 +183,9 @@ fi
   fi
   MD=$(ls "$OUT"/bench/*.md 2>/dev/null | head -n 1)
   if [ -n "$MD" ]; then
-    echo "headline (suite case mode impl: median ms, x naive, x best baseline, peak MiB; all in $(basename "$MD")):"
+    echo "headline, sgattn rows (all rows in $(basename "$MD")):"
     grep -E '^\| (model|hybrid|self_guided|stage4) \| [^|]*(224|1024)[^|]* \| [^|]* \| sgattn:' "$MD" \
-      | awk -F'|' '$6 ~ /^ *[0-9.]+ *$/ {printf "  %s %s %s %s: %s ms, %s, %s, %s MiB\n", $2, $3, $4, $5, $6, $8, $9, $12}' \
+      | awk -F'|' '$6 ~ /^ *[0-9.]+ *$/ {printf "  %s %s %s %s: %s ms; x naive %s; x best baseline %s; peak %s MiB\n", $2, $3, $4, $5, $6, $8, $9, $12}' \
       | tr -s ' ' | head -n 16
   fi
   echo "total $(( $(date +%s) - START )) s of ${SESSION_S} s; files in $OUT"
