@@ -10,6 +10,8 @@ Shape sets (``SGATTN_BENCH_SHAPES``, default ``full`` on a GPU, ``cpu`` on a CPU
 - ``cpu``: S stages at 224 batch 2 and 1024x1024 batch 1 (forward only);
   sgformer_s at 224 (batch 2, inference and training), 896x896 (batch 1,
   inference) and 512x512 (batch 1, training).
+- ``headline``: what a short GPU session times: the S stage-1 ops (the most
+  tokens) at 224 (batch 64) and 1024x1024 (batch 2), and sgformer_s at both.
 - ``smoke``: tiny shapes that exercise every code path in seconds (CI).
 """
 from __future__ import annotations
@@ -67,6 +69,11 @@ def shape_set(name=None, device_type="cpu"):
                   {"variant": "sgformer_s", "res_label": "512", "resolution": [512, 512], "batch": 1,
                    "modes": ["train"]}]
         return {"name": name, "ops": ops, "stage4": st4, "models": models}
+    if name == "headline":
+        res_labels = ("224", "1024")
+        return {"name": name, "ops": [op_shape("S/M", r, 1) for r in res_labels], "stage4": [],
+                "models": [{"variant": "sgformer_s", "res_label": r, "resolution": list(RESOLUTIONS[r][0]),
+                            "batch": RESOLUTIONS[r][1]} for r in res_labels]}
     if name == "full":
         ops, st4, models = [], [], []
         for res_label in RESOLUTIONS:
@@ -77,7 +84,7 @@ def shape_set(name=None, device_type="cpu"):
                 (res, batch) = RESOLUTIONS[res_label]
                 models.append({"variant": variant, "res_label": res_label, "resolution": list(res), "batch": batch})
         return {"name": name, "ops": ops, "stage4": st4, "models": models}
-    raise ValueError(f"unknown SGATTN_BENCH_SHAPES {name!r}: use smoke, cpu or full")
+    raise ValueError(f"unknown SGATTN_BENCH_SHAPES {name!r}: use smoke, cpu, headline or full")
 
 
 def case_id(shape):

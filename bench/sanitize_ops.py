@@ -55,7 +55,7 @@ def calls(device, dtype):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backends", default="triton,cuda")
+    ap.add_argument("--backends", default="cuda,triton", help="comma-separated, run in this order")
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
     args = ap.parse_args()
     wanted = args.backends.split(",")
@@ -64,7 +64,8 @@ def main():
         print("no CUDA device: nothing to sanitize")
         return 0
     device = torch.device("cuda")
-    names = [n for n, why in sgattn.available_backends().items() if why is None and n in wanted]
+    available = sgattn.available_backends()
+    names = [n for n in wanted if n in available and available[n] is None]  # in the order asked for
     print("GPU backends:", names or "none", sgattn.available_backends())
     failed = 0
     for name in names:

@@ -11,7 +11,9 @@ reproducible and its gradients equal those of one process on the global batch
 (DDP averages the ranks' gradients). ``--dump-grads FILE`` saves rank 0's
 gradients after every step (the CI test compares them with one process).
 
-Works on CPU (gloo) and GPU (nccl: one device per rank via LOCAL_RANK).
+Works on CPU (gloo) and GPU (nccl: one device per rank via LOCAL_RANK) when
+the node has a GPU for every local rank; with fewer GPUs than ranks it falls
+back to gloo on the CPU (``--device`` forces one).
 Replace ``model`` and ``batches`` with your own (e.g. ``sgformer_s`` and a
 DistributedSampler over ImageNet); nothing else changes.
 """
@@ -35,6 +37,17 @@ def global_batches(batch, seed):
         yield x, y
 
 
+def placement(local_rank, local_world, gpus, want="auto"):
+    """(process-group backend, device) of one rank: nccl with GPU
+    ``local_rank`` when the node has at least one GPU per local rank, gloo on
+    the CPU otherwise (or when ``want`` is "cpu")."""
+    if want == "cuda" and gpus < local_world:
+        raise SystemExit(f"--device cuda needs a GPU per rank: {local_world} ranks on this node, {gpus} GPUs")
+    if want != "cpu" and gpus >= local_world:
+        return "nccl", torch.device(f"cuda:{local_rank}")
+    return "gloo", torch.device("cpu")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=100)
@@ -47,14 +60,20 @@ def main(argv=None):
                    help="train in float64 (exact comparisons: SG-Former's importance sort reorders near-ties "
                         "under fp32 rounding differences)")
     p.add_argument("--dump-grads", default=None, metavar="FILE", help="rank 0 saves every step's gradients")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: one GPU per rank when there are enough, else the CPU")
     args = p.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    backend, device = placement(int(os.environ.get("LOCAL_RANK", 0)), local_world, gpus, args.device)
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0 and backend == "gloo" and gpus and args.device == "auto":
+        print(f"{local_world} ranks on this node, {gpus} GPU(s): training on the CPU (gloo)", flush=True)
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes {world}")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
 

@@ -13,6 +13,8 @@
 //     small reduction kernel;
 //   dQ kernel (query-major): one block owns 16 * dq_warps queries and loops
 //     over key tiles of 64: dQ += dS K * scale.
+// On tensor cores each warp's dS tile is scaled into half range and split into
+// hi + lo before the dots (detail::split_ds_tile), as the Triton backward does.
 // Every output element is written by exactly one block in a fixed order:
 // deterministic, no atomics.
 #pragma once
@@ -58,25 +60,39 @@ __device__ __forceinline__ void warp_abt(float* C, int ldc, const T* A, int lda,
 
 // C[16][DP] (fp32, ldc) += A[16][KC] * B[KC][DP] for one warp; A sits in an fp32
 // buffer with row stride ldf floats, narrowed in place to T for tensor cores
-// (row stride 2 * ldf elements); B row-major T in smem.
-template <typename T, int DP, int KC>
-__device__ __forceinline__ void warp_ab_acc(float* C, int ldc, const float* A, int ldf, const T* B, int ldb) {
+// (row stride 2 * ldf elements); B row-major T in smem. PARTS = 2 (tensor cores):
+// A is a split_ds_tile tile, C += (hi + lo) B * unscale.
+template <typename T, int DP, int KC, int PARTS = 1>
+__device__ __forceinline__ void warp_ab_acc(float* C, int ldc, const float* A, int ldf, const T* B, int ldb,
+                                            float unscale = 1.0f) {
   using namespace nvcuda;
   if constexpr (!std::is_same<T, float>::value) {
     const T* At = reinterpret_cast<const T*>(A);
 #pragma unroll 1
     for (int nt = 0; nt < DP / 16; ++nt) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, C + nt * 16, ldc, wmma::mem_row_major);
+      if constexpr (PARTS == 1) wmma::load_matrix_sync(acc, C + nt * 16, ldc, wmma::mem_row_major);
+      else wmma::fill_fragment(acc, 0.0f);  // the scaled product, unscaled into C below
 #pragma unroll
-      for (int kk = 0; kk < KC / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, At + kk * 16, 2 * ldf);
-        wmma::load_matrix_sync(fb, B + kk * 16 * ldb + nt * 16, ldb);
-        wmma::mma_sync(acc, fa, fb, acc);
+      for (int part = 0; part < PARTS; ++part) {
+#pragma unroll
+        for (int kk = 0; kk < KC / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fa, At + part * KC + kk * 16, 2 * ldf);
+          wmma::load_matrix_sync(fb, B + kk * 16 * ldb + nt * 16, ldb);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
       }
-      wmma::store_matrix_sync(C + nt * 16, acc, ldc, wmma::mem_row_major);
+      if constexpr (PARTS > 1) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;  // same element mapping as acc
+        wmma::load_matrix_sync(cf, C + nt * 16, ldc, wmma::mem_row_major);
+#pragma unroll
+        for (int i = 0; i < cf.num_elements; ++i) cf.x[i] += acc.x[i] * unscale;
+        wmma::store_matrix_sync(C + nt * 16, cf, ldc, wmma::mem_row_major);
+      } else {
+        wmma::store_matrix_sync(C + nt * 16, acc, ldc, wmma::mem_row_major);
+      }
     }
   } else {
     const int lane = threadIdx.x & 31;
@@ -106,6 +122,44 @@ __device__ __forceinline__ void put_row(float* row, const float (&v)[PER]) {
 #pragma unroll
     for (int t = 0; t < PER; ++t) row[lane + 32 * t] = v[t];
   }
+}
+
+// dS = P (dP - D) may exceed half's range (large dO) while dQ, dK are small,
+// and rounded to 8 or 11 bits it loses their accuracy in saturated rows. One
+// warp's fp32 tile A[16][KC] (row stride ldf >= KC + 4 floats) is scaled by
+// c = 2**e that puts its largest entry in [2**13, 2**14), e clamped to
+// [-126, 126] so c and 1/c are finite (a tile of tiny probabilities must not
+// give 0 * inf), then split in place into hi + lo in T (relative error 2**-22,
+// bf16 2**-16): hi in a row's first KC elements, lo in the next KC (the row
+// holds 2 * ldf). Returns 1/c for warp_ab_acc<..., 2>.
+template <typename T, int KC>
+__device__ __forceinline__ float split_ds_tile(float* A, int ldf) {
+  const int lane = threadIdx.x & 31;
+  float amax = 0.0f;
+  for (int r = 0; r < 16; ++r) {
+#pragma unroll
+    for (int t = 0; t < KC / 32; ++t) amax = fmaxf(amax, fabsf(A[r * ldf + lane + 32 * t]));
+  }
+  amax = warp_max(amax);
+  int ex = 0;  // amax in [2**(ex-1), 2**ex)
+  if (amax > 0.0f) frexpf(amax, &ex);
+  const int e = amax > 0.0f ? min(max(14 - ex, -126), 126) : 0;
+  const float c = __int_as_float((127 + e) << 23), unscale = __int_as_float((127 - e) << 23);
+  for (int r = 0; r < 16; ++r) {
+    float v[KC / 32];
+#pragma unroll
+    for (int t = 0; t < KC / 32; ++t) v[t] = A[r * ldf + lane + 32 * t] * c;
+    __syncwarp();  // the row is read before it is overwritten
+    T* rt = reinterpret_cast<T*>(A + r * ldf);
+#pragma unroll
+    for (int t = 0; t < KC / 32; ++t) {
+      const T hi = from_f<T>(v[t]);
+      rt[lane + 32 * t] = hi;
+      rt[KC + lane + 32 * t] = from_f<T>(v[t] - to_f(hi));
+    }
+  }
+  __syncwarp();
+  return unscale;
 }
 
 }  // namespace detail
@@ -188,11 +242,13 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
       }
       __syncwarp();
       detail::put_row<T, QC / 32>(St + j * LDQ, pv);
-      detail::put_row<T, QC / 32>(dPt + j * LDQ, ds);
+      detail::put_row<float, QC / 32>(dPt + j * LDQ, ds);  // narrowed by split_ds_tile
     }
     __syncwarp();
+    float unscale = 1.0f;
+    if constexpr (TC) unscale = detail::split_ds_tile<T, QC>(dPt + k0w * LDQ, LDQ);
     detail::warp_ab_acc<T, DP, QC>(dVa + k0w * LDO, LDO, St + k0w * LDQ, LDQ, dOs, LDK);
-    detail::warp_ab_acc<T, DP, QC>(dKa + k0w * LDO, LDO, dPt + k0w * LDQ, LDQ, Qs, LDK);
+    detail::warp_ab_acc<T, DP, QC, TC ? 2 : 1>(dKa + k0w * LDO, LDO, dPt + k0w * LDQ, LDQ, Qs, LDK, unscale);
   }
   detail::load_wait();  // nothing pending (no query chunk: the K and V tiles)
   __syncwarp();
@@ -298,10 +354,12 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, 
         ds[t] = pv * (dP[r * LDS + j] - Dr[r]);
       }
       __syncwarp();
-      detail::put_row<T, KT / 32>(S + r * LDS, ds);
+      detail::put_row<float, KT / 32>(S + r * LDS, ds);  // narrowed by split_ds_tile
     }
     __syncwarp();
-    detail::warp_ab_acc<T, DP, KT>(dQa + r0 * LDO, LDO, S + r0 * LDS, LDS, Ks, LDK);
+    float unscale = 1.0f;
+    if constexpr (TC) unscale = detail::split_ds_tile<T, KT>(S + r0 * LDS, LDS);
+    detail::warp_ab_acc<T, DP, KT, TC ? 2 : 1>(dQa + r0 * LDO, LDO, S + r0 * LDS, LDS, Ks, LDK, unscale);
   }
   detail::load_wait();  // nothing pending (no key tile: the Q and dO tiles)
   __syncwarp();

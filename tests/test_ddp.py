@@ -1,6 +1,6 @@
 """Multi-process training: examples/train_ddp.py under torchrun, 2 processes
-(gloo, CPU), through sgattn's ops; its gradients equal one process's on the
-same global batch."""
+(gloo on the CPU unless the machine has a GPU per rank), through sgattn's ops; its gradients equal one process's on the same global
+batch. Where each rank goes (GPU per rank or CPU fallback) is checked apart."""
 import os
 import subprocess
 import sys
@@ -51,10 +51,25 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         opt.step()
 
 
-def _global_batches():
+def _example():
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         import train_ddp
     finally:
         sys.path.pop(0)
-    return train_ddp.global_batches(BATCH, SEED)
+    return train_ddp
+
+
+def _global_batches():
+    return _example().global_batches(BATCH, SEED)
+
+
+def test_ddp_placement_needs_a_gpu_per_rank():
+    place = _example().placement
+    cpu = ("gloo", torch.device("cpu"))
+    assert place(1, 2, 1) == cpu  # a one-GPU machine: rank 1 must not ask for cuda:1
+    assert place(0, 1, 0) == cpu
+    assert place(1, 2, 2) == ("nccl", torch.device("cuda:1"))
+    assert place(1, 2, 8, "cpu") == cpu
+    with pytest.raises(SystemExit, match="a GPU per rank"):
+        place(0, 2, 1, "cuda")

@@ -184,22 +184,30 @@ def test_sort_is_stable_and_column_major_ties_follow_column_order():
 def test_self_guided_attention_matches_explicit_composition():
     B, h, H, W, d = 2, 4, 7, 9, 8
     C, N = h * d, H * W
-    q, x = torch.randn(B, h, N, d), torch.randn(B, N, C)
-    imp = torch.rand(B, H, W)
-    kv1, kv2 = torch.nn.Linear(C, C), torch.nn.Linear(C, C)
+    g = torch.Generator().manual_seed(184)
+    q, x = torch.randn(B, h, N, d, generator=g), torch.randn(B, N, C, generator=g)
+    imp = torch.rand(B, H, W, generator=g)
+    kv = [(torch.randn(C, C, generator=g) * C ** -0.5, torch.randn(C, generator=g)) for _ in range(2)]
     groups = reference.REALLOCATION_GROUPS[4]
-    w = [torch.randn(r) for r in groups]
-    b = [torch.randn(1) for _ in groups]
-    out = sgattn.self_guided_attention(q, x, reference.importance_orderings(imp), kv1.weight, kv1.bias,
-                                       kv2.weight, kv2.bias, w, b, hw=(H, W))
-    seq1 = reference.reallocate_tokens(x, imp.reshape(B, N), w, b)
-    x_col = x.reshape(B, H, W, C).transpose(1, 2).reshape(B, N, C)
-    seq2 = reference.reallocate_tokens(x_col, imp.transpose(1, 2).reshape(B, N), w, b)
-    M = seq1.shape[1]
-    k1, v1 = kv1(seq1).reshape(B, M, 2, h // 2, d).permute(2, 0, 3, 1, 4)
-    k2, v2 = kv2(seq2).reshape(B, M, 2, h // 2, d).permute(2, 0, 3, 1, 4)
-    expected, _ = materialised_attention(q, torch.cat([k1, k2], 1), torch.cat([v1, v2], 1), d ** -0.5)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    w = [torch.randn(r, generator=g) for r in groups]
+    b = [torch.randn(1, generator=g) for _ in groups]
+    out = sgattn.self_guided_attention(q, x, reference.importance_orderings(imp), *kv[0], *kv[1], w, b, hw=(H, W))
+
+    def composed(dtype):
+        """Reallocate rows and columns, project to K/V, attend: all in dtype."""
+        q_, x_ = q.to(dtype), x.to(dtype)
+        w_, b_ = [t.to(dtype) for t in w], [t.to(dtype) for t in b]
+        seq1 = reference.reallocate_tokens(x_, imp.reshape(B, N), w_, b_)
+        x_col = x_.reshape(B, H, W, C).transpose(1, 2).reshape(B, N, C)
+        seq2 = reference.reallocate_tokens(x_col, imp.transpose(1, 2).reshape(B, N), w_, b_)
+        M = seq1.shape[1]
+        (k1, v1), (k2, v2) = (F.linear(s, wt.to(dtype), bt.to(dtype)).reshape(B, M, 2, h // 2, d)
+                              .permute(2, 0, 3, 1, 4) for s, (wt, bt) in zip((seq1, seq2), kv))
+        k_, v_ = torch.cat([k1, k2], 1), torch.cat([v1, v2], 1)
+        return torch.softmax(q_ @ k_.transpose(-1, -2) * d ** -0.5, dim=-1) @ v_
+
+    assert out.dtype == torch.float32
+    assert_close_to_reference(out, composed(torch.float32), composed(torch.float64))
 
 
 def test_gradients_flow_into_tokens_and_aggregators_but_not_importance():

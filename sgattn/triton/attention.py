@@ -92,10 +92,15 @@ def _ds_dot(ds, b, UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT_DS: tl.conste
     tile by a power of two that puts its largest entry at 2**14, split it into
     a high and a low half-precision part (ds*c = hi + lo up to 2**-22 relative,
     bf16: 2**-16) and do two tensor-core dots; b (an input tensor) is exact.
+    The exponent is clamped to [-126, 126] so c and 1/c stay finite normal
+    fp32 numbers: a tile of tiny probabilities (amax < 2**-112, the last
+    partial key tile of a saturated row) would make c inf and 0 * c NaN; it is
+    then scaled by 2**126 only, which keeps its (negligible) contribution.
     """
     if SPLIT_DS:
         amax = tl.max(tl.max(tl.abs(ds), 1), 0)
-        c = tl.where(amax > 0, tl.math.exp2(14.0 - tl.ceil(tl.math.log2(amax))), 1.0)
+        e = tl.where(amax > 0, 14.0 - tl.ceil(tl.math.log2(amax)), 0.0)
+        c = tl.math.exp2(tl.minimum(tl.maximum(e, -126.0), 126.0))
         x = ds * c
         hi = x.to(b.dtype)
         lo = (x - hi.to(tl.float32)).to(b.dtype)
