@@ -244,6 +244,13 @@ class SGFormer(nn.Module):
         # nothing in inference and made its backward ~2x slower (oneDNN, CPU).
         self.patch_embed1.to(memory_format=torch.contiguous_format)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this (on every submodule) before compiling
+        raise RuntimeError(
+            "SGFormer does not support TorchScript (torch.jit.script): sgattn's attention ops check their "
+            "inputs and choose a backend (Triton, CUDA, CPU extension or the PyTorch reference) in Python "
+            "on every call, which TorchScript cannot compile. Use torch.compile (or torch.fx through timm)")
+
     # ------------------------------------------------------------ timm API ---
 
     @torch.jit.ignore
