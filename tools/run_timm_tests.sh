@@ -23,10 +23,10 @@ rm -rf "$download" "$dir/timm"
 echo "import sgattn  # noqa: F401  (registers sgformer_s/m/b with timm)" > "$dir/conftest.py"
 
 # The only deselected tests, and why:
-torchscript="TorchScript is not supported (see the README, timm section): sgattn's attention ops check
-their inputs and choose a backend in Python on every call, which torch.jit.script cannot compile"
-echo "timm $version tests/test_models.py -k sgformer; deselected:"
-echo "  test_model_forward_torchscript, test_model_forward_fx_torchscript: $torchscript"
+echo "timm $version tests/test_models.py -k sgformer; deselected: test_model_forward_torchscript and"
+echo "  test_model_forward_fx_torchscript, because TorchScript is not supported (README, timm section):"
+echo "  sgattn's attention ops check their inputs and choose a backend in Python on every call, which"
+echo "  torch.jit.script cannot compile"
 cd "$dir"
 # -W: timm marks tests with pytest-timeout's marker, which is not installed here
 python -m pytest -q -rfEs -p no:cacheprovider -W ignore::pytest.PytestUnknownMarkWarning \
