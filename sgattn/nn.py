@@ -69,8 +69,10 @@ class _AttentionBase(nn.Module):
     """What all three kinds share: locally-enhanced positional encoding (lepe),
     output projection, dropouts and the softmax scale."""
 
-    def __init__(self, dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear=False):
+    def __init__(self, dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear=False, device=None,
+                 dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.dim = dim
@@ -78,10 +80,10 @@ class _AttentionBase(nn.Module):
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.sr_ratio = sr_ratio
         self.linear = linear  # accepted for signature compatibility; unused, as in the paper's code
-        self.lepe_linear = nn.Linear(dim, dim)
-        self.lepe_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.lepe_linear = nn.Linear(dim, dim, **dd)
+        self.lepe_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     @property
@@ -108,19 +110,20 @@ class HybridScaleAttention(_AttentionBase):
     window = 7
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
-                 sr_ratio=2, linear=False):
-        super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear)
+                 sr_ratio=2, linear=False, device=None, dtype=None):
+        super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear, device, dtype)
+        dd = dict(device=device, dtype=dtype)
         if num_heads % 2:
             raise ValueError(f"hybrid-scale attention splits heads in two halves; num_heads {num_heads} is odd")
         if sr_ratio < 2:
             raise ValueError(f"hybrid-scale attention needs sr_ratio > 1, got {sr_ratio}")
-        self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-        self.norm = nn.LayerNorm(dim)
+        self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, **dd)
+        self.norm = nn.LayerNorm(dim, **dd)
         self.act = nn.GELU()
-        self.q1 = nn.Linear(dim, dim // 2, bias=qkv_bias)
-        self.kv1 = nn.Linear(dim, dim, bias=qkv_bias)
-        self.q2 = nn.Linear(dim, dim // 2, bias=qkv_bias)
-        self.kv2 = nn.Linear(dim, dim, bias=qkv_bias)
+        self.q1 = nn.Linear(dim, dim // 2, bias=qkv_bias, **dd)
+        self.kv1 = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.q2 = nn.Linear(dim, dim // 2, bias=qkv_bias, **dd)
+        self.kv2 = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.apply(init_weights)
         use_channels_last(self)
 
@@ -147,17 +150,18 @@ class SelfGuidedAttention(_AttentionBase):
     """Self-guided attention: all heads attend to tokens merged by importance (the mask)."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
-                 sr_ratio=2, linear=False):
-        super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear)
+                 sr_ratio=2, linear=False, device=None, dtype=None):
+        super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear, device, dtype)
+        dd = dict(device=device, dtype=dtype)
         if num_heads % 2:
             raise ValueError(f"self-guided attention splits heads in two halves; num_heads {num_heads} is odd")
         if sr_ratio not in REALLOCATION_GROUPS:
             raise ValueError(f"self-guided attention supports sr_ratio in {sorted(REALLOCATION_GROUPS)}, got {sr_ratio}")
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv1 = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv2 = nn.Linear(dim, dim, bias=qkv_bias)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv1 = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv2 = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         for p, r in enumerate(REALLOCATION_GROUPS[sr_ratio], start=1):
-            setattr(self, f"f{p}", nn.Linear(r, 1))
+            setattr(self, f"f{p}", nn.Linear(r, 1, **dd))
         self.apply(init_weights)
         use_channels_last(self)
 
@@ -182,10 +186,11 @@ class GlobalAttention(_AttentionBase):
     """Stage-4 attention: plain multi-head attention over all tokens (sr = 1)."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
-                 sr_ratio=1, linear=False):
-        super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear)
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+                 sr_ratio=1, linear=False, device=None, dtype=None):
+        super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear, device, dtype)
+        dd = dict(device=device, dtype=dtype)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
         self.apply(init_weights)
         use_channels_last(self)
 
@@ -199,13 +204,14 @@ class GlobalAttention(_AttentionBase):
 
 
 def Attention(dim, mask, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
-              sr_ratio=1, linear=False) -> _AttentionBase:
+              sr_ratio=1, linear=False, device=None, dtype=None) -> _AttentionBase:
     """The paper's ``Attention(dim, mask, ...)`` constructor: picks the kind as
     its code does. sr_ratio 1: ``GlobalAttention``; otherwise ``mask`` True:
-    ``SelfGuidedAttention``, False: ``HybridScaleAttention``."""
+    ``SelfGuidedAttention``, False: ``HybridScaleAttention``. ``device`` and
+    ``dtype`` are those of the parameters (as for torch.nn layers)."""
     kind = GlobalAttention if sr_ratio <= 1 else SelfGuidedAttention if mask else HybridScaleAttention
     return kind(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-                proj_drop=proj_drop, sr_ratio=sr_ratio, linear=linear)
+                proj_drop=proj_drop, sr_ratio=sr_ratio, linear=linear, device=device, dtype=dtype)
 
 
 _KINDS = {"f1": SelfGuidedAttention, "sr": HybridScaleAttention, "kv": GlobalAttention}

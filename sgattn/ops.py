@@ -31,7 +31,8 @@ def _fail(op: str, message: str):
 def _autocast_dtype(t: torch.Tensor):
     """The dtype autocast gives this op's inputs on t's device, or None."""
     device_type = t.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # is_autocast_enabled raises for device types autocast does not know (meta)
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 

@@ -218,3 +218,77 @@ def test_checkpoint_path_keeps_everything_but_a_resized_classifier(tmp_path):
     assert model.head.weight.shape == (10, 512)
     with pytest.raises(ValueError, match="checkpoint_path"):
         sgformer_s(pretrained=True)
+
+
+def _public_op_calls(device, dtype):
+    """Every public op once, on seeded inputs of ``dtype`` moved to ``device``."""
+    g = torch.Generator().manual_seed(0)
+
+    def R(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+    B, h, H, W, d = 2, 2, 6, 9, 8
+    N, C = H * W, h * d
+    q, kv = R(B, h, N, d), R(B, h, N, d)
+    reduced = R(B, h, 6, d)  # a 2 x 3 reduced grid
+    importance = (R(B, N).float(), R(B, N).float())
+    agg = dict(agg_weights=[R(2), R(1)], agg_biases=[R(1), R(1)])
+    return {
+        "attention_with_importance": sgattn.attention_with_importance(q, kv, kv),
+        "attention_with_importance window": sgattn.attention_with_importance(q, kv, kv, window=4, hw=(H, W)),
+        "attention": sgattn.ops.attention(q, reduced, reduced),
+        "hybrid_scale_attention": sgattn.hybrid_scale_attention(q, reduced, reduced, q, kv, kv, hw=(H, W),
+                                                                reduced_hw=(2, 3)),
+        "reallocate_tokens": sgattn.reallocate_tokens(R(B, N, C), importance[0].to(dtype),
+                                                      agg["agg_weights"], agg["agg_biases"]),
+        "self_guided_attention": sgattn.self_guided_attention(q, R(B, N, C), importance, R(C, C), R(C), R(C, C),
+                                                              None, **agg, hw=(H, W)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_public_op_infers_shapes_on_the_meta_device(dtype):
+    # shape inference and model surgery under torch.device("meta") (timm's config tests do both)
+    expected = _public_op_calls("cpu", dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast must leave meta tensors alone
+        got = _public_op_calls("meta", dtype)
+    for name, out in expected.items():
+        outs, metas = (out, got[name]) if isinstance(out, tuple) else ((out,), (got[name],))
+        assert [(t.shape, t.dtype) for t in metas] == [(t.shape, t.dtype) for t in outs], name
+        assert all(t.is_meta for t in metas), name
+
+
+def test_models_build_on_the_given_device_and_dtype():
+    model = sgformer_s(device="meta", dtype=torch.float64)
+    assert {(t.device.type, t.dtype) for t in model.parameters()} == {("meta", torch.float64)}
+    with torch.device("meta"):
+        model = sgformer_s(drop_path_rate=0.1)
+    assert {t.device.type for t in model.parameters()} == {"meta"}
+    torch.testing.assert_close(model.block3[15].drop_path.p, 0.1 * 21 / 22)  # the 22nd of 23 linspace rates
+    model.eval().reset_classifier(7)  # the new head takes the model's device, dtype and mode
+    assert model.head.weight.is_meta and not model.head.training
+    assert model(torch.randn(1, 3, 64, 96, device="meta")).shape == (1, 7)
+    torch.manual_seed(0)
+    model = sgformer_s(num_classes=3, dtype=torch.float64).eval()
+    assert model.pos_embed.dtype == torch.float64
+    torch.testing.assert_close(model.pos_embed[0], sincos_pos_embed(64, 56).double())
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_pruning_drops_the_later_stages():
+    model = sgformer_s(num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        maps = model.forward_stages(x)
+        assert model.prune_intermediate_layers([0, -3]) == [0, 1]
+        assert not hasattr(model, "block3") and not hasattr(model, "norm4")
+        assert model.num_features == model.head_hidden_size == 128
+        torch.testing.assert_close(model.forward_features(x), maps[1], rtol=0, atol=0)
+        final, inter = model.forward_intermediates(x, indices=1)
+        assert torch.equal(final, maps[1]) and torch.equal(inter[0], maps[1])
+        assert model(x).shape == (1, 128, 8, 12)  # the head (sized for stage 4) went, and pooling
+        model.reset_classifier(5, "avg")
+        assert model(x).shape == (1, 5)
+    with pytest.raises(ValueError, match="in -2..1"):
+        model.forward_intermediates(x, indices=[2])

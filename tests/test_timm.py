@@ -1,7 +1,10 @@
 """timm integration: registration, pretrained configs, the model API timm users
 rely on, local pretrained files, features_only. Needs timm (extra [timm])."""
+import importlib.util
+import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -142,3 +145,62 @@ def test_missing_or_absent_pretrained_file_is_a_clear_error(tmp_path):
         sgformer_s(checkpoint_path=missing)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(sgformer_s(), missing)
+
+
+def test_fx_feature_extraction_matches_the_feature_getter():
+    # timm's fx feature wrapper traces the model with timm's notrace registry (the attention modules
+    # and the position-embedding resampling are leaves) and takes the maps from the stage norms
+    models = {}
+    for cls in ("getter", "fx"):
+        torch.manual_seed(0)  # the same weights
+        models[cls] = timm.create_model("sgformer_s", features_only=True, out_indices=(0, 2, 3), feature_cls=cls)
+    assert type(models["fx"]).__name__ == "FeatureGraphNet"
+    x = torch.randn(1, 3, 72, 104)  # not 224: the embedding is resampled inside the traced graph
+    with torch.no_grad():
+        for a, b in zip(models["fx"].eval()(x), models["getter"].eval()(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model = timm.create_model("sgformer_s", num_classes=5).eval()
+    traced = timm.models.create_feature_extractor(model, {"norm2": "s2", "head": "logits"}).eval()
+    with torch.no_grad():
+        out = traced(x)
+        torch.testing.assert_close(out["s2"], model.forward_stages(x)[1], rtol=0, atol=0)
+        torch.testing.assert_close(out["logits"], model(x), rtol=0, atol=0)
+
+
+def test_torchscript_is_refused_with_the_reason():
+    with pytest.raises(RuntimeError, match="does not support TorchScript.*torch.compile"):
+        torch.jit.script(timm.create_model("sgformer_s", features_only=True))
+
+
+# ---- timm's own tests that select models by timm's module list (sgattn's is not in it), called with
+# sgformer's names. They come from timm's source release for the installed timm, unpacked by
+# tools/run_timm_tests.sh (which .ci/run calls, setting SGATTN_TIMM_TESTS_DIR); nothing is copied.
+
+@pytest.fixture(scope="module")
+def timm_model_tests():
+    root = os.environ.get("SGATTN_TIMM_TESTS_DIR")
+    if not root:
+        pytest.skip("SGATTN_TIMM_TESTS_DIR is not set: tools/run_timm_tests.sh DIR downloads timm's source "
+                    "release into DIR (CI sets it)")
+    path = os.path.join(root, "tests", "test_models.py")
+    assert os.path.isfile(path), f"SGATTN_TIMM_TESTS_DIR={root!r} holds no tests/test_models.py"
+    with open(os.path.join(root, "PKG-INFO")) as f:
+        release = next(line.split()[1] for line in f if line.startswith("Version:"))
+    assert release == timm.__version__, f"timm {release}'s tests in {root!r}, but timm {timm.__version__} installed"
+    spec = importlib.util.spec_from_file_location("timm_release_test_models", path)
+    module = importlib.util.module_from_spec(spec)
+    with warnings.catch_warnings():  # its markers (base, features, timeout...) are registered in timm's config only
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+        spec.loader.exec_module(module)  # by path: its directory is not on sys.path, the installed timm is tested
+    return module
+
+
+@pytest.mark.parametrize("name", ["sgformer_s", "sgformer_m", "sgformer_b"])
+@pytest.mark.parametrize("test", ["test_model_forward_intermediates", "test_model_forward_intermediates_features"])
+def test_timm_forward_intermediates_tests(timm_model_tests, test, name):
+    getattr(timm_model_tests, test)(name, batch_size=1)
+
+
+# sgformer_s only: m and b have its layers, deeper or wider (1-2 minutes more each on 2 cores, no new code)
+def test_timm_prune_intermediate_layers_contract(timm_model_tests):
+    timm_model_tests.test_prune_intermediate_layers_contract("sgformer_s")

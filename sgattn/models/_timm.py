@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from .sgformer import SGFormer, VARIANTS, checkpoint_state_dict
+from .. import nn as sgnn
+from .sgformer import SGFormer, VARIANTS, checkpoint_state_dict, resample_pos_embed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,8 +57,15 @@ def register() -> None:
     global _registered, default_cfgs
     if _registered:
         return
-    from timm.models import generate_default_cfgs, register_model
+    from timm.models import generate_default_cfgs, register_model, register_notrace_function, register_notrace_module
     from timm.models._registry import _model_entrypoints
+
+    # torch.fx with timm's tracer settings (timm's fx feature extraction): leaves that run as they are
+    # when the graph runs. The attention modules check their inputs and pick a backend in Python; the
+    # position embedding compares the grid size.
+    for module in (sgnn.HybridScaleAttention, sgnn.SelfGuidedAttention, sgnn.GlobalAttention):
+        register_notrace_module(module)
+    register_notrace_function(resample_pos_embed)
 
     # register_model reads the entry point's module's ``default_cfgs``
     default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in VARIANTS})

@@ -61,20 +61,22 @@ class DropPath(nn.Module):
 class ConvGN(nn.Sequential):
     """Bias-free conv + GroupNorm(1, C) (the checkpoints call it Conv2d_BN: keys c, bn)."""
 
-    def __init__(self, cin, cout, kernel=1, stride=1, padding=0, groups=1):
+    def __init__(self, cin, cout, kernel=1, stride=1, padding=0, groups=1, device=None, dtype=None):
         super().__init__()
-        self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False))
-        self.add_module("bn", nn.GroupNorm(1, cout))
+        dd = dict(device=device, dtype=dtype)
+        self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False, **dd))
+        self.add_module("bn", nn.GroupNorm(1, cout, **dd))
 
 
 class Stem(nn.Module):
     """Stride-4 stem: conv3x3/2, GELU, conv3x3, GELU, conv3x3/2, then LayerNorm on tokens."""
 
-    def __init__(self, dim, in_chans=3):
+    def __init__(self, dim, in_chans=3, device=None, dtype=None):
         super().__init__()
-        self.conv = nn.Sequential(ConvGN(in_chans, dim, 3, 2, 1), nn.GELU(), ConvGN(dim, dim, 3, 1, 1), nn.GELU(),
-                                  ConvGN(dim, dim, 3, 2, 1))
-        self.norm = nn.LayerNorm(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.conv = nn.Sequential(ConvGN(in_chans, dim, 3, 2, 1, **dd), nn.GELU(), ConvGN(dim, dim, 3, 1, 1, **dd),
+                                  nn.GELU(), ConvGN(dim, dim, 3, 2, 1, **dd))
+        self.norm = nn.LayerNorm(dim, **dd)
 
     def forward(self, x):
         x = self.conv(x)
@@ -85,12 +87,13 @@ class Stem(nn.Module):
 class PatchMerging(nn.Module):
     """Stride-2 stage embedding: 1x1 conv, GELU, 3x3/2 depthwise conv, GELU, 1x1 conv."""
 
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.act = nn.GELU()
-        self.conv1 = ConvGN(cin, cout, 1)
-        self.conv2 = ConvGN(cout, cout, 3, 2, 1, groups=cout)
-        self.conv3 = ConvGN(cout, cout, 1)
+        self.conv1 = ConvGN(cin, cout, 1, **dd)
+        self.conv2 = ConvGN(cout, cout, 3, 2, 1, groups=cout, **dd)
+        self.conv3 = ConvGN(cout, cout, 1, **dd)
 
     def forward(self, x):
         x = self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
@@ -99,9 +102,9 @@ class PatchMerging(nn.Module):
 
 
 class DWConv(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, device=None, dtype=None):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, device=device, dtype=dtype)
 
     def forward(self, x, H, W):
         return self.dwconv(sgnn.tokens_to_grid(x, H, W)).flatten(2).transpose(1, 2)
@@ -110,12 +113,13 @@ class DWConv(nn.Module):
 class Mlp(nn.Module):
     """fc2(drop(gelu(a + dwconv(a)))), a = fc1(x)."""
 
-    def __init__(self, dim, hidden, drop=0.0):
+    def __init__(self, dim, hidden, drop=0.0, device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = DWConv(hidden)
+        dd = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Linear(dim, hidden, **dd)
+        self.dwconv = DWConv(hidden, **dd)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim, **dd)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x, H, W):
@@ -126,20 +130,42 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dim, num_heads, sr_ratio, self_guided, mlp_ratio=4.0, drop=0.0, attn_drop=0.0,
-                 drop_path=0.0, attn_layer=sgnn.Attention):
+                 drop_path=0.0, attn_layer=sgnn.Attention, device=None, dtype=None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        # a custom attn_layer (the paper's signature) is given device/dtype only when they are set
         self.attn = attn_layer(dim, self_guided, num_heads=num_heads, qkv_bias=True, attn_drop=attn_drop,
-                               proj_drop=drop, sr_ratio=sr_ratio)
+                               proj_drop=drop, sr_ratio=sr_ratio, **{k: v for k, v in dd.items() if v is not None})
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, **dd)
 
     def forward(self, x, H, W, mask):
         y, mask = self.attn(self.norm1(x), H, W, mask)
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x), H, W))
         return x, mask
+
+
+class StageNorm(nn.LayerNorm):
+    """A stage's closing LayerNorm, returning the normalised tokens as the stage
+    map [B, C, H, W]: the module that ``feature_info`` names outputs the feature
+    itself (timm's fx and hook feature extractors take it from there)."""
+
+    def forward(self, x, H, W):
+        x = super().forward(x)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], H, W)  # explicit C: B may be 0
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: int, H: int, W: int) -> torch.Tensor:
+    """[1, H*W, C]: ``pos_embed`` [1, grid*grid, C], resampled bicubically to H x W if
+    needed (with timm, a torch.fx leaf: the size test is not symbolically traceable)."""
+    if (H, W) == (grid, grid):
+        return pos_embed
+    pos = pos_embed.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos, size=(H, W), mode="bicubic", align_corners=False)
+    return pos.flatten(2).transpose(1, 2)
 
 
 class SGFormer(nn.Module):
@@ -154,7 +180,8 @@ class SGFormer(nn.Module):
     on token maps (all but the stem's, which sees NCHW images) channels-last,
     the token maps' memory order, so none converts its input or output
     (``sgattn.nn.use_channels_last``); False stores them NCHW, as the paper's
-    code does.
+    code does. ``device`` and ``dtype`` are those every parameter is created
+    with (``torch.device("meta")`` builds it without memory).
 
     timm API: ``forward_features`` (the unpooled, normalised stage-4 map
     [B, C4, H/32, W/32]), ``forward_head(x, pre_logits=False)``,
@@ -165,8 +192,10 @@ class SGFormer(nn.Module):
 
     def __init__(self, embed_dims, num_heads, depths, img_size=224, num_classes=1000, drop_rate=0.0,
                  attn_drop_rate=0.0, drop_path_rate=0.0, features_only=False, out_indices=(0, 1, 2, 3),
-                 mlp_ratio=4.0, attn_layer=sgnn.Attention, in_chans=3, global_pool="avg", channels_last=True):
+                 mlp_ratio=4.0, attn_layer=sgnn.Attention, in_chans=3, global_pool="avg", channels_last=True,
+                 device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if any(i not in range(4) for i in out_indices):
             raise ValueError(f"out_indices must be stage indices in 0..3, got {out_indices}")
         if global_pool not in ("avg", ""):
@@ -182,34 +211,45 @@ class SGFormer(nn.Module):
         self.features_only = features_only
         self.out_indices = tuple(out_indices)
         self.pos_grid = img_size // 4
+        self.num_stages = 4  # fewer after prune_intermediate_layers
         self.grad_checkpointing = False
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = embed_dims[3]
         self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"norm{i + 1}")
                              for i in range(4)]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # linspace(0, drop_path_rate, n) in Python: a tensor would be created on the meta device under
+        # torch.device("meta"), where .tolist() fails
+        n = sum(depths)
+        rates = [drop_path_rate * j / (n - 1) if n > 1 else 0.0 for j in range(n)]
         for i in range(4):
-            setattr(self, f"patch_embed{i + 1}",
-                    Stem(embed_dims[0], in_chans) if i == 0 else PatchMerging(embed_dims[i - 1], embed_dims[i]))
+            setattr(self, f"patch_embed{i + 1}", Stem(embed_dims[0], in_chans, **dd) if i == 0 else
+                    PatchMerging(embed_dims[i - 1], embed_dims[i], **dd))
             first = sum(depths[:i])
             setattr(self, f"block{i + 1}", nn.ModuleList(
                 Block(embed_dims[i], num_heads[i], SR_RATIOS[i], self_guided=(j % 2 == 1 and i < 3),
                       mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
-                      drop_path=rates[first + j], attn_layer=attn_layer)
+                      drop_path=rates[first + j], attn_layer=attn_layer, **dd)
                 for j in range(depths[i])))
-            setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid ** 2, embed_dims[0]))
+            setattr(self, f"norm{i + 1}", StageNorm(embed_dims[i], eps=1e-6, **dd))
+        self.pos_embed = nn.Parameter(torch.empty(1, self.pos_grid ** 2, embed_dims[0], **dd))
         self.num_classes = num_classes
         if not features_only:
-            self.head = nn.Linear(embed_dims[3], num_classes) if num_classes > 0 else nn.Identity()
+            self.head = nn.Linear(embed_dims[3], num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(sgnn.init_weights)
-        with torch.no_grad():
+        with torch.no_grad():  # (copying into a meta tensor is a no-op)
             self.pos_embed.copy_(sincos_pos_embed(embed_dims[0], self.pos_grid)[None])
         # (after the attention modules, which make their own convs channels-last)
         self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         # The stem convolves images, which arrive NCHW; channels-last saves it
         # nothing in inference and made its backward ~2x slower (oneDNN, CPU).
         self.patch_embed1.to(memory_format=torch.contiguous_format)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this (on every submodule) before compiling
+        raise RuntimeError(
+            "SGFormer does not support TorchScript (torch.jit.script): sgattn's attention ops check their "
+            "inputs and choose a backend (Triton, CUDA, CPU extension or the PyTorch reference) in Python "
+            "on every call, which TorchScript cannot compile. Use torch.compile (or torch.fx through timm)")
 
     # ------------------------------------------------------------ timm API ---
 
@@ -239,26 +279,24 @@ class SGFormer(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """A new, freshly initialised classifier of ``num_classes`` outputs (0: none,
-        ``forward`` returns pooled features); ``global_pool`` 'avg' or '' (none)."""
+        ``forward`` returns pooled features); ``global_pool`` 'avg' or '' (none).
+        It takes the model's device, dtype and train/eval mode."""
         if global_pool is not None:
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        ref = self.norm4.weight
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.pos_embed
         if num_classes > 0:
+            self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             sgnn.init_weights(self.head)
-            self.head.to(device=ref.device, dtype=ref.dtype)
+        else:
+            self.head = nn.Identity()
+        self.head.train(self.training)
 
     def position_embedding(self, H: int, W: int) -> torch.Tensor:
         """[1, H*W, C1]: the stored embedding, resampled bicubically to H x W if needed."""
-        g = self.pos_grid
-        if (H, W) == (g, g):
-            return self.pos_embed
-        grid = self.pos_embed.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(H, W), mode="bicubic", align_corners=False)
-        return grid.flatten(2).transpose(1, 2)
+        return resample_pos_embed(self.pos_embed, self.pos_grid, H, W)
 
     def _check_images(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
@@ -268,12 +306,12 @@ class SGFormer(nn.Module):
             raise ValueError(f"SGFormer needs inputs of at least {MIN_INPUT}x{MIN_INPUT}, got "
                              f"{x.shape[-2]}x{x.shape[-1]}")
 
-    def _stages(self, x, last: int = 3, hook=None):
-        """Yield the normalised map [B, C_i, H_i, W_i] of stages 0..last.
+    def _stages(self, x, last: Optional[int] = None, hook=None):
+        """Yield the normalised map [B, C_i, H_i, W_i] of stages 0..last (default: the last one kept).
         ``hook(stage, block_index, block, mask)`` sees every block's output mask."""
-        self._check_images(x)
-        B = x.shape[0]
-        for i in range(last + 1):
+        if not isinstance(x, torch.fx.Proxy):  # torch.fx traces with a Proxy: no shape to check
+            self._check_images(x)
+        for i in range(self.num_stages if last is None else last + 1):
             x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
             if i == 0:
                 x = x + self.position_embedding(H, W)
@@ -285,46 +323,58 @@ class SGFormer(nn.Module):
                     x, mask = blk(x, H, W, mask)
                 if hook is not None:
                     hook(i, j, blk, mask)
-            x = getattr(self, f"norm{i + 1}")(x)
-            x = x.transpose(1, 2).reshape(B, x.shape[2], H, W)  # explicit C: B may be 0
+            x = getattr(self, f"norm{i + 1}")(x, H, W)
             yield x
 
     def forward_stages(self, x):
-        """The normalised token maps of the four stages: list of [B, C_i, H_i, W_i]."""
+        """The normalised token maps of the four stages (those kept by
+        ``prune_intermediate_layers``): list of [B, C_i, H_i, W_i]."""
         return list(self._stages(x))
 
     def forward_intermediates(self, x, indices: Optional[Union[int, Sequence[int]]] = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False
                               ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's intermediate-feature API. ``indices``: None (all four stages),
-        an int n (the last n stages) or stage indices (negative count from the
-        end). Returns (final stage-4 map, [maps]) or, with ``intermediates_only``,
-        the maps; every map is the stage's normalised output [B, C_i, H_i, W_i]
-        (``norm`` is accepted for compatibility: stage outputs are always
-        normalised). ``stop_early`` skips the stages after the last one asked for
-        (only with ``intermediates_only``)."""
+        """timm's intermediate-feature API. ``indices``: None (all stages), an
+        int n (the last n stages) or stage indices (negative count from the
+        end). Returns (final map, as ``forward_features``, [maps]) or, with
+        ``intermediates_only``, the maps; every map is the stage's normalised
+        output [B, C_i, H_i, W_i] (``norm`` is accepted for compatibility: stage
+        outputs are always normalised). ``stop_early`` skips the stages after
+        the last one asked for (only with ``intermediates_only``)."""
         if output_fmt != "NCHW":
             raise ValueError(f"SGFormer intermediates are NCHW only, got output_fmt={output_fmt!r}")
-        take = _take_indices(indices)
-        last = max(take) if (stop_early and intermediates_only) else 3
+        take = _take_indices(indices, self.num_stages)
+        last = max(take) if (stop_early and intermediates_only) else None
         maps = list(self._stages(x, last))
         intermediates = [maps[i] for i in take]
         if intermediates_only:
             return intermediates
-        return maps[3], intermediates
+        return maps[-1], intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
-        """For timm's feature wrapper: drop the classifier; returns the stage indices."""
-        take = _take_indices(indices)
+        """For timm's feature wrapper: drop the stages after the last of ``indices``
+        (``forward_features`` then ends there, ``num_features`` is its width) and
+        the classifier (``prune_head``; always when stages are dropped: it was
+        sized for the last one). Stage norms are part of each stage's output and
+        stay (``prune_norm`` is accepted for compatibility). Returns the stage indices."""
+        take = _take_indices(indices, self.num_stages)
+        last = max(take)
+        if last < self.num_stages - 1:
+            for i in range(last + 1, self.num_stages):
+                for name in ("patch_embed", "block", "norm"):
+                    delattr(self, f"{name}{i + 1}")
+            self.num_stages = last + 1
+            self.num_features = self.head_hidden_size = self.embed_dims[last]
+            prune_head = True
         if prune_head:
             self.reset_classifier(0, "")
         return take
 
     def forward_features(self, x):
-        """The normalised stage-4 map [B, C4, H/32, W/32] (unpooled, as in timm)."""
-        return self.forward_stages(x)[3]
+        """The normalised map of the last stage [B, C4, H/32, W/32] (unpooled, as in timm)."""
+        return self.forward_stages(x)[-1]
 
     def forward_head(self, x, pre_logits: bool = False):
         """Pool (mean over positions when ``global_pool`` is 'avg') and classify a
@@ -340,16 +390,17 @@ class SGFormer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _take_indices(indices) -> List[int]:
+def _take_indices(indices, n: int) -> List[int]:
+    """Stage indices in 0..n-1 from timm's ``indices`` (None, an int, a sequence), n stages kept."""
     if indices is None:
-        return [0, 1, 2, 3]
+        return list(range(n))
     if isinstance(indices, int):
-        if not 0 < indices <= 4:
-            raise ValueError(f"indices as an int takes the last n of 4 stages, n in 1..4, got {indices}")
-        return list(range(4 - indices, 4))
-    take = [i + 4 if i < 0 else i for i in indices]
-    if any(i not in range(4) for i in take):
-        raise ValueError(f"stage indices must be in -4..3, got {list(indices)}")
+        if not 0 < indices <= n:
+            raise ValueError(f"indices as an int takes the last k of {n} stages, k in 1..{n}, got {indices}")
+        return list(range(n - indices, n))
+    take = [i + n if i < 0 else i for i in indices]
+    if not take or any(i not in range(n) for i in take):
+        raise ValueError(f"stage indices must be a non-empty sequence in -{n}..{n - 1}, got {list(indices)}")
     return take
 
 
