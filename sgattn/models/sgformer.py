@@ -264,6 +264,9 @@ class SGFormer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"SGFormer expects images [B, {self.in_chans}, H, W], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"SGFormer expects floating-point images (normalised, e.g. x.float() / 255 "
+                             f"then the mean/std), got {x.dtype}")
         if min(x.shape[-2:]) < MIN_INPUT:
             raise ValueError(f"SGFormer needs inputs of at least {MIN_INPUT}x{MIN_INPUT}, got "
                              f"{x.shape[-2]}x{x.shape[-1]}")
@@ -272,7 +275,6 @@ class SGFormer(nn.Module):
         """Yield the normalised map [B, C_i, H_i, W_i] of stages 0..last.
         ``hook(stage, block_index, block, mask)`` sees every block's output mask."""
         self._check_images(x)
-        B = x.shape[0]
         for i in range(last + 1):
             x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
             if i == 0:
@@ -286,7 +288,7 @@ class SGFormer(nn.Module):
                 if hook is not None:
                     hook(i, j, blk, mask)
             x = getattr(self, f"norm{i + 1}")(x)
-            x = x.transpose(1, 2).reshape(B, x.shape[2], H, W)  # explicit C: B may be 0
+            x = sgnn.tokens_to_grid(x, H, W)
             yield x
 
     def forward_stages(self, x):
