@@ -308,7 +308,7 @@ def _fmt(v, spec, default="-"):
 
 
 def _speedup_text(r: dict) -> str:
-    """'2.60 (2.10-3.30)': the ratio to naive and its min-max range."""
+    """'2.60 (2.21-3.13)': the ratio to naive and its min-max range."""
     text = _fmt(r.get("speedup_vs_naive"), ".2f")
     if r.get("speedup_range"):
         text += " ({:.3g}-{:.3g})".format(*r["speedup_range"])
@@ -353,8 +353,8 @@ def ratio_table(records: list[dict]) -> str:
     if not rows:
         return "no sgattn row has a naive row to compare with"
     width = max(len(r["case"]) for r in rows)
-    lines = [f"sgattn vs naive (x naive: naive's median time / this row's; range from min/max; "
-             f"'!' = not meaningful)",
+    lines = ["sgattn vs naive (x naive: naive's median time / this row's; range from min/max; "
+             "'!' = not meaningful)",
              f"  {'suite':<11} {'case':<{width}} {'mode':<7} {'impl':<18} {'x naive':>8} {'range':>13}"]
     for r in rows:
         rng = "{:.3g}-{:.3g}x".format(*r["speedup_range"]) if r.get("speedup_range") else "-"
