@@ -9,7 +9,9 @@ SGATTN_BENCH_DEVICE=cpu|cuda, SGATTN_BENCH_BUDGET_S (skip cases that would
 start after this many seconds), SGATTN_BENCH_OUT (results folder; default
 ./sgattn-bench-results; existing result files are never overwritten),
 SGATTN_BENCH_ROUNDS (force the number of timed rounds, e.g. 1 for huge CPU cases).
-Each finished case prints a progress line (time so far, case, median).
+Each finished case prints a progress line (time so far, case, median); the run
+ends with a short table of every sgattn row's ratio to naive with its min-max
+range, marking ratios that the spread of the runs makes meaningless.
 Each case is recorded (median, peak memory, FLOPs, bytes) and appended to
 ``<out>/records.jsonl`` as it finishes, so a run cut short keeps what it
 measured (``python bench/report.py <out>/records.jsonl`` rebuilds the tables).
@@ -144,7 +146,9 @@ class Runner:
             else:
                 single = report.time_once(fn, device)
                 # the peak-memory call and the single call are the warm-up on a CPU
-                rounds = report.rounds_for(single, 2 if cpu else 5, 10 if cpu else 200, 1.0 if cpu else 0.5)
+                # at least MIN_ROUNDS: fewer say nothing about the spread, and the ratio is marked meaningless
+                rounds = report.rounds_for(single, report.MIN_ROUNDS if cpu else 5, 10 if cpu else 200,
+                                           1.0 if cpu else 0.5)
             bm.pedantic(timed, rounds=rounds, warmup_rounds=0 if cpu or forced else 1, iterations=1)
         except Exception as exc:
             oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
@@ -156,8 +160,9 @@ class Runner:
             if expected:
                 pytest.skip(msg)
             raise
-        _save(report.record(suite, case, mode, impl, median_s=bm.stats.stats.median, rounds=rounds,
-                            peak_bytes=peak, flops=flops, bytes_moved=bytes_moved, images=images, shape=shape))
+        stats = bm.stats.stats
+        _save(report.record(suite, case, mode, impl, median_s=stats.median, min_s=stats.min, max_s=stats.max,
+                            rounds=rounds, peak_bytes=peak, flops=flops, bytes_moved=bytes_moved, images=images, shape=shape))
 
 
 @pytest.fixture
@@ -165,12 +170,19 @@ def run_case(benchmark, device, peaks):
     return Runner(benchmark, device, peaks)
 
 
-def pytest_sessionfinish(session, exitstatus):
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    """After pytest-benchmark's wide tables: write the results and end with the
+    short table of ratios to naive, noisy ratios marked."""
+    tr = terminalreporter
     if STATE["disabled"] or not STATE["records"]:
-        print("\nsgattn bench: benchmarks disabled (smoke run) or nothing timed: no results written")
+        tr.write_line("sgattn bench: benchmarks disabled (smoke run) or nothing timed: no results written")
         return
     env = report.environment(STATE["device"])
     env["shape_set"] = os.environ.get("SGATTN_BENCH_SHAPES") or ("full" if STATE["device"].type == "cuda" else "cpu")
     records = report.finalize(STATE["records"], STATE["peaks"])
     paths = report.write_results(records, env, STATE["peaks"], out_dir=STATE["out"])
-    print("\nsgattn bench results: " + ", ".join(str(p) for p in paths.values()))
+    tr.section("sgattn: ratios to naive")
+    tr.write_line(report.ratio_table(records))
+    tr.write_line(f"({env['device']}; {time.time() - STATE['start']:.0f} s in all)")
+    tr.write_line("sgattn bench results: " + ", ".join(str(p) for p in paths.values()))

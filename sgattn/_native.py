@@ -64,8 +64,9 @@ def attention(q, k, v, *, scale=None, window=None, hw=None, need_importance=True
     """Backend-independent call of ``attention_fwd`` (the dispatcher key picks CPU or CUDA)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    H, W = (int(hw[0]), int(hw[1])) if window else (0, 0)
-    out, _, imp = op("attention_fwd")(q, k, v, float(scale), int(window or 0), H, W, bool(need_importance))
+    # window and the grid may be SymInts (torch.compile, dynamic shapes): no int(), which would specialise
+    H, W = tuple(hw) if window else (0, 0)
+    out, _, imp = op("attention_fwd")(q, k, v, float(scale), window or 0, H, W, bool(need_importance))
     return out, (imp if need_importance else None)
 
 

@@ -8,17 +8,20 @@ Changing a schema here changes both sides at the next build.
 NAMESPACE = "sgattn"
 
 # name -> schema (without the namespace). Integer window 0 means global attention.
+# window, H and W are SymInt: under torch.compile with dynamic shapes the grid
+# stays symbolic (an int would specialise the graph to each input size); the
+# C++ kernels take them as int64_t, which the dispatcher supplies at run time.
 SCHEMAS = {
     # (out [B,h,N,dv] in q's dtype, lse [B,h,N] fp32: each row's log-sum-exp (natural log) of
     #  q k^T * scale over its keys (window mode: its window's real keys), saved for backward,
     #  importance fp32: [B,M] global / [B,N] window, or [0] when need_importance is false)
-    "attention_fwd": "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, int window, "
-                     "int H, int W, bool need_importance) -> (Tensor, Tensor, Tensor)",
+    "attention_fwd": "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, SymInt window, "
+                     "SymInt H, SymInt W, bool need_importance) -> (Tensor, Tensor, Tensor)",
     # (dq, dk, dv) from the forward's out and lse, without rerunning it (C++ kernels on
     # CPU and CUDA): P = exp(q k^T * scale - lse); D = rowsum(dout * out) on CUDA, while
     # the CPU kernels, which hold whole score rows, take D = rowsum(P * dP) and read no out
     "attention_bwd": "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-                     "float scale, int window, int H, int W) -> (Tensor, Tensor, Tensor)",
+                     "float scale, SymInt window, SymInt H, SymInt W) -> (Tensor, Tensor, Tensor)",
     # x [B,N,C], index [G,B,N] int64, weights: all parts' r_p weights concatenated,
     # biases [P]; returns [G,B,M,C].
     "aggregate_fwd": "aggregate_fwd(Tensor x, Tensor index, Tensor weights, Tensor biases, "

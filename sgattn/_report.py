@@ -7,8 +7,10 @@ not run. ``finalize`` derives per record the speedups over the naive
 implementation and over the best baseline of the same case, achieved
 TFLOP/s and GB/s as fractions of the device's peaks (measured in the same
 run by ``measure_peaks``), and the memory ratio to naive. ``write_results``
-stores JSON + a markdown table + a PNG plot (when matplotlib is importable)
-in a folder the caller names, and never overwrites a file: a second run of
+stores JSON, a markdown table (each ratio to naive with its min-max range and
+a mark when the runs' spread makes it meaningless) and two small PNG plots,
+speed-up and memory against resolution (when matplotlib is importable), in a
+folder the caller names, and never overwrites a file: a second run of
 the same day gets a new name.
 
 Part of the installed package, so that ``sgattn bench`` runs from a normal
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -36,8 +39,37 @@ NAIVE = "naive"
 BASELINE_PREFIXES = ("naive", "compile(naive)", "sdpa", "flex", "timm:")
 
 
+# A ratio to naive is not meaningful when either side's runs spread more than
+# SPREAD_LIMIT (max/min), when the two min-max intervals overlap (the ratio's
+# range includes 1), or when either side has fewer than MIN_ROUNDS timed runs.
+SPREAD_LIMIT = 1.25
+MIN_ROUNDS = 3
+
+
 def is_baseline(impl: str) -> bool:
     return impl.startswith(BASELINE_PREFIXES)
+
+
+def ratio_to_naive(rec: dict, naive_rec: dict) -> dict:
+    """naive's median over ``rec``'s (the speed-up), its range (naive's min over
+    rec's max, naive's max over rec's min) and ``noise``: why the ratio is not
+    meaningful, or None."""
+    ratio = naive_rec["median_s"] / rec["median_s"]
+    reasons = []
+    rounds = min(rec.get("rounds") or 0, naive_rec.get("rounds") or 0)
+    if rounds < MIN_ROUNDS:
+        reasons.append(f"{rounds} rounds")
+    if all(r.get("min_s") and r.get("max_s") for r in (rec, naive_rec)):
+        lo, hi = naive_rec["min_s"] / rec["max_s"], naive_rec["max_s"] / rec["min_s"]
+        spread = max(rec["max_s"] / rec["min_s"], naive_rec["max_s"] / naive_rec["min_s"])
+        if spread > SPREAD_LIMIT:
+            reasons.append(f"runs spread {spread:.2f}x (max/min)")
+        if lo <= 1.0 <= hi:
+            reasons.append("range includes 1.0")
+    else:
+        lo = hi = None
+        reasons.append("no min/max recorded")
+    return {"ratio": ratio, "lo": lo, "hi": hi, "noise": ", ".join(reasons) or None}
 
 
 # ---------------------------------------------------------------- device ----
@@ -247,6 +279,10 @@ def finalize(records: list[dict], peaks: dict | None) -> list[dict]:
             if not t:
                 continue
             r["speedup_vs_naive"] = naive["median_s"] / t if naive else None
+            if naive and r is not naive:
+                vs = ratio_to_naive(r, naive)
+                r["speedup_range"] = [vs["lo"], vs["hi"]] if vs["lo"] is not None else None
+                r["speedup_noise"] = vs["noise"]
             others = [b for b in base if b is not r]
             best_other = min(others, key=lambda b: b["median_s"]) if others else None
             r["best_baseline"] = best_other["impl"] if best_other else None
@@ -271,15 +307,31 @@ def _fmt(v, spec, default="-"):
     return default if v is None else format(v, spec)
 
 
+def _speedup_text(r: dict) -> str:
+    """'2.60 (2.21-3.13)': the ratio to naive and its min-max range."""
+    text = _fmt(r.get("speedup_vs_naive"), ".2f")
+    if r.get("speedup_range"):
+        text += " ({:.3g}-{:.3g})".format(*r["speedup_range"])
+    return text
+
+
+NOISE_NOTE = (f"A ratio to naive is marked NOT MEANINGFUL when either side's runs spread more than "
+              f"{SPREAD_LIMIT}x (max/min), when the min-max intervals of the two overlap (the range of the "
+              f"ratio includes 1.0) or with fewer than {MIN_ROUNDS} timed rounds; x naive shows the median ratio "
+              "and, in brackets, its range (naive's min over this row's max, naive's max over this row's min).")
+
+
 def markdown_table(records: list[dict]) -> str:
-    head = ("| suite | case | mode | impl | median ms | img/s | x naive | x best baseline | TFLOP/s (% peak) "
-            "| GB/s (% peak) | peak MiB | mem / naive |")
+    head = ("| suite | case | mode | impl | median ms | rounds | img/s | x naive (range) | ratio | x best baseline "
+            "| TFLOP/s (% peak) | GB/s (% peak) | peak MiB | mem / naive |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         if r.get("skipped"):
             lines.append(f"| {r['suite']} | {r['case']} | {r['mode']} | {r['impl']} | skipped: "
-                         f"{str(r['skipped'])[:90]} | | | | | | | |")
+                         f"{str(r['skipped'])[:90]} | | | | | | | | | |")
             continue
+        noise = r.get("speedup_noise")
+        verdict = f"**NOT MEANINGFUL**: {noise}" if noise else ("ok" if "speedup_noise" in r else "-")
         best = r.get("speedup_vs_best_baseline")
         best_s = f"{best:.2f} ({r['best_baseline']})" if best is not None else "-"
         tf = (f"{r['tflops']:.3g} ({100 * r['frac_flops_peak']:.1f}%)"
@@ -289,8 +341,31 @@ def markdown_table(records: list[dict]) -> str:
         mem = _fmt(r["peak_bytes"] / 2 ** 20 if r.get("peak_bytes") is not None else None, ".1f")
         lines.append(
             f"| {r['suite']} | {r['case']} | {r['mode']} | {r['impl']} | {_fmt(1e3 * r['median_s'], '.3f')} "
-            f"| {_fmt(r.get('images_per_s'), '.1f')} | {_fmt(r.get('speedup_vs_naive'), '.2f')} | {best_s} "
-            f"| {tf} | {gb} | {mem} | {_fmt(r.get('mem_ratio_vs_naive'), '.3f')} |")
+            f"| {_fmt(r.get('rounds'), 'd')} | {_fmt(r.get('images_per_s'), '.1f')} | {_speedup_text(r)} "
+            f"| {verdict} | {best_s} | {tf} | {gb} | {mem} | {_fmt(r.get('mem_ratio_vs_naive'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def ratio_table(records: list[dict]) -> str:
+    """A short plain-text table for the console: every sgattn row's ratio to
+    naive with its range, '!' marking the ratios that are not meaningful."""
+    rows = [r for r in records if r.get("speedup_vs_naive") is not None and not is_baseline(r["impl"])]
+    if not rows:
+        return "no sgattn row has a naive row to compare with"
+    width = max(len(r["case"]) for r in rows)
+    lines = ["sgattn vs naive (x naive: naive's median time / this row's; range from min/max; "
+             "'!' = not meaningful)",
+             f"  {'suite':<11} {'case':<{width}} {'mode':<7} {'impl':<18} {'x naive':>8} {'range':>13}"]
+    for r in rows:
+        rng = "{:.3g}-{:.3g}x".format(*r["speedup_range"]) if r.get("speedup_range") else "-"
+        noise = r.get("speedup_noise")
+        lines.append(f"{'!' if noise else ' '} {r['suite']:<11} {r['case']:<{width}} {r['mode']:<7} "
+                     f"{r['impl']:<18} {r['speedup_vs_naive']:>7.3g}x {rng:>13}" + (f"  {noise}" if noise else ""))
+    bad = sum(1 for r in rows if r.get("speedup_noise"))
+    if bad:
+        lines.append(f"! {bad} of {len(rows)} ratios are not meaningful (runs spread over {SPREAD_LIMIT}x, "
+                     f"min-max intervals overlap, or under {MIN_ROUNDS} rounds): rerun them on a quiet machine "
+                     "or with more rounds (SGATTN_BENCH_ROUNDS)")
     return "\n".join(lines)
 
 
@@ -304,69 +379,130 @@ def header_text(env: dict, peaks: dict | None) -> str:
     return s
 
 
-def plot(records: list[dict], path: Path) -> str | None:
-    """Speedup over naive vs resolution (op suites, forward, stage 1 cases).
-    Returns None on success or the reason no plot was made."""
+SERIES = {("model", "infer"): "model inference", ("model", "train"): "model training step",
+          ("hybrid", "fwd"): "hybrid-scale op, fwd", ("hybrid", "fwdbwd"): "hybrid-scale op, fwd+bwd",
+          ("self_guided", "fwd"): "self-guided op, fwd", ("self_guided", "fwdbwd"): "self-guided op, fwd+bwd",
+          ("stage4", "fwd"): "stage-4 attention, fwd", ("stage4", "fwdbwd"): "stage-4 attention, fwd+bwd"}
+
+
+def plotted_impl(records: list[dict]) -> str | None:
+    """The sgattn row the plots show: the backend automatic dispatch prefers among those timed."""
+    from .backends import PREFERENCE
+    timed = {r["impl"] for r in records if r.get("speedup_vs_naive") is not None}
+    return next((f"sgattn:{b}" for b in PREFERENCE if f"sgattn:{b}" in timed), None)
+
+
+def plot_series(records: list[dict], key: str) -> dict:
+    """{series label: [(pixels, resolution label, value, lo, hi, noisy)]} for
+    ``plotted_impl``'s rows of SG-Former-S (ops: the S/M stage shapes). ``key``
+    is a record field (``speedup_vs_naive`` or ``mem_ratio_vs_naive``); the
+    stages of an op at one resolution are combined by their geometric mean,
+    noisy when any of them is."""
+    impl = plotted_impl(records)
+    points: dict[tuple, list[dict]] = {}
+    for r in records:
+        shape = r.get("shape") or {}
+        # (a zero memory ratio, a peak below the resident set's resolution, has no place on a log axis)
+        if (r["impl"] != impl or not r.get(key) or (r["suite"], r["mode"]) not in SERIES
+                or shape.get("variant") not in ("S/M", "sgformer_s") or not shape.get("resolution")):
+            continue
+        points.setdefault((r["suite"], r["mode"], tuple(shape["resolution"])), []).append(r)
+    series: dict[str, list] = {}
+    order = list(SERIES)
+    for (suite, mode, res), rs in sorted(points.items(), key=lambda kv: (order.index(kv[0][:2]), kv[0][2])):
+        def gmean(values):
+            return math.exp(sum(math.log(v) for v in values) / len(values))
+        value = gmean([r[key] for r in rs])
+        ranges = [r.get("speedup_range") for r in rs]
+        lo, hi = (gmean([x[0] for x in ranges]), gmean([x[1] for x in ranges])) \
+            if key == "speedup_vs_naive" and all(ranges) else (None, None)
+        noisy = key == "speedup_vs_naive" and any(r.get("speedup_noise") for r in rs)
+        series.setdefault(SERIES[(suite, mode)], []).append(
+            (res[0] * res[1], "x".join(map(str, res)) if res[0] != res[1] else str(res[0]), value, lo, hi, noisy))
+    return series
+
+
+def plot(records: list[dict], path: Path, key: str, ylabel: str, device: str = "") -> str | None:
+    """One small plot: ``key`` of ``plotted_impl`` against resolution, one
+    line per suite and mode (log-log; error bars: the ratio's min-max range;
+    hollow markers: not meaningful). Returns None on success or the reason no
+    plot was made."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as exc:
         return f"no plot: matplotlib is not importable ({type(exc).__name__})"
-    lines: dict[tuple, list[tuple[int, float, str]]] = {}
-    for r in records:
-        if r.get("speedup_vs_naive") is None or r["impl"] == NAIVE or not r.get("shape"):
-            continue
-        res = r["shape"].get("resolution")
-        if res is None:
-            continue
-        key = (r["suite"], r["mode"], r["shape"].get("variant"), r["shape"].get("stage"), r["impl"])
-        lines.setdefault(key, []).append((res[0] * res[1], r["speedup_vs_naive"], f"{res[0]}x{res[1]}"))
-    if not lines:
-        return "no plot: no case has a speedup over naive"
-    fig, ax = plt.subplots(figsize=(10, 6))
-    for key, pts in sorted(lines.items(), key=lambda kv: str(kv[0])):
+    series = plot_series(records, key)
+    if not series:
+        return f"no {key} plot: no sgattn row of SG-Former-S has a naive row to compare with"
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ticks = {}
+    for i, (label, pts) in enumerate(series.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=" ".join(str(k) for k in key if k is not None))
+        colour = f"C{i}"
+        xs, ys = [p[0] for p in pts], [p[2] for p in pts]
+        ax.plot(xs, ys, color=colour, lw=1.2, label=label)
+        for x, res, y, lo, hi, noisy in pts:
+            ticks[x] = res
+            if lo is not None:
+                ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], color=colour, lw=0.8, capsize=2)
+            ax.plot([x], [y], "o", color=colour, mfc="white" if noisy else colour, ms=5)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.axhline(1.0, color="gray", lw=0.5)
-    ax.set_xlabel("input pixels (224^2 ... 1024^2)")
-    ax.set_ylabel("speedup over naive")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)])
+    ax.minorticks_off()
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("input resolution (pixels per side)")
+    ax.set_ylabel(ylabel)
+    note = "; hollow = ratio not meaningful (spread)" if key == "speedup_vs_naive" else ""
+    ax.set_title(f"{plotted_impl(records)} vs naive, SG-Former-S shapes{note}\n{device}", fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
 
 
+PLOTS = {"speedup": ("speedup_vs_naive", "speed-up over naive (x, higher is better)"),
+         "memory": ("mem_ratio_vs_naive", "peak memory / naive's (lower is better)")}
+
+
 def write_results(records: list[dict], env: dict, peaks: dict | None, out_dir: Path | str = RESULTS_DIR,
                   stem: str | None = None, notes: list[str] | None = None) -> dict[str, Path]:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (stem defaults to
-    ``<device>-<date>``) into ``out_dir``. Existing files are never
-    overwritten: the stem gets a ``-2``, ``-3``... suffix instead. Returns the
-    paths written."""
+    """Write ``<stem>.json``, ``<stem>.md``, ``<stem>-speedup.png`` and
+    ``<stem>-memory.png`` (stem defaults to ``<device>-<date>``) into
+    ``out_dir``. Existing files are never overwritten: the stem gets a ``-2``,
+    ``-3``... suffix instead. Returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if stem is None:
         dev = torch.device("cuda" if env["device_type"] == "cuda" else "cpu")
         stem = f"{device_slug(dev)}-{env['date'][:10]}"
     base, n = stem, 1
-    while any((out_dir / f"{stem}.{ext}").exists() for ext in ("json", "md", "png")):
+    names = ["{}.json", "{}.md"] + [f"{{}}-{q}.png" for q in PLOTS]
+    while any((out_dir / name.format(stem)).exists() for name in names):
         n += 1
         stem = f"{base}-{n}"
     notes = list(notes or [])
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
-    why_not = plot(records, out_dir / f"{stem}.png")
-    if why_not is None:
-        paths["png"] = out_dir / f"{stem}.png"
-    else:
-        notes.append(why_not)
+    for question, (key, ylabel) in PLOTS.items():
+        path = out_dir / f"{stem}-{question}.png"
+        why_not = plot(records, path, key, ylabel, device=env["device"])
+        if why_not is None:
+            paths[f"png_{question}"] = path
+        else:
+            notes.append(why_not)
     paths["json"].write_text(json.dumps({"env": env, "peaks": peaks, "notes": notes, "records": records},
                                         indent=1, default=str))
     md = [f"# sgattn benchmarks: {env['device']}", "", header_text(env, peaks), ""]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
+    noisy = [r for r in records if r.get("speedup_noise")]
+    if noisy:
+        md += [f"**{len(noisy)} of {sum('speedup_noise' in r for r in records)} ratios to naive are not "
+               f"meaningful** (column 'ratio'). {NOISE_NOTE}", ""]
+    else:
+        md += [NOISE_NOTE, ""]
     md += [markdown_table(records), ""]
     paths["md"].write_text("\n".join(md))
     return paths

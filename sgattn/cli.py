@@ -38,6 +38,19 @@ def _versions() -> dict:
             "cuda (torch build)": torch.version.cuda or "none"}
 
 
+def _extensions_line() -> str:
+    """Which native extensions are built; says so when the CUDA one is built
+    but this machine has no GPU to run it (e.g. nvcc present, no driver)."""
+    from sgattn._native import load_extension
+    parts = []
+    for module, what in (("sgattn._C", "CPU kernels"), ("sgattn._C_cuda", "CUDA kernels")):
+        built = load_extension(module) is None
+        parts.append(f"{module} ({what}) {'built' if built else 'not built'}")
+        if module == "sgattn._C_cuda" and built and not torch.cuda.is_available():
+            parts[-1] += ", but no GPU is present: the cuda backend stays unused here"
+    return "; ".join(parts)
+
+
 def cmd_info(args) -> int:
     import sgattn
     from sgattn.backends import PREFERENCE, capability_table, forced_backend
@@ -50,6 +63,7 @@ def cmd_info(args) -> int:
             print(f"{'device':>18}: cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
     else:
         print(f"{'device':>18}: cpu only ({torch.get_num_threads()} threads); no CUDA device visible")
+    print(f"{'native extensions':>18}: {_extensions_line()}")
     print(f"{'forced backend':>18}: {forced_backend() or 'none (automatic dispatch)'}")
     print(f"backends (dispatch order {', '.join(PREFERENCE)}):")
     for name, why in sgattn.available_backends().items():
@@ -258,8 +272,6 @@ def load_report():
 NAIVE_WHAT = ("naive = sgattn.naive: the authors' algorithm in plain PyTorch (their Attention module, "
               "every attention matrix materialised; NCHW convolutions as in their code); sgattn:<backend> = "
               "sgattn's SG-Former-S (its attention modules, channels-last convolutions) with the same weights")
-# a ratio is meaningless when the runs of either side spread more than this (max/min)
-SPREAD_LIMIT = 1.25
 
 
 def importance_stats(mask) -> dict:
@@ -275,15 +287,12 @@ def importance_stats(mask) -> dict:
 
 
 def ratio_line(rec: dict, naive_rec: dict) -> str:
-    """'<impl> vs naive: R x (range lo-hi x)', with a warning when the runs
-    spread more than SPREAD_LIMIT (max/min) or the range includes 1."""
-    spread = max(rec["max_s"] / rec["min_s"], naive_rec["max_s"] / naive_rec["min_s"])
-    lo, hi = naive_rec["min_s"] / rec["max_s"], naive_rec["max_s"] / rec["min_s"]
-    line = f"{rec['impl']} vs naive: {naive_rec['median_s'] / rec['median_s']:.2f}x (range {lo:.2f}-{hi:.2f}x)"
-    if spread > SPREAD_LIMIT or lo <= 1.0 <= hi:
-        line += (f"  WARNING: run times spread up to {spread:.2f}x (max/min)"
-                 + (" and the range includes 1.0" if lo <= 1.0 <= hi else "")
-                 + ": this ratio is not meaningful on this (busy?) machine; rerun without --quick")
+    """'<impl> vs naive: R x (range lo-hi x)', with a warning when the spread
+    of the runs makes the ratio meaningless (``sgattn._report.ratio_to_naive``)."""
+    vs = load_report().ratio_to_naive(rec, naive_rec)
+    line = f"{rec['impl']} vs naive: {vs['ratio']:.2f}x (range {vs['lo']:.2f}-{vs['hi']:.2f}x)"
+    if vs["noise"]:
+        line += f"  WARNING: {vs['noise']}: this ratio is not meaningful on this (busy?) machine; rerun without --quick"
     return line
 
 
@@ -391,7 +400,12 @@ def cmd_viz(args) -> int:
     print(f"image {summary['image_shape'][1]}x{summary['image_shape'][0]}; importance per hybrid-scale block "
           "(cv = std/mean, 0 for a uniform map; top10 = share of importance in the top 10% of tokens):")
     for b in summary["blocks"]:
-        print(f"  {b['block']:<16} {b['tokens']:>6} tokens  cv {b['cv']:.4f}  top10 {b['top10_share']:.3f}")
+        flag = "  near-uniform" if b["near_uniform"] else ""
+        print(f"  {b['block']:<16} {b['tokens']:>6} tokens  cv {b['cv']:.4f}  top10 {b['top10_share']:.3f}{flag}")
+    uniform = sum(b["near_uniform"] for b in summary["blocks"])
+    if uniform:
+        print(f"note: {uniform} of {len(summary['blocks'])} maps are near-uniform (cv < {viz.NEAR_UNIFORM_CV}): "
+              "their colours in the picture are noise, not structure")
     print(f"written: {summary['path']}")
     return 0
 

@@ -50,8 +50,8 @@ def tokens_to_grid(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
     Under torch.compile: a contiguous NCHW copy, which inductor fuses; with
     dynamic shapes it cannot order channels-last symbolic strides such as
     (1, C*W, C) ("cannot determine truth value of Relational")."""
-    B, N, C = x.shape
-    grid = x.transpose(1, 2).reshape(B, C, H, W)
+    # sizes by index, not unpacking: a torch.fx Proxy cannot be unpacked; explicit C: B may be 0
+    grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], H, W)
     return grid.contiguous() if torch.compiler.is_compiling() else grid
 
 

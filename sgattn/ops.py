@@ -70,8 +70,10 @@ def _check_int(op, name, value, minimum=1):
 
 
 def _check_options(op, scale, dropout_p):
+    # abs(scale) < inf, not math.isfinite: under torch.compile(dynamic=True) a module's
+    # scale is a SymFloat, which math.isfinite cannot trace (a graph break)
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)
-                              or not math.isfinite(scale)):
+                              or not abs(scale) < math.inf):
         _fail(op, f"scale must be a finite number or None, got {scale!r}")
     if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
         _fail(op, f"dropout_p must be a probability in [0, 1], got {dropout_p!r}")
@@ -134,8 +136,9 @@ def _check_attention(op, q, k, v, window, hw):
 def _clip_window(window, hw):
     """A window larger than the grid covers it whole in that direction, the
     same windows as one of size max(H, W): backends never see a window (and
-    its w*w scratch) beyond the grid."""
-    return None if window is None else min(window, max(hw))
+    its w*w scratch) beyond the grid. sym_min/sym_max: no guard on symbolic
+    sizes under torch.compile (``min`` would branch on them)."""
+    return None if window is None else torch.sym_min(window, torch.sym_max(*hw))
 
 
 def attention_with_importance(q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0):

@@ -62,8 +62,10 @@ def _global_attention(q, k, v, scale, dropout_p, need_importance):
     chunk = max(1, MAX_BLOCK_ELEMENTS // max(1, B * h * M))
     outs = []
     importance = torch.zeros(B, M, dtype=ct, device=q.device) if need_importance else None
-    for start in range(0, N, chunk):
-        scores = torch.matmul(qc[:, :, start:start + chunk], kc.transpose(-1, -2)) * scale
+    # One block when it fits: a test, not a loop over N, so that torch.compile keeps N symbolic
+    blocks = [qc] if N <= chunk else [qc[:, :, s:s + chunk] for s in range(0, N, chunk)]
+    for block in blocks:
+        scores = torch.matmul(block, kc.transpose(-1, -2)) * scale
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0:
             probs = F.dropout(probs, dropout_p, training=True)
@@ -83,7 +85,7 @@ def window_shape(window: int, hw) -> tuple[int, int]:
     masked), so it is clipped to the grid: scratch stays O(H*W) however
     large ``window`` is."""
     H, W = hw
-    return min(window, H), min(window, W)
+    return torch.sym_min(window, H), torch.sym_min(window, W)  # no guard on symbolic sizes
 
 
 def window_partition(t: torch.Tensor, window: int, hw) -> torch.Tensor:
@@ -208,9 +210,9 @@ def aggregate_sorted(x, index, weights, biases):
     for n_p, w, b in zip(reallocation_parts(N, len(weights)), weights, biases):
         r = w.numel()
         groups = -(-n_p // r)
-        part = tokens[:, start:start + n_p]
-        if groups * r != n_p:
-            part = F.pad(part, (0, 0, 0, groups * r - n_p))
+        # zero members for a short last group (padding by 0 when there is none: no test on
+        # the sizes, which torch.compile would have to guard)
+        part = F.pad(tokens[:, start:start + n_p], (0, 0, 0, groups * r - n_p))
         part = part.reshape(G * B, groups, r, C).transpose(2, 3)  # [., groups, C, r]
         pieces.append(F.linear(part, w.reshape(1, r).to(x.dtype), b.reshape(1).to(x.dtype))[..., 0])
         start += n_p

@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from .nn import HybridScaleAttention
 from .reference import REALLOCATION_GROUPS, reallocation_parts
 
+# Below this coefficient of variation (std / mean) a map is called near-uniform:
+# random weights give 0.005-0.02, where any colour difference is noise.
+NEAR_UNIFORM_CV = 0.05
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SAMPLE_IMAGES = ("china", "flower")  # photographs bundled with scikit-learn
@@ -57,6 +60,16 @@ class BlockImportance:
     @property
     def name(self) -> str:
         return f"stage {self.stage} block {self.block}"
+
+    @property
+    def cv(self) -> float:
+        """The map's spread: std / mean over the tokens of the first image (0: uniform)."""
+        v = self.importance[0].double()
+        return (v.std() / v.mean()).item()
+
+    @property
+    def near_uniform(self) -> bool:
+        return self.cv < NEAR_UNIFORM_CV
 
 
 def group_sizes(importance: torch.Tensor, sr_ratio: int) -> torch.Tensor:
@@ -154,28 +167,47 @@ def to_tensor(image: np.ndarray, size: Optional[int] = None) -> torch.Tensor:
 def plot_importance(image: np.ndarray, maps: Sequence[BlockImportance], out, title: Optional[str] = None,
                     max_blocks: int = 6, dpi: int = 100) -> str:
     """Draw ``image`` and, for up to ``max_blocks`` hybrid-scale blocks (spread
-    over the stages), the importance map over the image (top row) and the
-    next self-guided block's reallocation (bottom row: fine = small groups of
-    important tokens, coarse = large groups). Writes a PNG to ``out`` and
-    returns its path."""
+    over the stages), the importance map over the image (top row, relative to
+    its mean, with a colour bar and each map's cv; near-uniform maps are named
+    in the title) and the next self-guided block's reallocation (bottom row:
+    fine = small groups of important tokens, coarse = large groups). Writes a
+    PNG to ``out`` and returns its path."""
+    plt = _need("matplotlib.pyplot")
+    fig = importance_figure(image, maps, title, max_blocks)
+    out = str(out)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def importance_figure(image: np.ndarray, maps: Sequence[BlockImportance], title: Optional[str] = None,
+                      max_blocks: int = 6):
+    """The matplotlib figure ``plot_importance`` writes."""
     matplotlib = _need("matplotlib")
     matplotlib.use("Agg", force=False)
     plt = _need("matplotlib.pyplot")
     chosen = _spread([m for m in maps if m.group_size is not None] or list(maps), max_blocks)
     cols = 1 + len(chosen)
     fig, axes = plt.subplots(2, cols, figsize=(2.1 * cols, 4.6), squeeze=False)
+    # Every map relative to its own mean (1 = uniform), on one colour scale no
+    # narrower than 1 +- 0.5: a near-uniform map stays one flat colour instead
+    # of its noise being stretched over the whole colour map.
+    relative = [m.importance[0].numpy() / m.importance[0].mean().item() for m in chosen]
+    vmin = min([0.5] + [float(r.min()) for r in relative])
+    vmax = max([1.5] + [float(r.max()) for r in relative])
     h, w = image.shape[:2]
     axes[0, 0].imshow(image)
-    axes[0, 0].set_title("image", fontsize=9)
+    axes[0, 0].set_title("image\n(top row: importance)", fontsize=8)
     axes[1, 0].axis("off")
     axes[1, 0].text(0.02, 0.5, "reallocation\n(next self-guided\nblock):\n"
                     "light = fine\n(few tokens merged)\ndark = coarse\n(many merged)",
                     fontsize=8, va="center", transform=axes[1, 0].transAxes)
-    for c, m in enumerate(chosen, start=1):
-        imp = m.importance[0].numpy()
+    shown = None
+    for c, (m, rel) in enumerate(zip(chosen, relative), start=1):
         axes[0, c].imshow(image)
-        axes[0, c].imshow(_upsample(imp, h, w), cmap="jet", alpha=0.5)
-        axes[0, c].set_title(f"{m.name}\nimportance", fontsize=8)
+        shown = axes[0, c].imshow(_upsample(rel, h, w), cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+        flag = ", near-uniform" if m.near_uniform else ""
+        axes[0, c].set_title(f"{m.name}\ncv {m.cv:.3f}{flag}", fontsize=8)
         if m.group_size is not None:
             g = np.log2(m.group_size[0].numpy())
             axes[1, c].imshow(image)
@@ -187,13 +219,19 @@ def plot_importance(image: np.ndarray, maps: Sequence[BlockImportance], out, tit
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    uniform = sum(m.near_uniform for m in chosen)
+    if uniform:
+        note = (f"{uniform} of {len(chosen)} maps near-uniform (cv = std/mean < {NEAR_UNIFORM_CV}): "
+                "their colours and the reallocation follow noise")
+        title = f"{title}\n{note}" if title else note
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = str(out)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return out
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=list(axes[0, 1:]), shrink=0.8, pad=0.01)
+        bar.set_label("importance / mean", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    return fig
 
 
 def _spread(items, k):
@@ -214,7 +252,8 @@ def visualize(image_source, out, model: Optional[torch.nn.Module] = None, checkp
     ``checkpoint``; random weights when neither is given), and write the
     picture to ``out``. Returns a summary: the PNG path, the blocks drawn, and
     per block the importance's coefficient of variation (std / mean; 0 for a
-    uniform map) and the share of importance mass in the top 10% of tokens."""
+    uniform map), whether it is near-uniform (cv < ``NEAR_UNIFORM_CV``) and
+    the share of importance mass in the top 10% of tokens."""
     from . import models
     image = load_image(image_source, size)
     if model is None:
@@ -226,6 +265,6 @@ def visualize(image_source, out, model: Optional[torch.nn.Module] = None, checkp
     for m in maps:
         v = m.importance[0].flatten().double()
         top = v.sort(descending=True).values[: max(1, v.numel() // 10)]
-        summary.append(dict(block=m.name, tokens=v.numel(), cv=(v.std() / v.mean()).item(),
+        summary.append(dict(block=m.name, tokens=v.numel(), cv=m.cv, near_uniform=m.near_uniform,
                             top10_share=(top.sum() / v.sum()).item()))
     return dict(path=path, image_shape=tuple(image.shape), blocks=summary)

@@ -171,3 +171,11 @@ def test_models_accept_an_empty_batch():
     assert logits.shape == (0, 10)
     logits.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_models_reject_integer_images(dtype):
+    from sgattn.demo import tiny_sgformer
+    images = torch.zeros(1, 3, 64, 64, dtype=dtype)
+    with pytest.raises(ValueError, match=f"floating-point images .* got {dtype}"):
+        tiny_sgformer()(images)

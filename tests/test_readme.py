@@ -20,6 +20,20 @@ def test_api_example_runs_and_shapes_match_the_comments():
     assert ns["imp_map"].shape == (B, H, W)
     assert ns["merged"].shape == (B, 1 + 7 + 7, C)
     assert ns["out"].shape == (B, h, N, d)
+    # the comment on the reallocation line states its shape: [B, <sum of group counts>, C]
+    comment = re.search(r"merged = .*# \[B, ([\d +]+), C\]", code).group(1)
+    assert ns["merged"].shape[1] == sum(int(t) for t in comment.split("+"))
+
+
+def test_readme_states_what_a_newcomer_needs():
+    text = " ".join(README.read_text().split())
+    # the CPU-only torch build, since plain `pip install torch` fetches the CUDA one
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
+    # the authors' code for the fidelity tests needs a numpy fix; a fine-tuned timm checkpoint needs num_classes
+    assert "SGFORMER_OFFICIAL_DIR" in text and "np.float" in text
+    assert 'pretrained_cfg_overlay=dict(file="ft.pth", num_classes=10)' in text
+    # measured figures name their machine
+    assert "2.60x" in text and "AMD EPYC" in text
 
 
 def test_every_python_block_compiles():

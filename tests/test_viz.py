@@ -59,6 +59,33 @@ def test_generated_image_through_the_command(tmp_path):
         assert png.size == (round(2.1 * 4 * 100), round(4.6 * 100))
     cvs = [float(line.split("cv ")[1].split()[0]) for line in r.stdout.splitlines() if " cv " in line]
     assert len(cvs) == 11 and max(cvs) > 1e-3
+    # random weights give near-uniform maps in the deeper blocks, and the command says so per block and overall
+    flagged = [line.endswith("near-uniform") for line in r.stdout.splitlines() if " cv " in line]
+    assert flagged == [cv < viz.NEAR_UNIFORM_CV for cv in cvs]
+    assert any(flagged) and f"{sum(flagged)} of 11 maps are near-uniform" in r.stdout
+
+
+def test_figure_has_a_colour_bar_and_names_near_uniform_maps():
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    structured = (1.0 + (xx + yy))[None]                     # cv ~0.5: real structure
+    flat = 1.0 + 1e-3 * torch.sin(xx + 2 * yy)[None]         # cv ~7e-4: noise around a uniform map
+    maps = [viz.BlockImportance(1, 0, structured, viz.group_sizes(structured, 8)),
+            viz.BlockImportance(1, 1, flat, viz.group_sizes(flat, 8))]
+    assert not maps[0].near_uniform and maps[1].near_uniform
+    assert maps[1].cv == pytest.approx((flat.double().std() / flat.double().mean()).item())
+    fig = viz.importance_figure(image, maps, title="t")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert f"stage 1 block 0\ncv {maps[0].cv:.3f}" in titles
+    assert f"stage 1 block 1\ncv {maps[1].cv:.3f}, near-uniform" in titles
+    assert "1 of 2 maps near-uniform" in fig._suptitle.get_text()
+    bars = [ax for ax in fig.axes if ax.get_ylabel() == "importance / mean"]
+    assert len(bars) == 1
+    # one colour scale, no narrower than 1 +- 0.5 of the mean: the flat map cannot fill it
+    images = [ax.get_images()[1] for ax in fig.axes[1:3]]
+    assert images[0].get_clim() == images[1].get_clim()
+    lo, hi = images[1].get_clim()
+    assert lo <= 0.5 and hi >= 1.5 and (flat / flat.mean()).max() < 1.01
 
 
 def test_missing_image_is_a_clear_error(tmp_path):

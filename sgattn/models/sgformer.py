@@ -154,8 +154,7 @@ class StageNorm(nn.LayerNorm):
     itself (timm's fx and hook feature extractors take it from there)."""
 
     def forward(self, x, H, W):
-        x = super().forward(x)
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], H, W)  # explicit C: B may be 0
+        return sgnn.tokens_to_grid(super().forward(x), H, W)
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: int, H: int, W: int) -> torch.Tensor:
@@ -302,6 +301,9 @@ class SGFormer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"SGFormer expects images [B, {self.in_chans}, H, W], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"SGFormer expects floating-point images (normalised, e.g. x.float() / 255 "
+                             f"then the mean/std), got {x.dtype}")
         if min(x.shape[-2:]) < MIN_INPUT:
             raise ValueError(f"SGFormer needs inputs of at least {MIN_INPUT}x{MIN_INPUT}, got "
                              f"{x.shape[-2]}x{x.shape[-1]}")
