@@ -392,6 +392,10 @@ def plotted_impl(records: list[dict]) -> str | None:
     return next((f"sgattn:{b}" for b in PREFERENCE if f"sgattn:{b}" in timed), None)
 
 
+def _gmean(values) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 def plot_series(records: list[dict], key: str) -> dict:
     """{series label: [(pixels, resolution label, value, lo, hi, noisy)]} for
     ``plotted_impl``'s rows of SG-Former-S (ops: the S/M stage shapes). ``key``
@@ -410,11 +414,9 @@ def plot_series(records: list[dict], key: str) -> dict:
     series: dict[str, list] = {}
     order = list(SERIES)
     for (suite, mode, res), rs in sorted(points.items(), key=lambda kv: (order.index(kv[0][:2]), kv[0][2])):
-        def gmean(values):
-            return math.exp(sum(math.log(v) for v in values) / len(values))
-        value = gmean([r[key] for r in rs])
+        value = _gmean([r[key] for r in rs])
         ranges = [r.get("speedup_range") for r in rs]
-        lo, hi = (gmean([x[0] for x in ranges]), gmean([x[1] for x in ranges])) \
+        lo, hi = (_gmean([x[0] for x in ranges]), _gmean([x[1] for x in ranges])) \
             if key == "speedup_vs_naive" and all(ranges) else (None, None)
         noisy = key == "speedup_vs_naive" and any(r.get("speedup_noise") for r in rs)
         series.setdefault(SERIES[(suite, mode)], []).append(
