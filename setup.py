@@ -53,12 +53,12 @@ def _have_cxx():
 
 
 def _write_op_header(out_dir):
-    """Generate the op names/schemas header from sgattn/_ops_names.py (the single source)."""
+    """Generate the op names header from sgattn/_schemas.py (the single source)."""
     namespace = {}
-    with open(os.path.join(HERE, "sgattn", "_ops_names.py")) as f:
-        exec(compile(f.read(), "_ops_names.py", "exec"), namespace)
+    with open(os.path.join(HERE, "sgattn", "_schemas.py")) as f:
+        exec(compile(f.read(), "_schemas.py", "exec"), namespace)
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "sgattn_op_schemas.h")
+    path = os.path.join(out_dir, "sgattn_op_names.h")
     text = namespace["cpp_header"]()
     if not os.path.exists(path) or open(path).read() != text:
         with open(path, "w") as f:
@@ -96,12 +96,13 @@ def _extensions():
         cxx_flags.append("-march=native")  # AVX2/AVX-512 for the vectorised loops; source builds only
     exts, required = [], set()
 
-    # The CUDA extension needs the CPU one (it defines the op schemas).
-    if want_cpu is not False or want_cuda:
+    # Each extension implements the ops for its dispatch key only (the schemas
+    # are defined from Python), so either builds and loads without the other.
+    if want_cpu is not False:
         exts.append(cpp_extension.CppExtension(
             "sgattn._C", ["csrc/cpu_ops.cpp"], include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]))
-        if want_cpu or want_cuda:
+        if want_cpu:
             required.add("sgattn._C")
 
     cuda_home = cpp_extension.CUDA_HOME
@@ -121,7 +122,7 @@ def _extensions():
         cu_inc = [p for p in (os.path.join(site, "nvidia", v, "include") for v in ("cu13", "cu12"))
                   if os.path.isdir(p)]
         exts.append(cpp_extension.CUDAExtension(
-            "sgattn._C_cuda", ["csrc/cuda_ops.cpp", "kernels/sgattn_kernels.cu"],
+            "sgattn._C_cuda", ["csrc/cuda_ops.cpp", "kernels/cuda_launch.cu"],
             include_dirs=include_dirs + cu_inc,
             extra_compile_args={"cxx": ["-O3", "-std=c++20"],
                                 "nvcc": ["-O3", "-std=c++17", "-lineinfo"]}))

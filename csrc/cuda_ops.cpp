@@ -1,5 +1,5 @@
-// CUDA dispatch-key implementations of the sgattn ops (schemas: csrc/cpu_ops.cpp,
-// names: the header generated from sgattn/_ops_names.py). Compiled by the host
+// CUDA dispatch-key implementations of the sgattn ops (the schemas are defined
+// once, from Python: sgattn/_schemas.py). Compiled by the host
 // compiler; the kernels sit behind the framework-free API of
 // kernels/sgattn_cuda_api.h, so no torch header goes through nvcc.
 //
@@ -24,7 +24,7 @@
 
 #include "op_contract.h"
 #include "sgattn_cuda_api.h"
-#include "sgattn_op_schemas.h"
+#include "sgattn_op_names.h"
 
 namespace {
 
@@ -323,12 +323,7 @@ PyMethodDef methods[] = {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sgattn, CUDA, m) {
-  m.impl(SGATTN_OP_ATTENTION_FWD, &attention_fwd_cuda);
-  m.impl(SGATTN_OP_ATTENTION_BWD, &attention_bwd_cuda);
-  m.impl(SGATTN_OP_AGGREGATE_FWD, &aggregate_fwd_cuda);
-  m.impl(SGATTN_OP_AGGREGATE_BWD, &aggregate_bwd_cuda);
-}
+SGATTN_IMPL_OPS(CUDA, _cuda)  // the functions above: op name + _cuda
 
 static PyModuleDef sgattn_cuda_module = {PyModuleDef_HEAD_INIT, "_C_cuda",
                                          "sgattn CUDA kernels for the torch.ops.sgattn.* ops", -1, methods};

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "sgattn_common.h"
+#include "sgformer_geometry.h"
 
 namespace sgattn::contract {
 

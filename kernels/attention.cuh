@@ -26,36 +26,30 @@
 
 #include <type_traits>
 
-#include "sgattn_cuda_structs.h"
+#include "cuda_plan.h"
 #include "sgattn_cuda_types.cuh"
 
 namespace sgattn {
 
 namespace detail {
 
-// Local positions of one segment -> token index (-1: masked). Window mode
-// works from the window's origin (y0, x0) in 32-bit arithmetic.
+// Local positions of one segment -> token index (-1: masked): the whole
+// sequence (global mode) or one window, in 32-bit arithmetic.
 struct Segment {
-  int w, H, W, y0, x0, nq, nk;
+  Window<int> win;
+  int nq, nk;
   bool windowed;
-  __device__ Segment(const AttnParams& p, int seg) {
+  __device__ Segment(const AttnParams& p, int seg) : win{0, 0, 0, 0, 0} {
     windowed = p.window > 0;
     if (windowed) {
-      w = int(p.window); H = int(p.H); W = int(p.W);
-      const int nwx = (W + w - 1) / w, wy = seg / nwx;
-      y0 = wy * w; x0 = (seg - wy * nwx) * w;
-      nq = nk = w * w;
+      win = WindowGeom<int>(int(p.H), int(p.W), int(p.window)).window(seg);
+      nq = nk = win.w * win.w;
     } else {
-      w = H = W = y0 = x0 = 0;
       nq = int(p.N); nk = int(p.M);
     }
   }
-  __device__ int local_token(int l) const {
-    const int dy = l / w, dx = l - dy * w, y = y0 + dy, x = x0 + dx;
-    return (y < H && x < W) ? y * W + x : -1;
-  }
-  __device__ int query(int l) const { return l >= nq ? -1 : (windowed ? local_token(l) : l); }
-  __device__ int key(int l) const { return l >= nk ? -1 : (windowed ? local_token(l) : l); }
+  __device__ int query(int l) const { return l >= nq ? -1 : (windowed ? win.token(l) : l); }
+  __device__ int key(int l) const { return l >= nk ? -1 : (windowed ? win.token(l) : l); }
 };
 
 // rows x DP tile of (b, hh, token(r), c) into smem (row stride ld), zeros where masked or c >= d.
@@ -135,6 +129,97 @@ __device__ __forceinline__ T* carve(unsigned char*& at, size_t bytes) {
   return p;
 }
 
+// The warp-level tile products of the attention kernels (forward, importance
+// and backward): tensor cores (WMMA 16x16x16, fp32 accumulation) for fp16/bf16,
+// SIMT for fp32. UNROLL unrolls the loop over 16-column output tiles (1: rolled,
+// fewer registers). Every output element sums its products in the same order
+// whatever UNROLL is.
+
+// C[16][NC] (fp32, ldc) = A[16][DP] * B[NC][DP]^T for one warp; A and B row-major T in smem.
+template <typename T, int DP, int NC, int UNROLL = 1>
+__device__ __forceinline__ void warp_abt(float* C, int ldc, const T* A, int lda, const T* B, int ldb) {
+  using namespace nvcuda;
+  if constexpr (!std::is_same<T, float>::value) {
+#pragma unroll UNROLL
+    for (int nt = 0; nt < NC / 16; ++nt) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+        wmma::load_matrix_sync(fa, A + kk * 16, lda);
+        wmma::load_matrix_sync(fb, B + nt * 16 * ldb + kk * 16, ldb);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(C + nt * 16, acc, ldc, wmma::mem_row_major);
+    }
+  } else {
+    const int lane = threadIdx.x & 31;
+    for (int r = 0; r < 16; ++r) {
+#pragma unroll
+      for (int t = 0; t < NC / 32; ++t) {
+        const int j = lane + 32 * t;
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int c = 0; c < DP; ++c) acc += A[r * lda + c] * B[j * ldb + c];
+        C[r * ldc + j] = acc;
+      }
+    }
+  }
+}
+
+// C[16][DP] (fp32, ldc) += A[16][KC] * B[KC][DP] for one warp; A sits in an fp32
+// buffer with row stride ldf floats, narrowed in place to T for tensor cores
+// (row stride 2 * ldf elements); B row-major T in smem. PARTS = 2 (tensor cores):
+// A is a split_ds_tile tile, C += (hi + lo) B * unscale.
+template <typename T, int DP, int KC, int PARTS = 1, int UNROLL = 1>
+__device__ __forceinline__ void warp_ab_acc(float* C, int ldc, const float* A, int ldf, const T* B, int ldb,
+                                            float unscale = 1.0f) {
+  using namespace nvcuda;
+  if constexpr (!std::is_same<T, float>::value) {
+    const T* At = reinterpret_cast<const T*>(A);
+#pragma unroll UNROLL
+    for (int nt = 0; nt < DP / 16; ++nt) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      if constexpr (PARTS == 1) wmma::load_matrix_sync(acc, C + nt * 16, ldc, wmma::mem_row_major);
+      else wmma::fill_fragment(acc, 0.0f);  // the scaled product, unscaled into C below
+#pragma unroll
+      for (int part = 0; part < PARTS; ++part) {
+#pragma unroll
+        for (int kk = 0; kk < KC / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fa, At + part * KC + kk * 16, 2 * ldf);
+          wmma::load_matrix_sync(fb, B + kk * 16 * ldb + nt * 16, ldb);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+      }
+      if constexpr (PARTS > 1) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;  // same element mapping as acc
+        wmma::load_matrix_sync(cf, C + nt * 16, ldc, wmma::mem_row_major);
+#pragma unroll
+        for (int i = 0; i < cf.num_elements; ++i) cf.x[i] += acc.x[i] * unscale;
+        wmma::store_matrix_sync(C + nt * 16, cf, ldc, wmma::mem_row_major);
+      } else {
+        wmma::store_matrix_sync(C + nt * 16, acc, ldc, wmma::mem_row_major);
+      }
+    }
+  } else {
+    const int lane = threadIdx.x & 31;
+    for (int r = 0; r < 16; ++r) {
+#pragma unroll
+      for (int t = 0; t < DP / 32; ++t) {
+        const int c = lane + 32 * t;
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int j = 0; j < KC; ++j) acc += A[r * ldf + j] * B[j * ldb + c];
+        C[r * ldc + c] += acc;
+      }
+    }
+  }
+}
+
 }  // namespace detail
 
 // Head dim 32 (every SG-Former call): at most 64 registers, so 8 blocks of 4 warps (50%) fit by registers
@@ -184,33 +269,7 @@ __global__ void __launch_bounds__(128, DP == 32 ? 8 : 1) attention_fwd_kernel(At
     __syncthreads();
 
     // S = Q K^T for this warp's 16 rows.
-    if constexpr (TC) {
-#pragma unroll
-      for (int nt = 0; nt < KT / 16; ++nt) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-        for (int kk = 0; kk < DP / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // K rows = columns of K^T
-          wmma::load_matrix_sync(fa, Qs + r0 * LDK + kk * 16, LDK);
-          wmma::load_matrix_sync(fb, KV + nt * 16 * LDK + kk * 16, LDK);
-          wmma::mma_sync(acc, fa, fb, acc);
-        }
-        wmma::store_matrix_sync(S + r0 * LDS + nt * 16, acc, LDS, wmma::mem_row_major);
-      }
-    } else {
-      for (int r = r0; r < r0 + 16; ++r) {
-#pragma unroll
-        for (int t = 0; t < KT / 32; ++t) {
-          const int j = lane + 32 * t;
-          float acc = 0.0f;
-#pragma unroll 8
-          for (int c = 0; c < DP; ++c) acc += Qs[r * LDK + c] * KV[j * LDK + c];
-          S[r * LDS + j] = acc;
-        }
-      }
-    }
+    detail::warp_abt<T, DP, KT, KT / 16>(S + r0 * LDS, LDS, Qs + r0 * LDK, LDK, KV, LDK);
     // Every warp done with K (and its own S rows written): the V tile goes into the same buffer while
     // the softmax below runs (asynchronously with cp.async; it touches S, O, Mrow, Lrow only).
     __syncthreads();
@@ -280,32 +339,8 @@ __global__ void __launch_bounds__(128, DP == 32 ? 8 : 1) attention_fwd_kernel(At
           wmma::store_matrix_sync(O + r0 * LDS + nt * 16, acc[nt], LDS, wmma::mem_row_major);
         continue;  // (the loop has no further key tile)
       }
-#pragma unroll
-      for (int nt = 0; nt < DP / 16; ++nt) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::load_matrix_sync(acc, O + r0 * LDO + nt * 16, LDO, wmma::mem_row_major);
-#pragma unroll
-        for (int kk = 0; kk < KT / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-          wmma::load_matrix_sync(fa, P + kk * 16, 2 * LDS);
-          wmma::load_matrix_sync(fb, KV + kk * 16 * LDK + nt * 16, LDK);
-          wmma::mma_sync(acc, fa, fb, acc);
-        }
-        wmma::store_matrix_sync(O + r0 * LDO + nt * 16, acc, LDO, wmma::mem_row_major);
-      }
-    } else {
-      for (int r = r0; r < r0 + 16; ++r) {
-#pragma unroll
-        for (int t = 0; t < DP / 32; ++t) {
-          const int c = lane + 32 * t;
-          float acc = 0.0f;
-#pragma unroll 8
-          for (int j = 0; j < KT; ++j) acc += S[r * LDS + j] * KV[j * LDK + c];
-          O[r * LDO + c] += acc;
-        }
-      }
     }
+    detail::warp_ab_acc<T, DP, KT, 1, DP / 16>(O + r0 * LDO, LDO, S + r0 * LDS, LDS, KV, LDK);
   }
   detail::load_wait();  // nothing pending (no key tile: the Q tile)
   __syncwarp();
@@ -325,7 +360,6 @@ __global__ void __launch_bounds__(128, DP == 32 ? 8 : 1) attention_fwd_kernel(At
 // this split's queries of exp(s - lse), for the 64 keys of one key tile.
 template <typename T, int DP>
 __global__ void __launch_bounds__(128, 1) attention_imp_kernel(AttnParams p, AttnPlan plan, float* partial) {
-  using namespace nvcuda;
   constexpr bool TC = !std::is_same<T, float>::value;
   constexpr int LDK = DP + (TC ? 8 : 1);
   constexpr int KT = kKeyTile, QC = kQueryChunk, LDS = QC + 4;
@@ -368,33 +402,7 @@ __global__ void __launch_bounds__(128, 1) attention_imp_kernel(AttnParams p, Att
     detail::load_wait();  // this Q chunk (and, first time round, the K tile)
     __syncthreads();
     // St rows [k0w, k0w + 16) = K Q^T for this warp's 16 keys.
-    if constexpr (TC) {
-#pragma unroll 1
-      for (int nt = 0; nt < QC / 16; ++nt) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-        for (int kk = 0; kk < DP / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-          wmma::load_matrix_sync(fa, Ks + k0w * LDK + kk * 16, LDK);
-          wmma::load_matrix_sync(fb, Qs + nt * 16 * LDK + kk * 16, LDK);
-          wmma::mma_sync(acc, fa, fb, acc);
-        }
-        wmma::store_matrix_sync(St + k0w * LDS + nt * 16, acc, LDS, wmma::mem_row_major);
-      }
-    } else {
-      for (int j = k0w; j < k0w + 16; ++j) {
-#pragma unroll
-        for (int t = 0; t < QC / 32; ++t) {
-          const int r = lane + 32 * t;
-          float acc = 0.0f;
-#pragma unroll 8
-          for (int c = 0; c < DP; ++c) acc += Ks[j * LDK + c] * Qs[r * LDK + c];
-          St[j * LDS + r] = acc;
-        }
-      }
-    }
+    detail::warp_abt<T, DP, QC>(St + k0w * LDS, LDS, Ks + k0w * LDK, LDK, Qs, LDK);
     __syncwarp();
     // Column sums in a fixed order: lanes over queries, a warp tree, then chunk by chunk.
     for (int j = k0w; j < k0w + 16; ++j) {

@@ -1,5 +1,5 @@
-// Token reallocation (SPEC 2b steps 2-4) on the GPU: gather importance-sorted
-// tokens and merge each group of r_p into one weighted sum. One kernel covers
+// Token reallocation on the GPU: gather importance-sorted tokens and merge each
+// group of r_p consecutive ones into one weighted sum (plus the part's bias). One kernel covers
 // all parts (the plan maps an output row to its part) and all orderings (the
 // G dimension of the index). fp32 accumulation, 16-byte vector loads along C.
 // Deterministic: no atomics, every reduction in a fixed order.
@@ -9,7 +9,7 @@
 // permutation (backward: some token is never reached) stops the kernel with a
 // device-side assertion ("sgattn: ..."), never an out-of-bounds access.
 #pragma once
-#include "sgattn_cuda_structs.h"
+#include "cuda_plan.h"
 #include "sgattn_cuda_types.cuh"
 
 namespace sgattn {
@@ -97,9 +97,10 @@ __global__ void __launch_bounds__(32 * kTokWarps) realloc_bwd_dx_kernel(ReallocA
   auto locate = [&](int64_t g, int64_t& pos, const T*& grow, float& wj) {
     pos = inv[(g * a.B + b) * a.N + n];
     const int p = pl.part_of_pos(pos);
-    const int64_t off = pos - pl.start[p], q = off / pl.r[p];
-    wj = to_f(w[pl.woff[p] + (off - q * pl.r[p])]);
-    grow = grad + ((g * a.B + b) * M + pl.out[p] + q) * a.C;
+    int64_t m, j;
+    pl.slot(pos, p, m, j);
+    wj = to_f(w[pl.woff[p] + j]);
+    grow = grad + ((g * a.B + b) * M + m) * a.C;
   };
   for (int64_t c = int64_t(lane) * VEC; c < a.C; c += 32 * VEC) {
     float acc[VEC] = {};
@@ -160,7 +161,7 @@ __global__ void realloc_bwd_reduce_kernel(ReallocArgs a, const float* dots, cons
   if (e < R) {
     int p = 0;
     while (p + 1 < pl.P && e >= pl.woff[p + 1]) ++p;
-    const int64_t jj = e - pl.woff[p], groups = (pl.len[p] + pl.r[p] - 1) / pl.r[p];
+    const int64_t jj = e - pl.woff[p], groups = pl.groups(p);
     const int64_t first = pl.start[p] + jj, end = pl.start[p] + pl.len[p];
     for (int64_t gb = 0; gb < GB; ++gb) {
       const float* d = dots + gb * a.N;
@@ -173,7 +174,7 @@ __global__ void realloc_bwd_reduce_kernel(ReallocArgs a, const float* dots, cons
     if (threadIdx.x == 0) dw[e] = from_f<T>(static_cast<float>(s));
   } else {
     const int p = e - R;
-    const int64_t rows = (pl.len[p] + pl.r[p] - 1) / pl.r[p];
+    const int64_t rows = pl.groups(p);
     for (int64_t gb = 0; gb < GB; ++gb) {
       const float* rs = rowsums + gb * pl.M + pl.out[p];
       for (int64_t m = threadIdx.x; m < rows; m += blockDim.x) s += rs[m];

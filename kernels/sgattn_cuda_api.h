@@ -1,4 +1,4 @@
-// Host API of the CUDA kernels (kernels/sgattn_kernels.cu): plain pointers,
+// Host API of the CUDA kernels (kernels/cuda_launch.cu): plain pointers,
 // strides and sizes, no framework types. The torch bindings (csrc/cuda_ops.cpp)
 // call only these functions, so they compile without nvcc.
 #pragma once
@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "sgattn_cuda_structs.h"
+#include "cuda_plan.h"
 
 namespace sgattn {
 

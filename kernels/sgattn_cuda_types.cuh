@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "sgattn_common.h"
+#include "sgformer_geometry.h"
 
 namespace sgattn {
 

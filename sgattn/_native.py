@@ -1,8 +1,9 @@
-"""Python side of sgattn's native ops (``torch.ops.sgattn.*``, see ``_ops_names``).
+"""Python side of sgattn's native ops (``torch.ops.sgattn.*``, see ``_schemas``).
 
-Loads the extensions built by setup.py (``sgattn._C`` defines the schemas and
-the CPU kernels, ``sgattn._C_cuda`` adds CUDA kernels), registers fake (meta)
-kernels for ``torch.compile`` and the autograd formulas.
+Defines the ops' schemas (once, for every dispatch key), loads the extensions
+built by setup.py (``sgattn._C`` implements the ops for CPU, ``sgattn._C_cuda``
+for CUDA; either loads without the other), registers fake (meta) kernels for
+``torch.compile`` and the autograd formulas.
 
 Attention backward (op ``attention_bwd``): the forward saves q, k, v, its
 output and the fp32 row log-sum-exp; the backward recomputes the scores one
@@ -10,7 +11,7 @@ query block at a time (whole key rows, never the full N x M matrix; window
 mode per window), takes P = exp(s - lse) in one pass and applies the standard
 softmax-attention gradient, with no rerun of the forward. D = rowsum(dO * O)
 comes from the saved output on CUDA (C++: csrc/cuda_ops.cpp, kernels/);
-the CPU kernels (csrc/cpu_ops.cpp, kernels/cpu/) hold whole score rows and
+the CPU kernels (kernels/cpu/, bound in csrc/cpu_ops.cpp) hold whole score rows and
 take D = rowsum(P * dP), which cancels exactly where the reference's does.
 
 Layout contract: every native op (attention_fwd, attention_bwd, aggregate_fwd,
@@ -26,21 +27,32 @@ import importlib
 import torch
 
 from . import reference
-from ._ops_names import NAMESPACE, SCHEMAS, qualified
+from ._schemas import NAMESPACE, SCHEMAS, qualified
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the source tree "
               "(needs torch and a C++ compiler at install time; see setup.py)")
 
 _loaded: dict[str, str | None] = {}
 _python_side_registered = False
+_library: torch.library.Library | None = None  # holds the schema definitions (kept alive)
+
+
+def _define_schemas():
+    """Defines the ops once; each extension adds its dispatch key's kernels
+    (in any order: the dispatcher keeps kernels registered before the schema)."""
+    global _library
+    if _library is None:
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        for schema in SCHEMAS.values():
+            lib.define(schema)
+        _library = lib
 
 
 def load_extension(module: str) -> str | None:
     """Import a native extension once; None on success, else why it is missing."""
     if module not in _loaded:
         try:
-            if module != "sgattn._C":
-                importlib.import_module("sgattn._C")  # defines the schemas the CUDA kernels implement
+            _define_schemas()
             importlib.import_module(module)
             _register_python_side()
             _loaded[module] = None
@@ -52,10 +64,11 @@ def load_extension(module: str) -> str | None:
 
 
 def op(name: str):
-    """The registered op ``sgattn::name``; loads the CPU extension (which defines it) on first use."""
+    """The registered op ``sgattn::name``; loads the CPU extension (or, in a build
+    without it, the CUDA one) on first use."""
     assert name in SCHEMAS, name
     why = load_extension("sgattn._C")
-    if why is not None:
+    if why is not None and load_extension("sgattn._C_cuda") is not None:
         raise RuntimeError(why)
     return getattr(getattr(torch.ops, NAMESPACE), name)
 

@@ -297,7 +297,7 @@ TARGETS = ("public", "cpu", "triton", "cuda")
 
 
 def test_every_row_names_a_registered_op():
-    from sgattn._ops_names import SCHEMAS
+    from sgattn._schemas import SCHEMAS
     assert {c.op for c in CASES} == set(SCHEMAS)
     assert len({(c.op, c.what) for c in CASES}) == len(CASES)
 

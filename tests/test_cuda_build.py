@@ -12,7 +12,7 @@ import torch
 
 import sgattn
 from sgattn import reference
-from sgattn._ops_names import SCHEMAS, qualified
+from sgattn._schemas import SCHEMAS, qualified
 from sgattn.backends import get_backend
 from tolerance import assert_close_to_reference
 
@@ -37,6 +37,38 @@ def test_every_op_has_cpu_and_cuda_kernels():
     for name in SCHEMAS:
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified(name), key), (name, key)
+
+
+# Loads one extension's shared library by path (not through the sgattn package,
+# whose import may load the other), then defines the schemas as sgattn._native
+# does: the extension's kernels are there for its own dispatch key only.
+_LOAD_ALONE = """
+import importlib.machinery, importlib.util, runpy, sys, torch
+name, path, schemas_py, key, other = sys.argv[1:]
+loader = importlib.machinery.ExtensionFileLoader(f"sgattn.{name}", path)
+loader.exec_module(importlib.util.module_from_spec(importlib.util.spec_from_loader(f"sgattn.{name}", loader)))
+assert "sgattn" not in sys.modules
+lib = torch.library.Library("sgattn", "FRAGMENT")
+schemas = runpy.run_path(schemas_py)["SCHEMAS"]
+for schema in schemas.values():
+    lib.define(schema)
+has = lambda op, k: torch._C._dispatch_has_kernel_for_dispatch_key(f"sgattn::{op}", k)
+print([(op, has(op, key), has(op, other)) for op in schemas])
+assert all(has(op, key) and not has(op, other) for op in schemas)
+"""
+
+
+@built
+@pytest.mark.parametrize("name, key, other", [("_C_cuda", "CUDA", "CPU"), ("_C", "CPU", "CUDA")])
+def test_each_extension_loads_alone(name, key, other):
+    import importlib
+    import subprocess
+    import sys
+    from sgattn import _schemas
+    path = importlib.import_module(f"sgattn.{name}").__file__
+    res = subprocess.run([sys.executable, "-c", _LOAD_ALONE, name, path, _schemas.__file__, key, other],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 @built

@@ -4,10 +4,11 @@
 #  1. compiles kernels/ standalone for sm_80 and sm_90 with `nvcc -Xptxas -v` and
 #     fails if any kernel spills registers (or uses a stack frame), or if a
 #     kernel's static + dynamic shared memory, for any configuration the planner
-#     (kernels/sgattn_cuda_structs.h, compiled here with the host compiler)
+#     (kernels/cuda_plan.h, compiled here with the host compiler)
 #     accepts, exceeds the opt-in limit of sm_80 (163 KiB) / sm_90 (227 KiB);
-#  2. imports both extensions and checks every op of sgattn/_ops_names.py has a
+#  2. imports both extensions and checks every op of sgattn/_schemas.py has a
 #     CPU and a CUDA kernel registered (the CUDA one cannot run without a GPU);
+#     tests/test_cuda_build.py checks that each loads alone;
 #  3. runs the native-backend tests with the extensions required (skipped with
 #     --no-tests when the main pytest run sets SGATTN_REQUIRE_NATIVE=1 and
 #     SGATTN_REQUIRE_CUDA_BUILD=1 itself).
@@ -26,7 +27,7 @@ start=$SECONDS
 pids=()
 for arch in 80 90; do
   "$NVCC" -std=c++17 -O3 -I kernels -gencode=arch=compute_${arch},code=sm_${arch} -Xptxas -v \
-    -c kernels/sgattn_kernels.cu -o "$OUT/k${arch}.o" > "$OUT/ptxas_${arch}.log" 2>&1 &
+    -c kernels/cuda_launch.cu -o "$OUT/k${arch}.o" > "$OUT/ptxas_${arch}.log" 2>&1 &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || { cat "$OUT"/ptxas_*.log; echo "FAIL: nvcc failed"; exit 1; }; done
@@ -35,7 +36,7 @@ cat > "$OUT/plan.cpp" <<'CPPEOF'
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include "sgattn_cuda_structs.h"
+#include "cuda_plan.h"
 int main(int argc, char** argv) {
   if (argc != 5) return 2;
   sgattn::DType t = !strcmp(argv[1], "float32") ? sgattn::DType::F32
@@ -158,9 +159,10 @@ echo "== 2. extensions import, every op has CPU and CUDA kernels"
 "$PY" - <<'PYEOF'
 import torch
 from sgattn import _native
-from sgattn._ops_names import SCHEMAS, qualified
-why = _native.load_extension("sgattn._C_cuda")  # loads sgattn._C first; None when both import
-assert why is None, why
+from sgattn._schemas import SCHEMAS, qualified
+for module in ("sgattn._C_cuda", "sgattn._C"):  # either order: each implements only its own key
+    why = _native.load_extension(module)
+    assert why is None, why
 missing = [(n, k) for n in SCHEMAS for k in ("CPU", "CUDA")
            if not torch._C._dispatch_has_kernel_for_dispatch_key(qualified(n), k)]
 assert not missing, f"ops without kernels: {missing}"

@@ -1,6 +1,6 @@
-// Framework-free CPU attention kernels (no torch headers): fp32 tiles given
-// by pointers, leading dimensions and sizes. csrc/cpu_ops.cpp converts and
-// validates tensors, owns the scratch and the parallel partition, and calls
+// Framework-free CPU attention tile kernels (no torch headers): fp32 tiles
+// given by pointers, leading dimensions and sizes. The drivers in
+// attention_driver.h own the scratch and the parallel partition and call
 // these. GEMMs go to the machine's BLAS (sgemm_) when the process has one.
 #pragma once
 
@@ -69,7 +69,7 @@ inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 // C[m x n] = alpha * op(A)[m x k] . op(B)[k x n] + beta * C (C is overwritten when beta == 0).
 // The machine's BLAS (sgemm_, exported by libtorch_cpu: MKL on x86 wheels, as
 // PyTorch's own CPU flash attention uses through cpublas) when the process has
-// it; a plain loop otherwise. Every call runs inside this file's parallel
+// it; a plain loop otherwise. Every call runs inside the drivers' parallel
 // regions (or with one thread), where the BLAS runs sequentially, on operands
 // whose sizes and alignment depend on the shapes only: results do not depend
 // on the thread count.
@@ -281,26 +281,5 @@ inline void tile_backward_blas(int64_t nq, int64_t nk, int64_t nkp, int64_t d, i
   gemm_rm(true, false, nk, d, nq, 1.0f, dP, nkp, Qs, dp, kv_beta, dK, dp);  // Qs carries the scale
   gemm_rm(true, false, nk, dv, nq, 1.0f, P, nkp, dO, dvp, kv_beta, dV, dvp);
 }
-
-// Non-overlapping w x w windows on the H x W grid (SPEC 2a), the same windows
-// as sgattn::WindowGeom, with the side clamped to max(H, W): a larger window
-// covers the whole grid in each direction exactly as the clamped one does, so
-// scratch is bounded by the grid and no size overflows. Tokens of a window
-// are listed row-major, padding skipped.
-struct Windows {
-  int64_t H, W, w, nwx, nwy;
-  Windows(int64_t H_, int64_t W_, int64_t window)
-      : H(H_), W(W_), w(std::min(window, std::max(H_, W_))), nwx((W_ + w - 1) / w), nwy((H_ + w - 1) / w) {}
-  int64_t count() const { return nwx * nwy; }
-  int64_t max_tokens() const { return std::min(w, H) * std::min(w, W); }
-  int64_t tokens(int64_t win, int64_t* tok) const {
-    const int64_t y0 = (win / nwx) * w, x0 = (win % nwx) * w;
-    const int64_t y1 = std::min(y0 + w, H), x1 = std::min(x0 + w, W);
-    int64_t n = 0;
-    for (int64_t y = y0; y < y1; ++y)
-      for (int64_t x = x0; x < x1; ++x) tok[n++] = y * W + x;
-    return n;
-  }
-};
 
 }  // namespace sgattn::cpu

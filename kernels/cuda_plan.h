@@ -5,7 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "sgattn_common.h"
+#include "sgformer_geometry.h"
 
 namespace sgattn {
 
