@@ -59,7 +59,6 @@ struct WindowGeom {
     const I wy = win / nwx;
     return {wy * w, (win - wy * nwx) * w, w, H, W};
   }
-  SGATTN_HD I token(I win, I l) const { return window(win).token(l); }
   // Window holding token tok.
   SGATTN_HD I window_of(I tok) const { return (tok / W / w) * nwx + (tok % W) / w; }
   SGATTN_HD I real_count(I win) const { return window(win).real_count(); }

@@ -100,119 +100,120 @@ constexpr int64_t kRB = 32;  // global backward: key rows per item of the partia
 // M = 2048 keys with d = dv = 32; M = 8192 with d = dv = 64 gets 8 chunks in all.
 constexpr int64_t kMaxBwdPartials = int64_t(32) << 20;
 
-// Forward: o [B, h, N, dv] and l (the row log-sum-exp) [B, h, N], both
-// contiguous; imp [B, M] (global) or [B, N] (window), or null when the
-// importance is not needed.
+// o, l rows tok[i] (or first + i) of (b, hh) from the tile's O [nq][dvp] and L [nq].
 template <typename T>
-void attention_forward(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V, T* o, float* l,
-                       float* imp) {
-  const int64_t B = a.B, h = a.h, N = a.N, d = a.d, M = a.M, dv = a.dv, dvp = pad16(dv), H = a.H, W = a.W;
+void store_rows(const AttnCall& a, T* o, float* l, int64_t b, int64_t hh, const int64_t* tok, int64_t first,
+                int64_t nq, const float* O, const float* L) {
+  put_rows(o + (b * a.h + hh) * a.N * a.dv, O, pad16(a.dv), tok, first, nq, a.dv);
+  float* lrow = l + (b * a.h + hh) * a.N;
+  for (int64_t i = 0; i < nq; ++i) lrow[tok ? tok[i] : first + i] = L[i];
+}
+
+// Global forward (every query sees all M keys).
+template <typename T>
+void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V, T* o, float* l,
+                    float* imp) {
+  const int64_t B = a.B, h = a.h, N = a.N, d = a.d, M = a.M, dv = a.dv, dvp = pad16(dv);
   const float scale = a.scale;
   const bool need_imp = imp != nullptr;
-  int64_t window = a.window;
-  auto store = [&](int64_t b, int64_t hh, const int64_t* tok, int64_t first, int64_t nq, const float* O,
-                   const float* L) {
-    put_rows(o + (b * h + hh) * N * dv, O, dvp, tok, first, nq, dv);
-    float* lrow = l + (b * h + hh) * N;
-    for (int64_t i = 0; i < nq; ++i) lrow[tok ? tok[i] : first + i] = L[i];
-  };
-
-  // A window covering the whole grid is one window over all tokens in order:
-  // exactly global attention, computed by the global path (same bits).
-  if (window > 0 && WindowGeom<>::clamped(H, W, window).num_windows() == 1) window = 0;
-  if (window == 0) {
-    // Work items (b, chunk of query blocks); the heads loop inside, so an item
-    // owns its importance partial and gathers each head's keys once.
-    // Query blocks: S tiles of about 16K floats (L2-resident), 64 to 256 rows;
-    // smaller when B*N is small, so that every thread gets work.
-    const int64_t Mp = pad16(M);
-    int64_t QB = 64;
-    while (QB < 256 && 2 * QB * Mp <= 16384) QB *= 2;
-    QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
-    const int64_t nqb = (N + QB - 1) / QB;
-    const int64_t per_b = std::min(nqb, (kChunks + B - 1) / B), ntask = B * per_b;
-    // fp32 K, V with unit-stride rows feed the GEMMs in place (blas_rows); an
-    // fp32 output is written in place too.
-    const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv),
-               dirO = std::is_same_v<T, float> && dv <= std::numeric_limits<int>::max();
-    Scratch sc;
-    const int64_t hK = sc.reserve<float>(Mp, d), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(QB, d),
-                  hS = sc.reserve<float>(QB, Mp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
-                  hC = sc.reserve<float>(Mp, 1), hR = sc.reserve<float>(QB, 1);
-    if (sc.too_big())
-      too_large("M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
-                kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
-    Buffer partial_t = need_imp ? shared_buffer<double>(ntask, M, "the importance partials") : Buffer();
-    double* partial = need_imp ? partial_t.as<double>() : nullptr;
-    const int nt = sc.allocate();
+  // Work items (b, chunk of query blocks); the heads loop inside, so an item
+  // owns its importance partial and gathers each head's keys once.
+  // Query blocks: S tiles of about 16K floats (L2-resident), 64 to 256 rows;
+  // smaller when B*N is small, so that every thread gets work.
+  const int64_t Mp = pad16(M);
+  int64_t QB = 64;
+  while (QB < 256 && 2 * QB * Mp <= 16384) QB *= 2;
+  QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
+  const int64_t nqb = (N + QB - 1) / QB;
+  const int64_t per_b = std::min(nqb, (kChunks + B - 1) / B), ntask = B * per_b;
+  // fp32 K, V with unit-stride rows feed the GEMMs in place (blas_rows); an
+  // fp32 output is written in place too.
+  const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv),
+             dirO = std::is_same_v<T, float> && dv <= std::numeric_limits<int>::max();
+  Scratch sc;
+  const int64_t hK = sc.reserve<float>(Mp, d), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(QB, d),
+                hS = sc.reserve<float>(QB, Mp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
+                hC = sc.reserve<float>(Mp, 1), hR = sc.reserve<float>(QB, 1);
+  if (sc.too_big())
+    too_large("M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
+              kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
+  Buffer partial_t = need_imp ? shared_buffer<double>(ntask, M, "the importance partials") : Buffer();
+  double* partial = need_imp ? partial_t.as<double>() : nullptr;
+  const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
-    {
-      float *Kr = sc.get<float>(hK), *Vf = sc.get<float>(hV), *Qs = sc.get<float>(hQ), *S = sc.get<float>(hS),
-            *O = sc.get<float>(hO), *L = sc.get<float>(hL), *cs = sc.get<float>(hC), *Ri = sc.get<float>(hR);
+  {
+    float *Kr = sc.get<float>(hK), *Vf = sc.get<float>(hV), *Qs = sc.get<float>(hQ), *S = sc.get<float>(hS),
+          *O = sc.get<float>(hO), *L = sc.get<float>(hL), *cs = sc.get<float>(hC), *Ri = sc.get<float>(hR);
 #pragma omp for schedule(static)
-      for (int64_t task = 0; task < ntask; ++task) {
-        const int64_t b = task / per_b, c = task % per_b;
-        const int64_t blk0 = c * nqb / per_b, blk1 = (c + 1) * nqb / per_b;
-        double* acc = need_imp ? partial + task * M : nullptr;
-        for (int64_t hh = 0; hh < h; ++hh) {
-          const Rows kr = blas_rows(K, dirK, b, hh, M, d, Kr, d), vr = blas_rows(V, dirV, b, hh, M, dv, Vf, dvp);
-          for (int64_t blk = blk0; blk < blk1; ++blk) {
-            const int64_t i0 = blk * QB, nq = std::min(QB, N - i0);
-            gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, d, false);
-            if (acc) std::fill(cs, cs + Mp, 0.0f);
-            // S = Qs K^T, softmax rows (and their column sums), O = P V.
-            gemm_rm(false, true, nq, M, d, 1.0f, Qs, d, kr.p, kr.ld, 0.0f, S, Mp);
-            // The rows stay unnormalised and O's rows are scaled instead (the
-            // nq x M tile is not written a third time).
-            softmax_rows(S, nq, M, Mp, L, acc ? cs : nullptr, Ri);
-            auto normalise = [&](float* rows, int64_t ld) {
-              for (int64_t i = 0; i < nq; ++i)
-                for (int64_t e = 0; e < dv; ++e) rows[i * ld + e] *= Ri[i];
-            };
-            if (dirO) {  // fp32 output: written in place, rows i0.. of (b, hh)
-              float* orow = reinterpret_cast<float*>(o) + ((b * h + hh) * N + i0) * dv;
-              gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vr.p, vr.ld, 0.0f, orow, dv);
-              normalise(orow, dv);
-              float* lrow = l + (b * h + hh) * N + i0;
-              std::copy(L, L + nq, lrow);
-            } else {
-              gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vr.p, vr.ld, 0.0f, O, dvp);
-              normalise(O, dvp);
-              store(b, hh, nullptr, i0, nq, O, L);
-            }
-            if (acc) {  // a tile's fp32 column sums, accumulated in double in a fixed order
-              for (int64_t j = 0; j < M; ++j) acc[j] += cs[j];
-            }
+    for (int64_t task = 0; task < ntask; ++task) {
+      const int64_t b = task / per_b, c = task % per_b;
+      const int64_t blk0 = c * nqb / per_b, blk1 = (c + 1) * nqb / per_b;
+      double* acc = need_imp ? partial + task * M : nullptr;
+      for (int64_t hh = 0; hh < h; ++hh) {
+        const Rows kr = blas_rows(K, dirK, b, hh, M, d, Kr, d), vr = blas_rows(V, dirV, b, hh, M, dv, Vf, dvp);
+        for (int64_t blk = blk0; blk < blk1; ++blk) {
+          const int64_t i0 = blk * QB, nq = std::min(QB, N - i0);
+          gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, d, false);
+          if (acc) std::fill(cs, cs + Mp, 0.0f);
+          // S = Qs K^T, softmax rows (and their column sums), O = P V.
+          gemm_rm(false, true, nq, M, d, 1.0f, Qs, d, kr.p, kr.ld, 0.0f, S, Mp);
+          // The rows stay unnormalised and O's rows are scaled instead (the
+          // nq x M tile is not written a third time).
+          softmax_rows(S, nq, M, Mp, L, acc ? cs : nullptr, Ri);
+          auto normalise = [&](float* rows, int64_t ld) {
+            for (int64_t i = 0; i < nq; ++i)
+              for (int64_t e = 0; e < dv; ++e) rows[i * ld + e] *= Ri[i];
+          };
+          if (dirO) {  // fp32 output: written in place, rows i0.. of (b, hh)
+            float* orow = reinterpret_cast<float*>(o) + ((b * h + hh) * N + i0) * dv;
+            gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vr.p, vr.ld, 0.0f, orow, dv);
+            normalise(orow, dv);
+            float* lrow = l + (b * h + hh) * N + i0;
+            std::copy(L, L + nq, lrow);
+          } else {
+            gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vr.p, vr.ld, 0.0f, O, dvp);
+            normalise(O, dvp);
+            store_rows(a, o, l, b, hh, nullptr, i0, nq, O, L);
+          }
+          if (acc) {  // a tile's fp32 column sums, accumulated in double in a fixed order
+            for (int64_t j = 0; j < M; ++j) acc[j] += cs[j];
           }
         }
       }
     }
-    if (need_imp) {
-      float* dst = imp;
-      const double inv = 1.0 / (static_cast<double>(h) * static_cast<double>(N));
-      // Each element sums its partials in the same order whoever runs it; small
-      // reductions skip the extra parallel region (a barrier on a loaded machine).
-#pragma omp parallel for schedule(static) num_threads(nt) if (B * M * per_b > (int64_t(1) << 16))
-      for (int64_t bj = 0; bj < B * M; ++bj) {
-        const int64_t b = bj / M, j = bj % M;
-        double s = 0;
-        for (int64_t c = 0; c < per_b; ++c) s += partial[(b * per_b + c) * M + j];
-        dst[bj] = static_cast<float>(s * inv);
-      }
-    }
-    return;
   }
+  if (need_imp) {
+    float* dst = imp;
+    const double inv = 1.0 / (static_cast<double>(h) * static_cast<double>(N));
+    // Each element sums its partials in the same order whoever runs it; small
+    // reductions skip the extra parallel region (a barrier on a loaded machine).
+#pragma omp parallel for schedule(static) num_threads(nt) if (B * M * per_b > (int64_t(1) << 16))
+    for (int64_t bj = 0; bj < B * M; ++bj) {
+      const int64_t b = bj / M, j = bj % M;
+      double s = 0;
+      for (int64_t c = 0; c < per_b; ++c) s += partial[(b * per_b + c) * M + j];
+      dst[bj] = static_cast<float>(s * inv);
+    }
+  }
+}
 
+// Window forward (more than one window).
+template <typename T>
+void forward_window(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V, T* o, float* l,
+                    float* imp) {
+  const int64_t B = a.B, h = a.h, N = a.N, d = a.d, dv = a.dv, dvp = pad16(dv);
+  const float scale = a.scale;
+  const bool need_imp = imp != nullptr;
   // Window mode: work items (b, window); only the real tokens of a window take
   // part, which is exactly the reference's masking of padded queries and keys.
-  const auto geo = WindowGeom<>::clamped(H, W, window);
+  const auto geo = WindowGeom<>::clamped(a.H, a.W, a.window);
   const int64_t nW = geo.num_windows(), Lmax = geo.max_real(), Lp = pad16(Lmax), QB = std::min(kQB, Lmax);
   Scratch sc;
   const int64_t hKt = sc.reserve<float>(d, Lp), hV = sc.reserve<float>(Lp, dvp), hQ = sc.reserve<float>(QB, d),
                 hS = sc.reserve<float>(QB, Lp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
                 hC = sc.reserve<float>(Lp, 1), hA = sc.reserve<double>(Lmax, 1), hT = sc.reserve<int64_t>(Lmax, 1);
   if (sc.too_big())
-      too_large("windows of ", Lmax, " tokens with d=", d, ", dv=", dv, " need more than ",
+    too_large("windows of ", Lmax, " tokens with d=", d, ", dv=", dv, " need more than ",
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
   float* dst = imp;
   const int nt = sc.allocate();
@@ -237,7 +238,7 @@ void attention_forward(const AttnCall& a, const View4<T>& Q, const View4<T>& K, 
           gather_rows(Q, b, hh, tok + i0, 0, nq, d, scale, Qs, d, false);
           if (need_imp) std::fill(cs, cs + np, 0.0f);
           tile_forward(Qs, d, nq, d, Kt, Vf, n, np, dvp, S, O, L, need_imp ? cs : nullptr);
-          store(b, hh, tok + i0, 0, nq, O, L);
+          store_rows(a, o, l, b, hh, tok + i0, 0, nq, O, L);
           if (need_imp) {
             for (int64_t j = 0; j < n; ++j) acc[j] += cs[j];
           }
@@ -251,131 +252,142 @@ void attention_forward(const AttnCall& a, const View4<T>& Q, const View4<T>& K, 
   }
 }
 
-
-// Backward from the forward's lse (lsep, contiguous [B, h, N]) into the
-// contiguous dq, dk, dv (dqp, dkp, dvp_): each tile's scores are recomputed (never
-// the N x M matrix) and P = exp(s - lse) taken in one pass (see
-// tile_backward for D). Global mode: work items (b, h, chunk of query
-// blocks), the chunks' dK, dV partials reduced in a fixed order (see below);
-// window mode: items (b, window) own the window's keys. Deterministic and
-// independent of the thread count.
+// Forward: o [B, h, N, dv] and l (the row log-sum-exp) [B, h, N], both
+// contiguous; imp [B, M] (global) or [B, N] (window), or null when the
+// importance is not needed. A window covering the whole grid is one window
+// over all tokens in order: exactly global attention, computed by the global
+// path (same bits).
 template <typename T>
-void attention_backward(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V,
-                        const View4<T>& dO, const float* lsep, T* dqp, T* dkp, T* dvp_) {
-  const int64_t B = a.B, h = a.h, N = a.N, d = a.d, M = a.M, dv = a.dv, dp = pad16(d), dvp = pad16(dv), H = a.H,
-                W = a.W;
+void attention_forward(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V, T* o, float* l,
+                       float* imp) {
+  if (a.window > 0 && WindowGeom<>::clamped(a.H, a.W, a.window).num_windows() > 1)
+    forward_window(a, Q, K, V, o, l, imp);
+  else
+    forward_global(a, Q, K, V, o, l, imp);
+}
+
+// The forward's lse of n query rows of (b, hh), rows tok[i] (or first + i), into L.
+inline void gather_lse(const AttnCall& a, const float* lse, int64_t b, int64_t hh, const int64_t* tok, int64_t first,
+                       int64_t n, float* L) {
+  for (int64_t i = 0; i < n; ++i) L[i] = lse[(b * a.h + hh) * a.N + (tok ? tok[i] : first + i)];
+}
+
+// Global backward.
+template <typename T>
+void backward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V,
+                     const View4<T>& dO, const float* lsep, T* dqp, T* dkp, T* dvp_) {
+  const int64_t B = a.B, h = a.h, N = a.N, d = a.d, M = a.M, dv = a.dv, dp = pad16(d), dvp = pad16(dv);
   const float scale = a.scale;
-  int64_t window = a.window;
-  // The forward's lse of n query rows of (b, hh), rows tok[i] (or first + i), into L.
-  auto gather_lse = [&](int64_t b, int64_t hh, const int64_t* tok, int64_t first, int64_t n, float* L) {
-    for (int64_t i = 0; i < n; ++i) L[i] = lsep[(b * h + hh) * N + (tok ? tok[i] : first + i)];
-  };
-  if (window > 0 && WindowGeom<>::clamped(H, W, window).num_windows() == 1) window = 0;  // one window: global attention
-  if (window == 0) {
-    // Global mode: work items (b, h, c), c one of per_bh chunks of consecutive
-    // query blocks; five BLAS GEMMs per block (see tile_backward_blas). An item
-    // writes the dQ rows of its own blocks (exclusive). With one chunk per head
-    // it owns the head's dK, dV and writes them; with more, each item
-    // accumulates dK, dV over its blocks into its own fp32 partial slice, and
-    // the slices are summed in the fixed order c = 0..per_bh-1 afterwards.
-    // fp32 partials: each is a sum over a chunk's blocks exactly as the
-    // one-chunk path accumulates all of a head's blocks (BLAS, beta = 1), and
-    // summing per_bh of them is no less accurate than that sequential sum.
-    const int64_t Mp = pad16(M), BH = B * h, target = (kChunks + BH - 1) / BH;
-    // Query block: 64 rows, up to 256 while the P and dP tiles stay within
-    // kBwdTileFloats each (64 KiB, L2-resident) and the head keeps at least
-    // `target` blocks: with few keys, fewer and larger GEMMs amortise the
-    // BLAS's per-call cost (M = 49, N = 3136: 13 blocks, 65 GEMMs per head
-    // instead of 49 and 245; ~25% less backward time on one thread).
-    int64_t QB = kQB;
-    while (QB < 256 && Mp <= kBwdTileFloats / (2 * QB) && (N + 2 * QB - 1) / (2 * QB) >= target) QB *= 2;
-    const int64_t nq_max = std::min(QB, N), nqb = (N + nq_max - 1) / nq_max;
-    const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv);
-    Scratch sc;
-    const int64_t hQs = sc.reserve<float>(nq_max, dp), hKr = sc.reserve<float>(Mp, dp),
-                  hVr = sc.reserve<float>(Mp, dvp), hdO = sc.reserve<float>(nq_max, dvp),
-                  hP = sc.reserve<float>(nq_max, Mp), hdP = sc.reserve<float>(nq_max, Mp),
-                  hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(Mp, dp),
-                  hdV = sc.reserve<float>(Mp, dvp), hAcc = sc.reserve<float>(kRB, dp + dvp),
-                  hL = sc.reserve<float>(nq_max, 1);
-    if (sc.too_big())
-      too_large(M, " keys per row with d=", d, ", dv=", dv, " need more than ",
-                kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
-    // Partials: per_bh slices of Mp * (dp + dvp) floats per head, at most
-    // kMaxBwdPartials bytes in all (fewer chunks per head beyond that).
-    const int64_t slice = Mp * (dp + dvp);  // no overflow: the scratch (Kr, Vr) holds as much
-    int64_t per_bh = std::min(nqb, target);
-    if (per_bh > 1) per_bh = std::min(per_bh, kMaxBwdPartials / static_cast<int64_t>(sizeof(float)) / slice / BH);
-    per_bh = std::max<int64_t>(per_bh, 1);
-    const int64_t ntask = BH * per_bh, nrb = (M + kRB - 1) / kRB;
-    Buffer partial_t = per_bh > 1 ? shared_buffer<float>(ntask, slice, "the dK/dV partials", false) : Buffer();
-    float* partial = per_bh > 1 ? partial_t.as<float>() : nullptr;
-    const int nt = sc.allocate();
+  // Global mode: work items (b, h, c), c one of per_bh chunks of consecutive
+  // query blocks; five BLAS GEMMs per block (see tile_backward_blas). An item
+  // writes the dQ rows of its own blocks (exclusive). With one chunk per head
+  // it owns the head's dK, dV and writes them; with more, each item
+  // accumulates dK, dV over its blocks into its own fp32 partial slice, and
+  // the slices are summed in the fixed order c = 0..per_bh-1 afterwards.
+  // fp32 partials: each is a sum over a chunk's blocks exactly as the
+  // one-chunk path accumulates all of a head's blocks (BLAS, beta = 1), and
+  // summing per_bh of them is no less accurate than that sequential sum.
+  const int64_t Mp = pad16(M), BH = B * h, target = (kChunks + BH - 1) / BH;
+  // Query block: 64 rows, up to 256 while the P and dP tiles stay within
+  // kBwdTileFloats each (64 KiB, L2-resident) and the head keeps at least
+  // `target` blocks: with few keys, fewer and larger GEMMs amortise the
+  // BLAS's per-call cost (M = 49, N = 3136: 13 blocks, 65 GEMMs per head
+  // instead of 49 and 245; ~25% less backward time on one thread).
+  int64_t QB = kQB;
+  while (QB < 256 && Mp <= kBwdTileFloats / (2 * QB) && (N + 2 * QB - 1) / (2 * QB) >= target) QB *= 2;
+  const int64_t nq_max = std::min(QB, N), nqb = (N + nq_max - 1) / nq_max;
+  const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv);
+  Scratch sc;
+  const int64_t hQs = sc.reserve<float>(nq_max, dp), hKr = sc.reserve<float>(Mp, dp),
+                hVr = sc.reserve<float>(Mp, dvp), hdO = sc.reserve<float>(nq_max, dvp),
+                hP = sc.reserve<float>(nq_max, Mp), hdP = sc.reserve<float>(nq_max, Mp),
+                hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(Mp, dp),
+                hdV = sc.reserve<float>(Mp, dvp), hAcc = sc.reserve<float>(kRB, dp + dvp),
+                hL = sc.reserve<float>(nq_max, 1);
+  if (sc.too_big())
+    too_large(M, " keys per row with d=", d, ", dv=", dv, " need more than ",
+              kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
+  // Partials: per_bh slices of Mp * (dp + dvp) floats per head, at most
+  // kMaxBwdPartials bytes in all (fewer chunks per head beyond that).
+  const int64_t slice = Mp * (dp + dvp);  // no overflow: the scratch (Kr, Vr) holds as much
+  int64_t per_bh = std::min(nqb, target);
+  if (per_bh > 1) per_bh = std::min(per_bh, kMaxBwdPartials / static_cast<int64_t>(sizeof(float)) / slice / BH);
+  per_bh = std::max<int64_t>(per_bh, 1);
+  const int64_t ntask = BH * per_bh, nrb = (M + kRB - 1) / kRB;
+  Buffer partial_t = per_bh > 1 ? shared_buffer<float>(ntask, slice, "the dK/dV partials", false) : Buffer();
+  float* partial = per_bh > 1 ? partial_t.as<float>() : nullptr;
+  const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
-    {
-      float *Qs = sc.get<float>(hQs), *Kr = sc.get<float>(hKr), *Vr = sc.get<float>(hVr),
-            *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *dQ = sc.get<float>(hdQ),
-            *L = sc.get<float>(hL);
+  {
+    float *Qs = sc.get<float>(hQs), *Kr = sc.get<float>(hKr), *Vr = sc.get<float>(hVr),
+          *dOs = sc.get<float>(hdO), *P = sc.get<float>(hP), *dP = sc.get<float>(hdP), *dQ = sc.get<float>(hdQ),
+          *L = sc.get<float>(hL);
 #pragma omp for schedule(static)
-      for (int64_t task = 0; task < ntask; ++task) {
-        const int64_t bh = task / per_bh, c = task % per_bh, b = bh / h, hh = bh % h;
-        const int64_t blk0 = c * nqb / per_bh, blk1 = (c + 1) * nqb / per_bh;
-        const Rows kr = blas_rows(K, dirK, b, hh, M, d, Kr, dp), vr = blas_rows(V, dirV, b, hh, M, dv, Vr, dvp);
-        // The item's dK [Mp][dp] and dV [Mp][dvp]: its partial slice or the
-        // thread's scratch, overwritten by its first block (every item has at
-        // least one: per_bh <= nqb) and accumulated by the others. Only rows
-        // < M and columns < d (dv) are read back.
-        float* dK = partial ? partial + task * slice : sc.get<float>(hdK);
-        float* dV = partial ? dK + Mp * dp : sc.get<float>(hdV);
-        for (int64_t blk = blk0; blk < blk1; ++blk) {
-          const int64_t i0 = blk * nq_max, nq = std::min(nq_max, N - i0);
-          gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, dp, false);
-          gather_rows(dO, b, hh, nullptr, i0, nq, dv, 1.0f, dOs, dvp, false);
-          gather_lse(b, hh, nullptr, i0, nq, L);
-          tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kr.p, kr.ld, vr.p, vr.ld, dOs, L, P, dP, dQ, dK, dV,
-                             blk == blk0 ? 0.0f : 1.0f);
-          put_rows(dqp + bh * N * d, dQ, dp, nullptr, i0, nq, d);
-        }
-        if (!partial) {
-          put_rows(dkp + bh * M * d, dK, dp, nullptr, 0, M, d);
-          put_rows(dvp_ + bh * M * dv, dV, dvp, nullptr, 0, M, dv);
-        }
+    for (int64_t task = 0; task < ntask; ++task) {
+      const int64_t bh = task / per_bh, c = task % per_bh, b = bh / h, hh = bh % h;
+      const int64_t blk0 = c * nqb / per_bh, blk1 = (c + 1) * nqb / per_bh;
+      const Rows kr = blas_rows(K, dirK, b, hh, M, d, Kr, dp), vr = blas_rows(V, dirV, b, hh, M, dv, Vr, dvp);
+      // The item's dK [Mp][dp] and dV [Mp][dvp]: its partial slice or the
+      // thread's scratch, overwritten by its first block (every item has at
+      // least one: per_bh <= nqb) and accumulated by the others. Only rows
+      // < M and columns < d (dv) are read back.
+      float* dK = partial ? partial + task * slice : sc.get<float>(hdK);
+      float* dV = partial ? dK + Mp * dp : sc.get<float>(hdV);
+      for (int64_t blk = blk0; blk < blk1; ++blk) {
+        const int64_t i0 = blk * nq_max, nq = std::min(nq_max, N - i0);
+        gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, dp, false);
+        gather_rows(dO, b, hh, nullptr, i0, nq, dv, 1.0f, dOs, dvp, false);
+        gather_lse(a, lsep, b, hh, nullptr, i0, nq, L);
+        tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kr.p, kr.ld, vr.p, vr.ld, dOs, L, P, dP, dQ, dK, dV,
+                           blk == blk0 ? 0.0f : 1.0f);
+        put_rows(dqp + bh * N * d, dQ, dp, nullptr, i0, nq, d);
       }
-      if (partial) {
-        // After the loop's implicit barrier: each key row of each head sums its
-        // per_bh partials in the order c = 0, 1, ..., whoever runs it. Items of
-        // kRB rows, slices outer: each slice is read as a contiguous run.
-        float* acc = sc.get<float>(hAcc);
-#pragma omp for schedule(static) nowait  // the region's end is the barrier
-        for (int64_t item = 0; item < BH * nrb; ++item) {
-          const int64_t bh = item / nrb, j0 = item % nrb * kRB, nj = std::min(kRB, M - j0);
-          const float* src = partial + bh * per_bh * slice;
-          float* ak = acc;
-          float* av = acc + kRB * dp;
-          for (int64_t c = 0; c < per_bh; ++c) {  // padding columns (never written) are skipped
-            const float* sk = src + c * slice + j0 * dp;
-            const float* sv = src + c * slice + Mp * dp + j0 * dvp;
-            for (int64_t i = 0; i < nj; ++i) {
-              if (c == 0) {
-                std::copy(sk + i * dp, sk + i * dp + d, ak + i * dp);
-                std::copy(sv + i * dvp, sv + i * dvp + dv, av + i * dvp);
-                continue;
-              }
-#pragma omp simd
-              for (int64_t e = 0; e < d; ++e) ak[i * dp + e] += sk[i * dp + e];
-#pragma omp simd
-              for (int64_t e = 0; e < dv; ++e) av[i * dvp + e] += sv[i * dvp + e];
-            }
-          }
-          put_rows(dkp + bh * M * d, ak, dp, nullptr, j0, nj, d);
-          put_rows(dvp_ + bh * M * dv, av, dvp, nullptr, j0, nj, dv);
-        }
+      if (!partial) {
+        put_rows(dkp + bh * M * d, dK, dp, nullptr, 0, M, d);
+        put_rows(dvp_ + bh * M * dv, dV, dvp, nullptr, 0, M, dv);
       }
     }
-    return;
+    if (partial) {
+      // After the loop's implicit barrier: each key row of each head sums its
+      // per_bh partials in the order c = 0, 1, ..., whoever runs it. Items of
+      // kRB rows, slices outer: each slice is read as a contiguous run.
+      float* acc = sc.get<float>(hAcc);
+#pragma omp for schedule(static) nowait  // the region's end is the barrier
+      for (int64_t item = 0; item < BH * nrb; ++item) {
+        const int64_t bh = item / nrb, j0 = item % nrb * kRB, nj = std::min(kRB, M - j0);
+        const float* src = partial + bh * per_bh * slice;
+        float* ak = acc;
+        float* av = acc + kRB * dp;
+        for (int64_t c = 0; c < per_bh; ++c) {  // padding columns (never written) are skipped
+          const float* sk = src + c * slice + j0 * dp;
+          const float* sv = src + c * slice + Mp * dp + j0 * dvp;
+          for (int64_t i = 0; i < nj; ++i) {
+            if (c == 0) {
+              std::copy(sk + i * dp, sk + i * dp + d, ak + i * dp);
+              std::copy(sv + i * dvp, sv + i * dvp + dv, av + i * dvp);
+              continue;
+            }
+#pragma omp simd
+            for (int64_t e = 0; e < d; ++e) ak[i * dp + e] += sk[i * dp + e];
+#pragma omp simd
+            for (int64_t e = 0; e < dv; ++e) av[i * dvp + e] += sv[i * dvp + e];
+          }
+        }
+        put_rows(dkp + bh * M * d, ak, dp, nullptr, j0, nj, d);
+        put_rows(dvp_ + bh * M * dv, av, dvp, nullptr, j0, nj, dv);
+      }
+    }
   }
-  // Window mode: items (b, window) own the window's keys, all heads.
-  const auto geo = WindowGeom<>::clamped(H, W, window);
+}
+
+// Window backward (more than one window).
+template <typename T>
+void backward_window(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V,
+                     const View4<T>& dO, const float* lsep, T* dqp, T* dkp, T* dvp_) {
+  const int64_t B = a.B, h = a.h, N = a.N, d = a.d, M = a.M, dv = a.dv, dp = pad16(d), dvp = pad16(dv);
+  const float scale = a.scale;
+  // Items (b, window) own the window's keys, all heads.
+  const auto geo = WindowGeom<>::clamped(a.H, a.W, a.window);
   const int64_t nk_max = geo.max_real(), nq_max = std::min(kQB, nk_max), nkp_max = pad16(nk_max);
   const int64_t nW = geo.num_windows(), ntask = B * nW;
   Scratch sc;
@@ -387,7 +399,7 @@ void attention_backward(const AttnCall& a, const View4<T>& Q, const View4<T>& K,
                 hdV = sc.reserve<float>(nkp_max, dvp), hT = sc.reserve<int64_t>(nk_max, 1),
                 hL = sc.reserve<float>(nq_max, 1);
   if (sc.too_big())
-      too_large(nk_max, " keys per row with d=", d, ", dv=", dv, " need more than ",
+    too_large(nk_max, " keys per row with d=", d, ", dv=", dv, " need more than ",
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
   const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
@@ -412,7 +424,7 @@ void attention_backward(const AttnCall& a, const View4<T>& Q, const View4<T>& K,
           const int64_t nq = std::min(nq_max, nk - i0);
           gather_rows(Q, b, hh, tok + i0, 0, nq, d, scale, Qs, dp, false);
           gather_rows(dO, b, hh, tok + i0, 0, nq, dv, 1.0f, dOs, dvp, false);
-          gather_lse(b, hh, tok + i0, 0, nq, L);
+          gather_lse(a, lsep, b, hh, tok + i0, 0, nq, L);
           tile_backward(nq, nk, nkp, d, dp, dv, dvp, scale, Qs, Kr, Kt, Vt, dOs, L, P, dP, Tr, dQ, dK, dV);
           put_rows(dqp + (b * h + hh) * N * d, dQ, dp, tok + i0, 0, nq, d);
         }
@@ -423,5 +435,20 @@ void attention_backward(const AttnCall& a, const View4<T>& Q, const View4<T>& K,
   }
 }
 
+// Backward from the forward's lse (contiguous [B, h, N]) into the
+// contiguous dq, dk, dv: each tile's scores are recomputed (never
+// the N x M matrix) and P = exp(s - lse) taken in one pass (see
+// tile_backward for D). Global mode: work items (b, h, chunk of query
+// blocks), the chunks' dK, dV partials reduced in a fixed order (see below);
+// window mode: items (b, window) own the window's keys. Deterministic and
+// independent of the thread count.
+template <typename T>
+void attention_backward(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V,
+                        const View4<T>& dO, const float* lse, T* dq, T* dk, T* dv) {
+  if (a.window > 0 && WindowGeom<>::clamped(a.H, a.W, a.window).num_windows() > 1)  // else one window: global
+    backward_window(a, Q, K, V, dO, lse, dq, dk, dv);
+  else
+    backward_global(a, Q, K, V, dO, lse, dq, dk, dv);
+}
 
 }  // namespace sgattn::cpu
