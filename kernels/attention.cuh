@@ -122,6 +122,21 @@ __device__ __forceinline__ void load_tile_any(int mode, T* dst, int ld, const T*
   load_tile<T, DP>(dst, ld, src, st, b, hh, rows, d, token);
 }
 
+// A key-major kernel's block: (batch * head, segment, key tile, query split),
+// linearised on grid.x in that order.
+struct KeyBlock {
+  int bh, seg, kt, split;
+  __device__ KeyBlock(int segments, int ktiles, int splits) {
+    const int per_bh = segments * ktiles * splits;
+    bh = int(blockIdx.x) / per_bh;
+    int rest = int(blockIdx.x) - bh * per_bh;
+    seg = rest / (ktiles * splits);
+    rest -= seg * ktiles * splits;
+    kt = rest / splits;
+    split = rest - kt * splits;
+  }
+};
+
 template <typename T>
 __device__ __forceinline__ T* carve(unsigned char*& at, size_t bytes) {
   T* p = reinterpret_cast<T*>(at);
@@ -134,6 +149,25 @@ __device__ __forceinline__ T* carve(unsigned char*& at, size_t bytes) {
 // SIMT for fp32. UNROLL unrolls the loop over 16-column output tiles (1: rolled,
 // fewer registers). Every output element sums its products in the same order
 // whatever UNROLL is.
+
+// The fp32 (SIMT) product for one warp: C[16][COLS] = A[16][K] * op(B) (ACC:
+// C +=), with op(B)[k][col] = B[col * ldb + k] (TRANS_B) or B[k * ldb + col];
+// lanes own columns, each sum runs over k in order.
+template <int COLS, int K, bool TRANS_B, bool ACC>
+__device__ __forceinline__ void warp_simt(float* C, int ldc, const float* A, int lda, const float* B, int ldb) {
+  const int lane = threadIdx.x & 31;
+  for (int r = 0; r < 16; ++r) {
+#pragma unroll
+    for (int t = 0; t < COLS / 32; ++t) {
+      const int col = lane + 32 * t;
+      float acc = 0.0f;
+#pragma unroll 8
+      for (int k = 0; k < K; ++k) acc += A[r * lda + k] * (TRANS_B ? B[col * ldb + k] : B[k * ldb + col]);
+      if (ACC) C[r * ldc + col] += acc;
+      else C[r * ldc + col] = acc;
+    }
+  }
+}
 
 // C[16][NC] (fp32, ldc) = A[16][DP] * B[NC][DP]^T for one warp; A and B row-major T in smem.
 template <typename T, int DP, int NC, int UNROLL = 1>
@@ -155,17 +189,7 @@ __device__ __forceinline__ void warp_abt(float* C, int ldc, const T* A, int lda,
       wmma::store_matrix_sync(C + nt * 16, acc, ldc, wmma::mem_row_major);
     }
   } else {
-    const int lane = threadIdx.x & 31;
-    for (int r = 0; r < 16; ++r) {
-#pragma unroll
-      for (int t = 0; t < NC / 32; ++t) {
-        const int j = lane + 32 * t;
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int c = 0; c < DP; ++c) acc += A[r * lda + c] * B[j * ldb + c];
-        C[r * ldc + j] = acc;
-      }
-    }
+    warp_simt<NC, DP, true, false>(C, ldc, A, lda, B, ldb);
   }
 }
 
@@ -206,17 +230,7 @@ __device__ __forceinline__ void warp_ab_acc(float* C, int ldc, const float* A, i
       }
     }
   } else {
-    const int lane = threadIdx.x & 31;
-    for (int r = 0; r < 16; ++r) {
-#pragma unroll
-      for (int t = 0; t < DP / 32; ++t) {
-        const int c = lane + 32 * t;
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int j = 0; j < KC; ++j) acc += A[r * ldf + j] * B[j * ldb + c];
-        C[r * ldc + c] += acc;
-      }
-    }
+    warp_simt<DP, KC, false, true>(C, ldc, A, ldf, B, ldb);
   }
 }
 
@@ -364,13 +378,9 @@ __global__ void __launch_bounds__(128, 1) attention_imp_kernel(AttnParams p, Att
   constexpr int LDK = DP + (TC ? 8 : 1);
   constexpr int KT = kKeyTile, QC = kQueryChunk, LDS = QC + 4;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, k0w = warp * 16;
-  const int splits = int(plan.splits), ktiles = int(plan.ktiles);
-  const int per_bh = int(plan.segments) * ktiles * splits;
-  const int bh = int(blockIdx.x) / per_bh;
-  int rest = int(blockIdx.x) - bh * per_bh;
-  const int seg_id = rest / (ktiles * splits);
-  rest -= seg_id * ktiles * splits;
-  const int kt = rest / splits, split = rest - kt * splits;
+  const int splits = int(plan.splits);
+  const detail::KeyBlock kb(int(plan.segments), int(plan.ktiles), splits);
+  const int bh = kb.bh, seg_id = kb.seg, kt = kb.kt, split = kb.split;
   const int b = bh / int(p.h), hh = bh - b * int(p.h);
   const detail::Segment seg(p, seg_id);
   const int d = int(p.d), k0 = kt * KT;

@@ -100,13 +100,9 @@ __global__ void __launch_bounds__(128, 1) attention_bwd_kv_kernel(AttnParams p, 
   constexpr int LDK = DP + (TC ? 8 : 1), QC = kBwdQueryChunk, LDQ = QC + 4, LDO = DP + 4;
   const int KTb = 16 * plan.kv_warps;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, k0w = warp * 16;
-  const int ktiles = int(plan.kv_ktiles), splits = int(plan.kv_splits);
-  const int per_bh = int(plan.segments) * ktiles * splits;
-  const int bh = int(blockIdx.x) / per_bh;
-  int rest = int(blockIdx.x) - bh * per_bh;
-  const int seg_id = rest / (ktiles * splits);
-  rest -= seg_id * ktiles * splits;
-  const int kt = rest / splits, split = rest - kt * splits, k0 = kt * KTb;
+  const int splits = int(plan.kv_splits);
+  const detail::KeyBlock kb(int(plan.segments), int(plan.kv_ktiles), splits);
+  const int bh = kb.bh, seg_id = kb.seg, split = kb.split, k0 = kb.kt * KTb;
   const int b = bh / int(p.h), hh = bh - b * int(p.h), d = int(p.d);
   const detail::Segment seg(p, seg_id);
 
