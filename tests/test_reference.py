@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import sgattn
-from sgattn import reference
+from sgattn import composition, reference
 
 from tolerance import assert_close_to_reference
 
@@ -127,9 +127,9 @@ def test_reallocation_parts_follow_the_plan():
     assert reference.reallocation_parts(196, 2) == [98, 98]
     assert reference.reallocation_parts(7, 2) == [3, 4]
     # K/V token counts of the SPEC table at 224
-    assert reference.reallocated_length(3136, reference.REALLOCATION_GROUPS[8]) == 60
-    assert reference.reallocated_length(784, reference.REALLOCATION_GROUPS[4]) == 60
-    assert reference.reallocated_length(196, reference.REALLOCATION_GROUPS[2]) == 147
+    assert reference.reallocated_length(3136, composition.REALLOCATION_GROUPS[8]) == 60
+    assert reference.reallocated_length(784, composition.REALLOCATION_GROUPS[4]) == 60
+    assert reference.reallocated_length(196, composition.REALLOCATION_GROUPS[2]) == 147
 
 
 def test_hand_sorted_reallocation():
@@ -188,7 +188,7 @@ def test_self_guided_attention_matches_explicit_composition():
     q, x = torch.randn(B, h, N, d, generator=g), torch.randn(B, N, C, generator=g)
     imp = torch.rand(B, H, W, generator=g)
     kv = [(torch.randn(C, C, generator=g) * C ** -0.5, torch.randn(C, generator=g)) for _ in range(2)]
-    groups = reference.REALLOCATION_GROUPS[4]
+    groups = composition.REALLOCATION_GROUPS[4]
     w = [torch.randn(r, generator=g) for r in groups]
     b = [torch.randn(1, generator=g) for _ in groups]
     out = sgattn.self_guided_attention(q, x, reference.importance_orderings(imp), *kv[0], *kv[1], w, b, hw=(H, W))
