@@ -1,4 +1,6 @@
-"""Public functional ops: input checks, then dispatch to a backend.
+"""Public functional ops: input checks (once per call: the tensor arguments
+through ``sgattn.contract``, the contract the registered ops share), then
+dispatch to a backend.
 
 Shapes use B batch, h heads, N query tokens (row-major on an H x W grid),
 M key tokens, d head dim, C channels. See each function's docstring.

@@ -4,7 +4,11 @@ csrc/op_contract.h) on CPU tensors and, on a GPU, on CUDA tensors, and the
 Triton custom ops (``torch.ops.sgattn.triton_*``, under the interpreter on a
 machine without a GPU). Each row names the registered op its arguments are
 for; every target raises the row's exception type with a message
-"<its op name>: ..." matching the row's pattern. A row a target cannot
+"<its op name>: ..." matching the row's pattern. The public and Triton ops
+check through one Python contract (sgattn/contract.py), the C++ twin words
+it the same: a pattern allows only what must differ, the argument names of
+the Triton schemas (w_cat, b_cat, dout for weights, biases, grad) and how
+C++ and Python print a dtype (Float, torch.float32). A row a target cannot
 express, or where a target's declared capabilities differ, says why it skips it.
 
 Cases a single backend owns stay with it: devices and layouts reached only by

@@ -12,8 +12,9 @@ Ops:
 
 Every op validates its arguments itself, through the Python contract the
 public ops use (``sgattn.contract``, the twin of the native bindings'), then
-the Triton kernels' own limits; with no host synchronisation on CUDA tensors; only under the interpreter (CPU
-tensors) is an aggregation index checked to be a permutation. The kernels
+the Triton kernels' own limits, with no host synchronisation on CUDA
+tensors; only under the interpreter (CPU tensors) is an aggregation index
+checked to be a permutation. The kernels
 never read or write out of bounds whatever the index holds (loads through it
 are masked; the backward inverts it with a sort, not a scatter).
 """
