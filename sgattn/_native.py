@@ -26,7 +26,7 @@ import importlib
 
 import torch
 
-from . import reference
+from . import composition
 from ._schemas import NAMESPACE, SCHEMAS, qualified
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the source tree "
@@ -84,7 +84,7 @@ def attention(q, k, v, *, scale=None, window=None, hw=None, need_importance=True
 
 
 def aggregate_sorted(x, index, weights, biases):
-    """``reference.aggregate_sorted`` through ``aggregate_fwd`` (gradients via ``aggregate_bwd``)."""
+    """The reallocation (``sgattn.reference.aggregate_sorted``) through ``aggregate_fwd`` (gradients via ``aggregate_bwd``)."""
     grouped = index.dim() == 3
     idx = index if grouped else index[None]
     w = torch.cat([t.reshape(-1) for t in weights])
@@ -130,7 +130,7 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, scale, window, H, W):
 
 def _aggregate_fake(x, index, weights, biases, group_sizes):
     G, B, N = index.shape
-    return x.new_empty(G, B, reference.reallocated_length(N, group_sizes), x.shape[2])
+    return x.new_empty(G, B, composition.reallocated_length(N, group_sizes), x.shape[2])
 
 
 def _aggregate_bwd_fake(grad, x, index, weights, group_sizes):

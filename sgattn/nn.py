@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .reference import REALLOCATION_GROUPS, importance_orderings
+from .composition import REALLOCATION_GROUPS, importance_orderings
 
 
 def init_weights(m: nn.Module):

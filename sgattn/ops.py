@@ -1,24 +1,24 @@
-"""Public functional ops: input checks, then dispatch to a backend.
+"""Public functional ops: input checks (once per call: the tensor arguments
+through ``sgattn.contract``, the contract the registered ops share), then
+dispatch to a backend.
 
 Shapes use B batch, h heads, N query tokens (row-major on an H x W grid),
 M key tokens, d head dim, C channels. See each function's docstring.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Sequence
 
 import torch
 
-from . import reference
+from . import composition, contract
 from .backends import select
+from .contract import fail as _fail
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _fail(op: str, message: str):
-    raise ValueError(f"{op}: {message}")
 
 
 # ---------------------------------------------------------------- autocast
@@ -47,18 +47,19 @@ def _cast(dtype, value):
     return value
 
 
-def _without_autocast(device_type):
-    return torch.autocast(device_type, enabled=False)
+def _follow_autocast(first: torch.Tensor, inputs: tuple):
+    """(inputs, context to run the op in): inside an autocast region for
+    first's device, the inputs cast to its dtype and a context with autocast
+    off; else the inputs unchanged and a context that does nothing."""
+    dtype = _autocast_dtype(first)
+    if dtype is None:
+        return inputs, contextlib.nullcontext()
+    return _cast(dtype, inputs), torch.autocast(first.device.type, enabled=False)
 
 
 # -------------------------------------------------------------- validation
-
-def _check_tensor(op, name, t, ndim):
-    if not isinstance(t, torch.Tensor):
-        _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        _fail(op, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-
+# The tensor arguments follow the contract the registered ops share
+# (``sgattn.contract``); here are the public ops' own options.
 
 def _is_int(value) -> bool:
     return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
@@ -74,28 +75,26 @@ def _check_options(op, scale, dropout_p):
     # scale is a SymFloat, which math.isfinite cannot trace (a graph break)
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)
                               or not abs(scale) < math.inf):
-        _fail(op, f"scale must be a finite number or None, got {scale!r}")
+        _fail(op, f"scale must be finite (a number, or None), got {scale!r}")
     if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
         _fail(op, f"dropout_p must be a probability in [0, 1], got {dropout_p!r}")
 
 
 def _check_same(op, named):
     """Same dtype (a supported float type) and same device for all named tensors."""
-    (first_name, first), *rest = named
-    if first.dtype not in FLOAT_DTYPES:
-        _fail(op, f"{first_name} has unsupported dtype {first.dtype}; use float16, bfloat16, float32 or float64")
-    for name, t in rest:
-        if t.dtype != first.dtype:
-            _fail(op, f"dtype mismatch: {first_name} is {first.dtype} but {name} is {t.dtype}")
-        if t.device != first.device:
-            _fail(op, f"device mismatch: {first_name} is on {first.device} but {name} is on {t.device}")
+    contract.check_dtypes(op, named, FLOAT_DTYPES)
+    contract.check_devices(op, named)
+
+
+def _check_pair(op, name, hw, positive=True):
+    if (not isinstance(hw, (tuple, list)) or len(hw) != 2
+            or not all(_is_int(s) and (s >= 1 or not positive) for s in hw)):
+        _fail(op, f"{name} must be a pair (H, W) of {'positive ' if positive else ''}ints, got {hw!r}")
 
 
 def _check_hw(op, hw, n, what="N", name="hw"):
-    if not isinstance(hw, (tuple, list)) or len(hw) != 2 or not all(_is_int(s) and s >= 1 for s in hw):
-        _fail(op, f"{name} must be a pair (H, W) of positive ints, got {hw!r}")
-    if hw[0] * hw[1] != n:
-        _fail(op, f"H*W = {hw[0]}*{hw[1]} = {hw[0] * hw[1]} does not match {what} = {n}")
+    _check_pair(op, name, hw)
+    contract.check_grid_size(op, *hw, n, what)
 
 
 def _check_importance_values(op, name, t):
@@ -113,32 +112,17 @@ def _check_importance_values(op, name, t):
         torch._assert_async(finite, f"sgattn.{op}: {name} contains NaN or infinite values")
 
 
-def _check_attention(op, q, k, v, window, hw):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(op, name, t, 4)
-    _check_same(op, (("q", q), ("k", k), ("v", v)))
-    B, h, N, d = q.shape
-    if k.shape[:2] != (B, h) or k.shape[3] != d:
-        _fail(op, f"k must be [B, h, M, d] = [{B}, {h}, M, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        _fail(op, f"v must be [B, h, M, dv] matching k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if h == 0:
-        _fail(op, f"zero heads: q {tuple(q.shape)}")
-    if N == 0 or k.shape[2] == 0 or d == 0 or v.shape[3] == 0:
-        _fail(op, f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+def _check_attention(op, q, k, v, window, hw, need_importance=True):
+    """The registered attention's contract on the public options: ``window``
+    None (global) or an int >= 1 with ``hw`` the (H, W) grid."""
+    H = W = 0
     if window is not None:
         _check_int(op, "window", window)
-        if k.shape[2] != N:
-            _fail(op, f"window mode needs as many keys as queries, got N={N}, M={k.shape[2]}")
-        _check_hw(op, hw, N)
-
-
-def _clip_window(window, hw):
-    """A window larger than the grid covers it whole in that direction, the
-    same windows as one of size max(H, W): backends never see a window (and
-    its w*w scratch) beyond the grid. sym_min/sym_max: no guard on symbolic
-    sizes under torch.compile (``min`` would branch on them)."""
-    return None if window is None else torch.sym_min(window, torch.sym_max(*hw))
+        _check_pair(op, "hw", hw, positive=False)  # the contract names a grid below 1
+        H, W = hw
+    contract.check_attention(op, q, k, v, window or 0, H, W, need_importance, FLOAT_DTYPES)
+    if q.shape[1] == 0:  # the public ops take no empty head dimension (with or without a batch)
+        _fail(op, f"zero heads: q {tuple(q.shape)}")
 
 
 def attention_with_importance(q, k, v, *, scale=None, window=None, hw=None, dropout_p=0.0):
@@ -159,27 +143,22 @@ def attention_with_importance(q, k, v, *, scale=None, window=None, hw=None, drop
     op = "attention_with_importance"
     _check_attention(op, q, k, v, window, hw)
     _check_options(op, scale, dropout_p)
-    dtype = _autocast_dtype(q)
-    if dtype is not None:
-        with _without_autocast(q.device.type):
-            return attention_with_importance(*_cast(dtype, (q, k, v)), scale=scale, window=window, hw=hw,
-                                             dropout_p=dropout_p)
-    window = _clip_window(window, hw)
-    backend = select(op, (q, k, v), window=window, hw=hw, dropout_p=dropout_p)
-    return backend.attention(q, k, v, scale=scale, window=window, hw=hw, dropout_p=dropout_p)
+    (q, k, v), autocast_off = _follow_autocast(q, (q, k, v))
+    with autocast_off:
+        window = composition.clip_window(window, hw)
+        backend = select(op, (q, k, v), window=window, hw=hw, dropout_p=dropout_p)
+        return backend.attention(q, k, v, scale=scale, window=window, hw=hw, dropout_p=dropout_p)
 
 
 def attention(q, k, v, *, scale=None, dropout_p=0.0):
     """Plain global attention softmax(q k^T * scale) v (no importance): [B, h, N, dv]."""
     op = "attention"
-    _check_attention(op, q, k, v, None, None)
+    _check_attention(op, q, k, v, None, None, need_importance=False)
     _check_options(op, scale, dropout_p)
-    dtype = _autocast_dtype(q)
-    if dtype is not None:
-        with _without_autocast(q.device.type):
-            return attention(*_cast(dtype, (q, k, v)), scale=scale, dropout_p=dropout_p)
-    backend = select(op, (q, k, v), dropout_p=dropout_p)
-    return backend.attention(q, k, v, scale=scale, dropout_p=dropout_p, need_importance=False)[0]
+    (q, k, v), autocast_off = _follow_autocast(q, (q, k, v))
+    with autocast_off:
+        backend = select(op, (q, k, v), dropout_p=dropout_p)
+        return backend.attention(q, k, v, scale=scale, dropout_p=dropout_p, need_importance=False)[0]
 
 
 def hybrid_scale_attention(q_global, k_global, v_global, q_local, k_local, v_local, *,
@@ -203,24 +182,18 @@ def hybrid_scale_attention(q_global, k_global, v_global, q_local, k_local, v_loc
         _fail(op, f"q_global {tuple(q_global.shape)} and q_local {tuple(q_local.shape)} "
                   "must share batch, tokens and head dim")
     _check_hw(op, reduced_hw, k_global.shape[2], what="the number of global keys M", name="reduced_hw")
-    tensors = (q_global, k_global, v_global, q_local, k_local, v_local)
-    dtype = _autocast_dtype(q_global)
-    if dtype is not None:
-        with _without_autocast(q_global.device.type):
-            return hybrid_scale_attention(*_cast(dtype, tensors), hw=hw, reduced_hw=reduced_hw, window=window,
-                                          scale=scale, dropout_p=dropout_p)
-    window = _clip_window(window, hw)
-    backend = select(op, tensors, window=window, hw=tuple(hw), dropout_p=dropout_p)
-    return backend.hybrid_scale_attention(
-        *tensors, hw=tuple(hw), reduced_hw=tuple(reduced_hw), window=window, scale=scale, dropout_p=dropout_p)
+    tensors, autocast_off = _follow_autocast(q_global, (q_global, k_global, v_global, q_local, k_local, v_local))
+    with autocast_off:
+        window = composition.clip_window(window, hw)
+        backend = select(op, tensors, window=window, hw=tuple(hw), dropout_p=dropout_p)
+        return backend.hybrid_scale_attention(
+            *tensors, hw=tuple(hw), reduced_hw=tuple(reduced_hw), window=window, scale=scale, dropout_p=dropout_p)
 
 
 def _check_aggregation(op, x, weights, biases):
-    _check_tensor(op, "x", x, 3)
-    if x.dtype not in FLOAT_DTYPES:
-        _fail(op, f"x has unsupported dtype {x.dtype}")
-    if x.shape[1] == 0 or x.shape[2] == 0:
-        _fail(op, f"empty input: x {tuple(x.shape)}")
+    contract.check_dims(op, "x", x, 3)
+    contract.check_dtypes(op, (("x", x),), FLOAT_DTYPES)
+    contract.check_tokens(op, x)
     if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
         _fail(op, "weights and biases must be lists of tensors")
     if len(weights) not in (2, 3) or len(biases) != len(weights):
@@ -253,21 +226,19 @@ def reallocate_tokens(x, importance, weights: Sequence[torch.Tensor], biases: Se
     Under ``torch.autocast`` x and the parameters are cast to the autocast dtype.
     """
     op = "reallocate_tokens"
-    _check_tensor(op, "x", x, 3)
-    dtype = _autocast_dtype(x)
-    if dtype is not None:
-        with _without_autocast(x.device.type):
-            return reallocate_tokens(_cast(dtype, x), importance, _cast(dtype, weights), _cast(dtype, biases))
-    _check_aggregation(op, x, weights, biases)
-    _check_tensor(op, "importance", importance, 2)
-    if importance.shape != x.shape[:2]:
-        _fail(op, f"importance must be [B, N] = {tuple(x.shape[:2])}, got {tuple(importance.shape)}")
-    if importance.device != x.device:
-        _fail(op, f"device mismatch: x is on {x.device} but importance is on {importance.device}")
-    _check_importance_values(op, "importance", importance)
-    index = reference.sort_index(importance)
-    backend = select(op, (x,))
-    return backend.aggregate_sorted(x, index, list(weights), list(biases))
+    contract.check_dims(op, "x", x, 3)
+    # cast first: the checks below see the dtypes the op runs in
+    (x, weights, biases), autocast_off = _follow_autocast(x, (x, weights, biases))
+    with autocast_off:
+        _check_aggregation(op, x, weights, biases)
+        contract.check_dims(op, "importance", importance, 2)
+        if importance.shape != x.shape[:2]:
+            _fail(op, f"importance must be [B, N] = {tuple(x.shape[:2])}, got {tuple(importance.shape)}")
+        contract.check_devices(op, (("x", x), ("importance", importance)))
+        _check_importance_values(op, "importance", importance)
+        index = composition.sort_index(importance)
+        backend = select(op, (x,))
+        return backend.aggregate_sorted(x, index, list(weights), list(biases))
 
 
 def _check_self_guided_importance(op, importance, B, N, hw, device):
@@ -304,34 +275,32 @@ def self_guided_attention(q, x, importance, kv1_weight, kv1_bias, kv2_weight, kv
     autocast dtype (SG-Former's LayerNorm hands on fp32 tokens there).
     """
     op = "self_guided_attention"
-    _check_tensor(op, "q", q, 4)
-    dtype = _autocast_dtype(q)
-    if dtype is not None:
-        with _without_autocast(q.device.type):
-            return self_guided_attention(
-                *_cast(dtype, (q, x)), importance, *_cast(dtype, (kv1_weight, kv1_bias, kv2_weight, kv2_bias)),
-                _cast(dtype, agg_weights), _cast(dtype, agg_biases), hw=hw, scale=scale, dropout_p=dropout_p)
-    _check_aggregation(op, x, agg_weights, agg_biases)
-    _check_options(op, scale, dropout_p)
-    _check_same(op, (("q", q), ("x", x)))
-    B, h, N, d = q.shape
-    if h == 0 or d == 0:
-        _fail(op, f"zero heads or head dim: q {tuple(q.shape)}")
-    if x.shape != (B, N, h * d):
-        _fail(op, f"x must be [B, N, h*d] = [{B}, {N}, {h * d}] to match q {tuple(q.shape)}, got {tuple(x.shape)}")
-    if h % 2:
-        _fail(op, f"the number of heads must be even (two orderings, h/2 heads each), got {h}")
-    _check_hw(op, hw, N)
-    pair = _check_self_guided_importance(op, importance, B, N, tuple(hw), x.device)
-    C = h * d
-    for name, w, b in (("kv1", kv1_weight, kv1_bias), ("kv2", kv2_weight, kv2_bias)):
-        if not isinstance(w, torch.Tensor) or not (b is None or isinstance(b, torch.Tensor)):
-            _fail(op, f"{name} weight must be a tensor and bias a tensor or None")
-        if w.shape != (C, C) or (b is not None and b.shape != (C,)):
-            _fail(op, f"{name} weight must be [{C}, {C}] and bias [{C}] or None, got "
-                      f"{tuple(w.shape)} and {None if b is None else tuple(b.shape)}")
-        _check_same(op, (("x", x), (f"{name}_weight", w)) + (((f"{name}_bias", b),) if b is not None else ()))
-    backend = select(op, (q, x), dropout_p=dropout_p)
-    return backend.self_guided_attention(
-        q, x, pair if len(pair) == 2 else pair[0], kv1_weight, kv1_bias, kv2_weight, kv2_bias,
-        list(agg_weights), list(agg_biases), hw=tuple(hw), scale=scale, dropout_p=dropout_p)
+    contract.check_dims(op, "q", q, 4)
+    # cast first: the checks below see the dtypes the op runs in
+    (q, x, kv1_weight, kv1_bias, kv2_weight, kv2_bias, agg_weights, agg_biases), autocast_off = _follow_autocast(
+        q, (q, x, kv1_weight, kv1_bias, kv2_weight, kv2_bias, agg_weights, agg_biases))
+    with autocast_off:
+        _check_aggregation(op, x, agg_weights, agg_biases)
+        _check_options(op, scale, dropout_p)
+        _check_same(op, (("q", q), ("x", x)))
+        B, h, N, d = q.shape
+        if h == 0 or d == 0:
+            _fail(op, f"zero heads or head dim: q {tuple(q.shape)}")
+        if x.shape != (B, N, h * d):
+            _fail(op, f"x must be [B, N, h*d] = [{B}, {N}, {h * d}] to match q {tuple(q.shape)}, got {tuple(x.shape)}")
+        if h % 2:
+            _fail(op, f"the number of heads must be even (two orderings, h/2 heads each), got {h}")
+        _check_hw(op, hw, N)
+        pair = _check_self_guided_importance(op, importance, B, N, tuple(hw), x.device)
+        C = h * d
+        for name, w, b in (("kv1", kv1_weight, kv1_bias), ("kv2", kv2_weight, kv2_bias)):
+            if not isinstance(w, torch.Tensor) or not (b is None or isinstance(b, torch.Tensor)):
+                _fail(op, f"{name} weight must be a tensor and bias a tensor or None")
+            if w.shape != (C, C) or (b is not None and b.shape != (C,)):
+                _fail(op, f"{name} weight must be [{C}, {C}] and bias [{C}] or None, got "
+                          f"{tuple(w.shape)} and {None if b is None else tuple(b.shape)}")
+            _check_same(op, (("x", x), (f"{name}_weight", w)) + (((f"{name}_bias", b),) if b is not None else ()))
+        backend = select(op, (q, x), dropout_p=dropout_p)
+        return backend.self_guided_attention(
+            q, x, pair if len(pair) == 2 else pair[0], kv1_weight, kv1_bias, kv2_weight, kv2_bias,
+            list(agg_weights), list(agg_biases), hw=tuple(hw), scale=scale, dropout_p=dropout_p)

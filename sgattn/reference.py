@@ -1,8 +1,11 @@
 """Plain-PyTorch oracle for every sgattn op: SG-Former's hybrid-scale,
 self-guided and plain attention, as the authors' code computes them.
 
-Every backend is tested against these functions. They are also the CPU
-fallback at high resolution, so no function here ever holds more than a
+Every backend is tested against these functions, so no other sgattn module
+calls them (the arithmetic the backends share is ``sgattn.composition``,
+kept apart so that editing it cannot change the oracle); the "reference"
+backend runs them as they are. That backend is the fallback for float64 and
+any device, at high resolution too, so no function here ever holds more than a
 (query chunk x keys) block of attention probabilities: global attention is
 computed in query chunks whose probability block stays under
 ``MAX_BLOCK_ELEMENTS`` elements.
@@ -24,11 +27,6 @@ import torch.nn.functional as F
 
 # Largest probability block (elements) materialised at once: 16 Mi fp32 = 64 MiB.
 MAX_BLOCK_ELEMENTS = 1 << 24
-
-# Self-guided attention: group sizes r_p of the reallocation parts for each reduction ratio
-# (the in-features of the authors' f1, f2[, f3]).
-REALLOCATION_GROUPS = {8: (196, 56, 28), 4: (49, 14, 7), 2: (2, 1)}
-
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -257,21 +255,11 @@ def self_guided_attention(q, x, importance, kv1_weight, kv1_bias, kv2_weight, kv
     Ordering 1 feeds heads [0, h/2), ordering 2 heads [h/2, h).
     Returns out [B, h, N, d].
     """
-    return attention_over_reallocated(
-        q, aggregate_sorted(x, self_guided_index(importance, hw), agg_weights, agg_biases),
-        kv1_weight, kv1_bias, kv2_weight, kv2_bias, attention, scale=scale, dropout_p=dropout_p)
-
-
-def attention_over_reallocated(q, seq, kv1_weight, kv1_bias, kv2_weight, kv2_bias, attend, *,
-                               scale, dropout_p):
-    """Project both reallocated sequences ``seq`` [2, B, M, C] to K/V halves and attend.
-
-    ``attend`` is the attention function of the backend in use.
-    """
     B, h, N, d = q.shape
+    seq = aggregate_sorted(x, self_guided_index(importance, hw), agg_weights, agg_biases)
     M = seq.shape[2]
     kv1 = F.linear(seq[0], kv1_weight, kv1_bias).reshape(B, M, 2, h // 2, d)
     kv2 = F.linear(seq[1], kv2_weight, kv2_bias).reshape(B, M, 2, h // 2, d)
     kv = torch.cat([kv1, kv2], dim=3).permute(2, 0, 3, 1, 4)  # [2, B, h, M, d]
-    out, _ = attend(q, kv[0], kv[1], scale=scale, dropout_p=dropout_p, need_importance=False)
+    out, _ = attention(q, kv[0], kv[1], scale=scale, dropout_p=dropout_p, need_importance=False)
     return out

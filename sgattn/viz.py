@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .nn import HybridScaleAttention
-from .reference import REALLOCATION_GROUPS, reallocation_parts
+from .composition import REALLOCATION_GROUPS, reallocation_parts
 
 # Below this coefficient of variation (std / mean) a map is called near-uniform:
 # random weights give 0.005-0.02, where any colour difference is noise.

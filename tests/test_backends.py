@@ -2,6 +2,7 @@
 the cases where the backends used to disagree (zero heads with importance,
 dropout), for every backend present: reference, cpu, triton (under the
 interpreter on a machine without a GPU) and cuda (GPU only)."""
+import collections
 import importlib
 
 import pytest
@@ -179,3 +180,71 @@ def test_capability_table_has_a_row_per_backend():
     rows = {line.split()[0]: line for line in lines[1:] if not line.split()[0].endswith(":")}
     assert {"reference", "cpu"} <= set(rows)
     assert rows["reference"].split()[-1] == "yes" and rows["cpu"].split()[-1] == "no"  # dropout column
+
+
+def _count_calls(monkeypatch, counts, owner, attr):
+    fn = getattr(owner, attr)
+
+    def counted(*args, **kwargs):
+        counts[attr] += 1
+        return fn(*args, **kwargs)
+    monkeypatch.setattr(owner, attr, counted)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_self_guided_call_goes_down_the_stack_once(name, monkeypatch):
+    """The public op validates once and dispatches once (capabilities, plans);
+    the backend then runs its own primitives once each, and each registered op
+    they call validates its own arguments once: no layer calls back up."""
+    backend, _, device = _present(name)
+    B, h, d, H, W = 1, 2, 16, 4, 4
+    C, N = h * d, H * W
+    g = torch.Generator().manual_seed(31)
+    q, x = torch.randn(B, h, N, d, generator=g).to(device), torch.randn(B, N, C, generator=g).to(device)
+    kv = [(torch.randn(C, C, generator=g) * C ** -0.5).to(device), None] * 2
+    w = [torch.randn(r, generator=g).to(device) for r in (2, 1)]
+    b = [torch.randn(1, generator=g).to(device) for _ in range(2)]
+    importance = torch.rand(B, N, generator=g).to(device)
+    counts = collections.Counter()
+    for attr in ("_check_aggregation", "_check_options", "_check_self_guided_importance", "select"):
+        _count_calls(monkeypatch, counts, sgattn.ops, attr)
+    for attr in ("unsupported", "launch_limits", "attention", "aggregate_sorted"):
+        _count_calls(monkeypatch, counts, backend, attr)  # instance attributes: only this backend
+    expected = {"_check_aggregation", "_check_options", "_check_self_guided_importance", "select", "unsupported",
+                "launch_limits", "attention", "aggregate_sorted"}
+    if name == "triton":
+        from sgattn.triton import ops as triton_ops
+        for attr in ("_check_attention", "_check_aggregate"):  # each custom op's contract and kernel limits
+            _count_calls(monkeypatch, counts, triton_ops, attr)
+        expected |= {"_check_attention", "_check_aggregate"}
+    if name in ("cpu", "cuda"):
+        from sgattn import _native
+        op = _native.op
+
+        def counted_op(op_name):
+            counts[op_name] += 1  # the C++ binding validates on each call
+            return op(op_name)
+        monkeypatch.setattr(_native, "op", counted_op)
+        expected |= {"attention_fwd", "aggregate_fwd"}
+    with sgattn.use_backend(name):
+        out = sgattn.self_guided_attention(q, x, importance, *kv, w, b, hw=(H, W))
+    assert dict(counts) == dict.fromkeys(expected, 1)
+    refs = [reference.self_guided_attention(q.cpu().to(dt), x.cpu().to(dt), importance.cpu(),
+                                            *[t if t is None else t.cpu().to(dt) for t in kv],
+                                            [t.cpu().to(dt) for t in w], [t.cpu().to(dt) for t in b], hw=(H, W))
+            for dt in (torch.float32, torch.float64)]
+    assert_close_to_reference(out.cpu(), *refs)
+
+
+def test_autocast_validates_once_and_casts_as_an_explicit_call(monkeypatch):
+    g = torch.Generator().manual_seed(37)
+    q, k, v = (torch.randn(1, 2, 12, 16, generator=g) for _ in range(3))
+    counts = collections.Counter()
+    _count_calls(monkeypatch, counts, sgattn.contract, "check_attention")
+    with sgattn.use_backend("reference"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, imp = sgattn.attention_with_importance(q, k, v, window=3, hw=(3, 4))
+        assert counts["check_attention"] == 1  # not again on the cast inputs
+        explicit = sgattn.attention_with_importance(q.bfloat16(), k.bfloat16(), v.bfloat16(), window=3, hw=(3, 4))
+    assert out.dtype == torch.bfloat16 and imp.dtype == torch.float32
+    assert torch.equal(out, explicit[0]) and torch.equal(imp, explicit[1])

@@ -13,7 +13,7 @@ import torch
 import sgattn
 from sgattn import _native, reference
 from sgattn.backends import get_backend, select, use_backend
-from sgattn.reference import REALLOCATION_GROUPS
+from sgattn.composition import REALLOCATION_GROUPS
 from tolerance import assert_close_to_reference
 
 _WHY = sgattn.available_backends()["cpu"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sgattn
-from sgattn import reference
+from sgattn import composition, reference
 from sgattn._schemas import SCHEMAS, qualified
 from sgattn.backends import get_backend
 from tolerance import assert_close_to_reference
@@ -304,7 +304,7 @@ def test_cuda_attention_backward_direct_strided_dout(dtype):
 def test_cuda_aggregate_matches_reference(sr, N, C, dtype):
     be = get_backend("cuda")
     B = 2
-    groups = reference.REALLOCATION_GROUPS[sr]
+    groups = composition.REALLOCATION_GROUPS[sr]
     x64 = torch.randn(B, N, C, dtype=torch.float64, device="cuda", requires_grad=True)
     w64 = [(torch.randn(r, dtype=torch.float64, device="cuda") * r ** -0.5).requires_grad_() for r in groups]
     b64 = [torch.randn(1, dtype=torch.float64, device="cuda", requires_grad=True) for _ in groups]

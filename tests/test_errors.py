@@ -115,7 +115,7 @@ def test_backend_selection_errors():
     (lambda: sgattn.attention_with_importance(**attn_args(), window=3, hw=(3.0, 4)), "hw must be a pair"),
     (lambda: sgattn.attention_with_importance(**attn_args(), dropout_p=-0.1), "dropout_p must be a probability"),
     (lambda: sgattn.attention_with_importance(**attn_args(), dropout_p=1.5), "dropout_p must be a probability"),
-    (lambda: sgattn.attention_with_importance(**attn_args(), scale="0.1"), "scale must be a finite"),
+    (lambda: sgattn.attention_with_importance(**attn_args(), scale="0.1"), "scale must be finite"),
     # a [B, W, H] map has the right number of values but the wrong layout
     (lambda: sgattn.self_guided_attention(**sga_args(importance=R(1, 4, 3))), "importance\\[0\\] must be"),
     (lambda: sgattn.self_guided_attention(**sga_args(importance=(R(1, 3, 4), R(1, 3, 4)))),

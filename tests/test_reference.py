@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import sgattn
-from sgattn import reference
+from sgattn import composition, reference
 
 from tolerance import assert_close_to_reference
 
@@ -127,9 +127,9 @@ def test_reallocation_parts_follow_the_plan():
     assert reference.reallocation_parts(196, 2) == [98, 98]
     assert reference.reallocation_parts(7, 2) == [3, 4]
     # K/V token counts of the SPEC table at 224
-    assert reference.reallocated_length(3136, reference.REALLOCATION_GROUPS[8]) == 60
-    assert reference.reallocated_length(784, reference.REALLOCATION_GROUPS[4]) == 60
-    assert reference.reallocated_length(196, reference.REALLOCATION_GROUPS[2]) == 147
+    assert reference.reallocated_length(3136, composition.REALLOCATION_GROUPS[8]) == 60
+    assert reference.reallocated_length(784, composition.REALLOCATION_GROUPS[4]) == 60
+    assert reference.reallocated_length(196, composition.REALLOCATION_GROUPS[2]) == 147
 
 
 def test_hand_sorted_reallocation():
@@ -188,7 +188,7 @@ def test_self_guided_attention_matches_explicit_composition():
     q, x = torch.randn(B, h, N, d, generator=g), torch.randn(B, N, C, generator=g)
     imp = torch.rand(B, H, W, generator=g)
     kv = [(torch.randn(C, C, generator=g) * C ** -0.5, torch.randn(C, generator=g)) for _ in range(2)]
-    groups = reference.REALLOCATION_GROUPS[4]
+    groups = composition.REALLOCATION_GROUPS[4]
     w = [torch.randn(r, generator=g) for r in groups]
     b = [torch.randn(1, generator=g) for _ in groups]
     out = sgattn.self_guided_attention(q, x, reference.importance_orderings(imp), *kv[0], *kv[1], w, b, hw=(H, W))
@@ -252,3 +252,59 @@ def test_tolerance_rule_accepts_reference_and_rejects_garbage(dtype):
     assert_close_to_reference(ref_t, ref_t, ref64)
     with pytest.raises(AssertionError):
         assert_close_to_reference(ref_t + 0.1, ref_t, ref64)
+
+
+# ------------------------------------------------ sgattn.composition against the oracle
+# The backends compose through sgattn.composition; the reference keeps its own definitions.
+# Same operations in the same order, so equal bits.
+
+
+def test_composition_plan_matches_the_reference():
+    for n in (1, 2, 3, 7, 10, 49, 196, 197, 3136):
+        for parts in (2, 3):
+            assert composition.reallocation_parts(n, parts) == reference.reallocation_parts(n, parts)
+        for groups in (*composition.REALLOCATION_GROUPS.values(), (7, 3, 2), (5, 1)):
+            assert composition.reallocated_length(n, groups) == reference.reallocated_length(n, groups)
+    with pytest.raises(ValueError, match="2 or 3 parts"):
+        composition.reallocation_parts(10, 4)
+
+
+@pytest.mark.parametrize("H,W,w", [(9, 11, 7), (3, 4, 7), (2, 20, 5), (20, 2, 50), (1, 1, 7)])
+def test_clipped_window_gives_the_reference_windows(H, W, w):
+    clipped = composition.clip_window(w, (H, W))
+    assert clipped <= max(H, W)
+    assert reference.window_shape(clipped, (H, W)) == reference.window_shape(w, (H, W))
+    assert composition.clip_window(None, (H, W)) is None
+
+
+def test_composition_orderings_and_importance_match_the_reference():
+    g = torch.Generator().manual_seed(17)
+    H, W, Hr, Wr = 5, 7, 2, 3
+    local, glob = torch.rand(2, H * W, generator=g), torch.rand(2, Hr * Wr, generator=g)
+    imp = composition.hybrid_importance(glob, local, (H, W), (Hr, Wr))
+    assert torch.equal(imp, reference.hybrid_importance(glob, local, (H, W), (Hr, Wr)))
+    orderings = composition.importance_orderings(imp)
+    for a, b in zip(orderings, reference.importance_orderings(imp)):
+        assert torch.equal(a, b)
+    tied = torch.zeros(2, H * W)  # ties: stable order in both orderings
+    for importance in (orderings, imp.reshape(2, -1), tied, (tied, tied)):
+        assert torch.equal(composition.self_guided_index(importance, (H, W)),
+                           reference.self_guided_index(importance, (H, W)))
+    assert torch.equal(composition.sort_index(local), reference.sort_index(local))
+
+
+def test_composed_self_guided_attention_is_the_reference():
+    # aggregate -> composition.reallocated_kv -> attention, with the reference's primitives
+    B, h, H, W, d = 2, 4, 6, 5, 8
+    C, N = h * d, H * W
+    g = torch.Generator().manual_seed(29)
+    q, x = torch.randn(B, h, N, d, generator=g), torch.randn(B, N, C, generator=g)
+    imp = composition.importance_orderings(torch.rand(B, H, W, generator=g))
+    kv = [torch.randn(C, C, generator=g), torch.randn(C, generator=g), torch.randn(C, C, generator=g), None]
+    w = [torch.randn(r, generator=g) for r in (2, 1)]
+    b = [torch.randn(1, generator=g) for _ in range(2)]
+    seq = reference.aggregate_sorted(x, composition.self_guided_index(imp, (H, W)), w, b)
+    k, v = composition.reallocated_kv(seq, *kv, heads=h)
+    assert k.shape == v.shape == (B, h, seq.shape[2], d)
+    out = reference.attention(q, k, v, need_importance=False)[0]
+    assert torch.equal(out, reference.self_guided_attention(q, x, imp, *kv, w, b, hw=(H, W)))

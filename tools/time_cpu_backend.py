@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from sgattn import reference
+from sgattn import composition, reference
 from sgattn.backends import get_backend
 
 SHAPES = [
@@ -67,7 +67,7 @@ def make(kind, B, dtype, cfg, grad):
         v = torch.randn(B, cfg["h"], M, cfg["d"], dtype=dtype, requires_grad=grad)
         kw = dict(window=7, hw=cfg["hw"]) if kind == "win" else {}
         return lambda be: be.attention(q, k, v, **kw)
-    groups = reference.REALLOCATION_GROUPS[cfg["sr"]]
+    groups = composition.REALLOCATION_GROUPS[cfg["sr"]]
     x = torch.randn(B, cfg["N"], cfg["C"], dtype=dtype, requires_grad=grad)
     idx = torch.stack([torch.argsort(torch.rand(B, cfg["N"]), -1) for _ in range(2)])
     w = [torch.randn(r, dtype=dtype, requires_grad=grad) for r in groups]

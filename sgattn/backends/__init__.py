@@ -1,9 +1,12 @@
 """Backend registry and dispatch.
 
 A backend implements two primitives (see ``Backend``): attention with
-importance, and the aggregation of importance-sorted tokens. Everything else
-(hybrid-scale and self-guided attention) is composed from them in
-``sgattn.ops``; a backend may override the compositions to fuse them.
+importance, and the aggregation of importance-sorted tokens. ``Backend``
+composes hybrid-scale and self-guided attention from them with the shared
+arithmetic of ``sgattn.composition``; a backend may override the
+compositions to fuse them. The inputs arrive validated (``sgattn.ops``): a
+composition calls the backend's own primitives directly, once each, with no
+check or dispatch in between.
 
 Each backend declares what it runs as data (``Capabilities``, with the
 kernel-side limits read from the kernels' own planners), and ``unsupported``
@@ -21,7 +24,7 @@ import os
 
 import torch
 
-from .. import reference
+from .. import composition, reference
 
 # Order in which automatic dispatch tries backends.
 PREFERENCE = ("triton", "cuda", "cpu", "reference")
@@ -105,10 +108,10 @@ def capability_reasons(caps: Capabilities, op: str, tensors, options) -> list[st
 
 
 class Backend:
-    """Base class: the reference composition of the two primitives.
+    """Base class: SG-Former's compositions of the two primitives.
 
     Subclasses set ``name`` and override ``attention`` and ``aggregate_sorted``
-    (same signatures as in ``sgattn.reference``), ``unavailable``,
+    (the signatures of ``sgattn.reference.attention`` and ``aggregate_sorted``), ``unavailable``,
     ``capabilities`` and, for limits that depend on the sizes of a call,
     ``launch_limits``; they may override ``hybrid_scale_attention`` and
     ``self_guided_attention`` to fuse more.
@@ -156,16 +159,15 @@ class Backend:
         out_g, imp_g = self.attention(q_global, k_global, v_global, scale=scale, dropout_p=dropout_p)
         out_l, imp_l = self.attention(q_local, k_local, v_local, scale=scale, window=window, hw=hw,
                                       dropout_p=dropout_p)
-        importance = reference.hybrid_importance(imp_g, imp_l, hw, reduced_hw)
+        importance = composition.hybrid_importance(imp_g, imp_l, hw, reduced_hw)
         return torch.cat([out_g, out_l], dim=1), importance
 
     def self_guided_attention(self, q, x, importance, kv1_weight, kv1_bias, kv2_weight, kv2_bias,
                               agg_weights, agg_biases, *, hw, scale=None, dropout_p=0.0):
-        seq = self.aggregate_sorted(x, reference.self_guided_index(importance, hw),
-                                    agg_weights, agg_biases)
-        return reference.attention_over_reallocated(
-            q, seq, kv1_weight, kv1_bias, kv2_weight, kv2_bias, self.attention,
-            scale=scale, dropout_p=dropout_p)
+        """Reallocate x in both orderings, project to K/V halves, attend."""
+        seq = self.aggregate_sorted(x, composition.self_guided_index(importance, hw), agg_weights, agg_biases)
+        k, v = composition.reallocated_kv(seq, kv1_weight, kv1_bias, kv2_weight, kv2_bias, heads=q.shape[1])
+        return self.attention(q, k, v, scale=scale, dropout_p=dropout_p, need_importance=False)[0]
 
 
 class ReferenceBackend(Backend):

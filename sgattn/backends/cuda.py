@@ -35,7 +35,7 @@ import importlib
 
 import torch
 
-from .. import _native, reference
+from .. import _native
 from . import Backend, BackendError, Capabilities, attention_calls
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -164,12 +164,6 @@ class CudaBackend(Backend):
         # No host-side check of the index (it would synchronise): the kernels
         # validate it on the device (range, and permutation in the backward).
         return _native.aggregate_sorted(x, index, weights, biases)
-
-    def self_guided_attention(self, q, x, importance, kv1_weight, kv1_bias, kv2_weight, kv2_bias,
-                              agg_weights, agg_biases, *, hw, scale=None, dropout_p=0.0):
-        seq = self.aggregate_sorted(x, reference.self_guided_index(importance, hw), agg_weights, agg_biases)
-        return reference.attention_over_reallocated(
-            q, seq, kv1_weight, kv1_bias, kv2_weight, kv2_bias, self.attention, scale=scale, dropout_p=dropout_p)
 
 
 BACKEND = CudaBackend()

@@ -6,7 +6,7 @@ state dicts load with ``strict=True`` (``load_checkpoint``). Behaviour beyond
 - the position embedding is resampled bicubically to the stage-1 grid when
   the grid differs from the one the model was built for;
 - windows pad the grid to multiples of 7, reductions floor, reallocation
-  rounds its group counts up (see ``sgattn.reference``).
+  rounds its group counts up (see ``sgattn.composition``).
 """
 from __future__ import annotations
 

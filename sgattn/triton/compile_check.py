@@ -124,7 +124,7 @@ def _other_specs(kind):
     import torch
     from . import importance as I
     from . import reallocation as R
-    from ..reference import REALLOCATION_GROUPS
+    from ..composition import REALLOCATION_GROUPS
     specs = []
     if kind == "fp16":
         for has_g in (False, True):

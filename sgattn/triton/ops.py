@@ -10,98 +10,53 @@ Ops:
 - ``sgattn::triton_aggregate_fwd(x, index, w_cat, b_cat, group_sizes) -> [G, B, M, C]``
 - ``sgattn::triton_aggregate_bwd(dout, x, index, w_cat, group_sizes) -> (dx, dw, db)``
 
-Every op validates its arguments itself (ValueError "op: problem", the style
-of the public ops and the native bindings), with
-no host synchronisation on CUDA tensors; only under the interpreter (CPU
-tensors) is an aggregation index checked to be a permutation. The kernels
+Every op validates its arguments itself, through the Python contract the
+public ops use (``sgattn.contract``, the twin of the native bindings'), then
+the Triton kernels' own limits, with no host synchronisation on CUDA
+tensors; only under the interpreter (CPU tensors) is an aggregation index
+checked to be a permutation. The kernels
 never read or write out of bounds whatever the index holds (loads through it
 are masked; the backward inverts it with a sort, not a scatter).
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import composition, contract
+from ..contract import check_dims as _dims
+from ..contract import fail as _fail
 from . import attention as _attn
 from . import importance as _imp
 from . import reallocation as _realloc
 
 INT32_MAX = 2 ** 31 - 1
-FLOAT32_MAX = torch.finfo(torch.float32).max
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _fail(op, message):
-    raise ValueError(f"{op}: {message}")
 
 
 def _device_ok(op, tensors):
     want = "cpu" if _attn.INTERPRET else "cuda"
-    first = tensors[0][1]
     for name, t in tensors:
         if t.device.type != want and t.device.type != "meta":
             where = "the Triton interpreter runs CPU tensors" if _attn.INTERPRET else "Triton kernels run CUDA tensors"
             _fail(op, f"{name} is on {t.device}: {where}")
-        if t.device != first.device:
-            _fail(op, f"device mismatch: {tensors[0][0]} is on {first.device} but {name} is on {t.device}")
-
-
-def _dims(op, name, t, n):
-    if not isinstance(t, Tensor):
-        _fail(op, f"{name} must be a Tensor, got {type(t).__name__}")
-    if t.dim() != n:
-        _fail(op, f"{name} must have {n} dimensions, got shape {tuple(t.shape)}")
-
-
-def _float_same(op, tensors):
-    first_name, first = tensors[0]
-    if first.dtype not in FLOATS:
-        _fail(op, f"{first_name} has dtype {first.dtype}; the Triton kernels take float16, bfloat16 or float32")
-    for name, t in tensors[1:]:
-        if t.dtype != first.dtype:
-            _fail(op, f"dtype mismatch: {first_name} is {first.dtype} but {name} is {t.dtype}")
+    contract.check_devices(op, tensors)
 
 
 def _check_attention(op, q, k, v, scale, window, H, W, need_importance=False):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _dims(op, name, t, 4)
-    _float_same(op, (("q", q), ("k", k), ("v", v)))
+    """The contract, then the kernels' limits: head dims and window of the
+    tile plans, int32 token counts, programs in one launch."""
+    B, h, N, M, d, dv = contract.check_attention(op, q, k, v, window, H, W, need_importance, FLOATS)
     _device_ok(op, (("q", q), ("k", k), ("v", v)))
-    B, h, N, d = q.shape
-    if tuple(k.shape[:2]) != (B, h) or k.shape[3] != d:
-        _fail(op, f"k must be [B, h, M, d] = [{B}, {h}, M, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if tuple(v.shape[:3]) != tuple(k.shape[:3]):
-        _fail(op, f"v must be [B, h, M, dv] matching k {tuple(k.shape)}, got {tuple(v.shape)}")
-    M, dv = k.shape[2], v.shape[3]
-    if need_importance and h == 0 and B > 0:  # as the native attention_fwd
-        _fail(op, "the importance is a mean over heads and h = 0 (with B > 0) has none; "
-                  "pass need_importance=False or at least one head")
-    if N < 1 or M < 1:
-        _fail(op, f"need at least one query and one key, got N={N}, M={M}")
+    contract.check_scale(op, scale)
     lo, hi = _attn.HEAD_DIM_RANGE
     for name, n in (("head dim d", d), ("value head dim dv", dv)):
         if not lo <= n <= hi:
             _fail(op, f"{name} = {n} is outside {lo}..{hi}")
-    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:  # the kernels scale in float32
-        _fail(op, f"scale must be finite (in float32), got {scale}")
-    if window < 0:
-        _fail(op, f"window must be >= 0 (0: global attention), got {window}")
-    if not window and (H < 0 or W < 0):
-        _fail(op, f"H and W must be >= 0 (unused in global mode), got H={H}, W={W}")
     if window > _attn.MAX_WINDOW:
         _fail(op, f"window {window} is larger than {_attn.MAX_WINDOW}")
-    if window:
-        if M != N:
-            _fail(op, f"window mode needs as many keys as queries, got N={N}, M={M}")
-        if H < 1 or W < 1:
-            _fail(op, f"window mode needs a grid H, W >= 1, got H={H}, W={W}")
-        if H * W > INT32_MAX:
-            _fail(op, f"H*W = {H}*{W} overflows int32")
-        if H * W != N:
-            _fail(op, f"H*W = {H}*{W} = {H * W} does not match N = {N}")
     if N > INT32_MAX or M > INT32_MAX:
         _fail(op, f"token counts must fit int32, got N={N}, M={M}")
     plan = _attn.plan_for(q.dtype, d, dv)
@@ -156,17 +111,7 @@ def _(q, k, v, scale, window, H, W, need_importance):
 
 def _check_backward(op, dout, q, k, v, out, lse, scale, window, H, W):
     _check_attention(op, q, k, v, scale, window, H, W)
-    B, h, N, _ = q.shape
-    want = (B, h, N, v.shape[3])
-    for name, t in (("dout", dout), ("out", out)):
-        _dims(op, name, t, 4)
-        if tuple(t.shape) != want:
-            _fail(op, f"{name} must be [B, h, N, dv] = {list(want)}, got {tuple(t.shape)}")
-    _float_same(op, (("q", q), ("dout", dout), ("out", out)))
-    _dims(op, "lse", lse, 3)
-    if tuple(lse.shape) != (B, h, N) or lse.dtype != torch.float32:
-        _fail(op, f"lse must be float32 [B, h, N] = [{B}, {h}, {N}] (the forward's), "
-                  f"got {lse.dtype} {tuple(lse.shape)}")
+    contract.check_attention_grads(op, q, v, dout, out, lse)
     _device_ok(op, (("q", q), ("dout", dout), ("out", out), ("lse", lse)))
 
 
@@ -249,49 +194,18 @@ def _(part, weight, part_g, weight_g, H, W, Hr, Wr):
 
 
 # ------------------------------------------------------------- reallocation
-def _parts(N, P):
-    # reference.reallocation_parts with SymInt-friendly arithmetic
-    if P == 3:
-        quarter = N // 4
-        return [quarter, 2 * quarter, N - 3 * quarter]
-    return [N // 2, N - N // 2]
-
-
-def _merged_length(N, group_sizes):
-    return sum(-(-n // r) for n, r in zip(_parts(N, len(group_sizes)), group_sizes))
-
-
 def _check_aggregate(op, x, index, w_cat, group_sizes, b_cat=None):
-    _dims(op, "x", x, 3)
-    _dims(op, "index", index, 3)
-    _dims(op, "w_cat", w_cat, 1)
+    contract.check_aggregate(op, x, index, w_cat, b_cat, group_sizes, FLOATS, names=("w_cat", "b_cat"))
     named = [("x", x), ("w_cat", w_cat)] + ([("b_cat", b_cat)] if b_cat is not None else [])
-    _float_same(op, named)
     _device_ok(op, named + [("index", index)])
-    if len(group_sizes) not in (2, 3) or any(int(r) < 1 for r in group_sizes):
-        _fail(op, f"group_sizes must be 2 or 3 positive ints, got {list(group_sizes)}")
-    if w_cat.shape[0] != sum(group_sizes):
-        _fail(op, f"w_cat must hold sum(group_sizes) = {sum(group_sizes)} weights, got {w_cat.shape[0]}")
-    if b_cat is not None:
-        _dims(op, "b_cat", b_cat, 1)
-        if b_cat.shape[0] != len(group_sizes):
-            _fail(op, f"b_cat must hold one bias per part ({len(group_sizes)}), got {b_cat.shape[0]}")
-    if index.dtype != torch.int64:
-        _fail(op, f"index must be int64, got {index.dtype}")
     G, B, N = index.shape
     if G not in (1, 2):
         _fail(op, f"index must be [G, B, N] with G = 1 or 2 orderings, got {tuple(index.shape)}")
-    if tuple(x.shape[:2]) != (B, N):
-        _fail(op, f"x must be [B, N, C] = [{B}, {N}, C] to match index {tuple(index.shape)}, got {tuple(x.shape)}")
-    if N < 1 or x.shape[2] < 1:
-        _fail(op, f"need at least one token and one channel, got x {tuple(x.shape)}")
+    contract.check_tokens(op, x)
     if N > INT32_MAX:
         _fail(op, f"N = {N} does not fit int32")
     if index.device.type == "cpu" and not torch.compiler.is_compiling():
-        # a permutation check needs the values: only where it costs no device sync
-        expected = torch.arange(N, dtype=torch.int64).expand(G, B, N)
-        if not torch.equal(index.sort(dim=2).values, expected):
-            _fail(op, "index must hold a permutation of 0..N-1 in every row (argsort output)")
+        contract.check_permutations(op, index)  # it needs the values: only where that costs no device sync
 
 
 @torch.library.custom_op("sgattn::triton_aggregate_fwd", mutates_args=())
@@ -306,17 +220,12 @@ def aggregate_fwd(x: Tensor, index: Tensor, w_cat: Tensor, b_cat: Tensor, group_
 @aggregate_fwd.register_fake
 def _(x, index, w_cat, b_cat, group_sizes):
     G, B, N = index.shape
-    return x.new_empty((G, B, _merged_length(N, group_sizes), x.shape[2]))
+    return x.new_empty((G, B, composition.reallocated_length(N, group_sizes), x.shape[2]))
 
 
 def _check_aggregate_bwd(op, dout, x, index, w_cat, group_sizes):
     _check_aggregate(op, x, index, w_cat, group_sizes)
-    _dims(op, "dout", dout, 4)
-    G, B, N = index.shape
-    want = (G, B, _merged_length(N, group_sizes), x.shape[2])
-    if tuple(dout.shape) != want:
-        _fail(op, f"dout must be [G, B, M, C] = {list(want)}, got {tuple(dout.shape)}")
-    _float_same(op, (("x", x), ("dout", dout)))
+    contract.check_aggregate_grad(op, x, index, dout, group_sizes, name="dout")
     _device_ok(op, (("x", x), ("dout", dout)))
 
 

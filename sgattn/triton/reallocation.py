@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import composition
 
 
 @triton.jit
@@ -138,7 +138,7 @@ def _rows(t):
 def plan(N: int, group_sizes):
     """Kernel scalars of a reallocation plan: part starts S, merged-row starts O,
     group sizes R (padded to 3 parts), and the total merged length."""
-    parts = reference.reallocation_parts(N, len(group_sizes))
+    parts = composition.reallocation_parts(N, len(group_sizes))
     groups = [-(-n // r) for n, r in zip(parts, group_sizes)]
     R = list(group_sizes) + [1] * (3 - len(group_sizes))
     S1 = parts[0]
