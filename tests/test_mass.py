@@ -129,7 +129,7 @@ HEAD_PAIRS = [(1, 1), (4, 2), (6, 1)]
 def test_oracle_equals_eager_float64(Lq, Lk, Hq, Hkv, causal, padded, monkeypatch):
     """Every mass option; a small block budget makes the oracle cut the queries
     into chunks that do not divide Lq."""
-    monkeypatch.setattr(reference, "MAX_BLOCK_ELEMENTS", 2 * Hq * Lk * 7)  # 7 queries per chunk
+    monkeypatch.setattr(reference, "MAX_BLOCK_ELEMENTS", 2 * Hq * Lk * 13)  # 13 queries per chunk
     q, k, v = _inputs(2, Hq, Hkv, Lq, Lk, 8, seed=Lq * 131 + Lk)
     mask = _padding(2, Lk, seed=Lq, full_row=padded and Lk % 2 == 1) if padded else None
     for options in _mass_options(Lq):
@@ -328,6 +328,7 @@ def test_chunked_gradients_equal_eager_autograd(monkeypatch):
 # ------------------------------------------------------------------------------ backends
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+KERNEL_BACKENDS = BACKENDS[1:]
 
 
 def _present(name):
@@ -351,9 +352,10 @@ def _backend_cases():
                                                           mass_reduce=mass_reduce, mass_heads=mass_heads)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", KERNEL_BACKENDS)
 def test_every_backend_agrees_with_the_float64_oracle(name):
-    """Each case the backend accepts, in each of its dtypes, within
+    """(The reference is the oracle: the tests above hold it to the eager float64
+    computation.) Each case the backend accepts, in each of its dtypes, within
     tolerance.assert_close_to_reference's bound (2x the oracle's own error on
     the same dtype-T inputs vs float64, plus 2 ulp); each case it declines
     names a reason. A backend must accept at least SG-Former's case."""
@@ -371,7 +373,7 @@ def test_every_backend_agrees_with_the_float64_oracle(name):
             call = dict(options, key_padding_mask=dmask, return_lse=False)
             why = backend.unsupported("attention_with_mass", (q, k, v), scale=None, **call)
             if why is not None:
-                assert name != "reference" and "not implemented" in why
+                assert "not implemented" in why, why
                 continue
             with sgattn.use_backend(name):
                 out, mass = sgattn.attention_with_mass(q, k, v, **call)
@@ -567,20 +569,21 @@ def _peak_bytes(fn):
 
 
 def test_oracle_memory_is_linear_in_length(monkeypatch):
-    """Forward and backward at Lq = Lk = 4096, causal GQA: peak memory beyond the
-    inputs is a few query-chunk blocks, not Lq x Lk. Measured with the block
-    budget at 2**18 elements (1 MiB fp32): about 7 MiB, against 64 MiB for one
-    head's 4096 x 4096 fp32 probabilities (the default 2**24-element budget,
-    Hq = 8: 0.3 GiB against 0.5 GiB for all heads' probabilities)."""
-    monkeypatch.setattr(reference, "MAX_BLOCK_ELEMENTS", 1 << 18)
+    """Forward and backward at Lq = Lk = 4096, causal: peak memory beyond the
+    inputs is a few query-chunk blocks, never Lq x Lk. Measured with a block
+    budget of 2**19 elements (2 MiB fp32): 8.4 MiB, against 64 MiB for the
+    4096 x 4096 fp32 probabilities. (With the default 2**24-element budget at
+    Hq = 8, Hkv = 2, D = 32: 210 MiB, against 512 MiB for all heads' probabilities.)"""
+    budget = 1 << 19
+    monkeypatch.setattr(reference, "MAX_BLOCK_ELEMENTS", budget)
     L = 4096
-    q, k, v = (t.float().requires_grad_() for t in _inputs(1, 2, 1, L, L, 32))
+    q, k, v = (t.float().requires_grad_() for t in _inputs(1, 1, 1, L, L, 16))
 
     def step():
         out, mass = sgattn.attention_with_mass(q, k, v, causal=True, mass_reduce="causal_mean")
         out.backward(torch.ones_like(out))
 
     peak = _peak_bytes(step)
-    inputs = sum(t.numel() * 4 for t in (q, k, v))  # the gradients and out are as large again
-    assert peak < 4 * inputs + 8 * (1 << 18) * 4, f"peak {peak / 2**20:.1f} MiB"
-    assert peak < L * L * 4 / 4  # far below a single head's probability matrix
+    inputs = sum(t.numel() * 4 for t in (q, k, v))  # out and the gradients are as large again
+    assert peak <= 4 * inputs + 6 * budget * 4, f"peak {peak / 2**20:.1f} MiB"
+    assert peak < L * L * 4 / 4, f"peak {peak / 2**20:.1f} MiB"
