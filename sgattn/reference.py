@@ -284,9 +284,10 @@ def attention_over_reallocated(q, seq, kv1_weight, kv1_bias, kv2_weight, kv2_bia
 #
 # Mass of key j = sum over the chosen queries i of P_ij, P = softmax(scale q k^T)
 # over the keys query i sees. Computed in query chunks like ``attention`` above:
-# no more than one (query chunk x keys) block per head at once, forward and
-# backward (a hand-written chunked backward recomputes P from the row lse), so
-# memory beyond the inputs is O(B * H * L) whatever Lq and Lk are.
+# (query chunk x keys) blocks of all heads, at most MAX_BLOCK_ELEMENTS each and a
+# few alive at once, in the forward and in the backward (hand-written: it
+# recomputes P from the row lse), so memory beyond the inputs is O(B * H * L)
+# whatever Lq and Lk are.
 # ============================================================================
 
 MASS_REDUCTIONS = ("sum", "mean", "causal_mean")
@@ -407,7 +408,7 @@ def _query_weight(mass_queries, Lq, q_seg, cu_seqlens_q, dtype, device):
     return (rows >= first).to(dtype)
 
 
-def _mass_divisor(mass_reduce, weight, visibility, Lk, cu_seqlens_q, q_seg, k_seg):
+def _mass_divisor(mass_reduce, weight, visibility, B, Lk, cu_seqlens_q, q_seg, k_seg):
     """What each key's column sum is divided by: None ("sum"); the number of chosen
     queries of its sequence ("mean"); the number of chosen queries that see it
     ("causal_mean"). Shape broadcasting against [B, Hkv, G, Lk]."""
@@ -419,7 +420,7 @@ def _mass_divisor(mass_reduce, weight, visibility, Lk, cu_seqlens_q, q_seg, k_se
         per_seq = torch.zeros(cu_seqlens_q.shape[0] - 1, dtype=weight.dtype, device=weight.device)
         return per_seq.index_add_(0, q_seg, weight)[k_seg]
     count = None
-    for a, b in _row_chunks(weight.shape[0], Lk):
+    for a, b in _row_chunks(weight.shape[0], B * Lk):
         seen = _visible_block(a, b, Lk, *visibility)
         if seen is None:
             return weight.sum()
@@ -465,7 +466,7 @@ def _mass(q, k, v, lse, *, scale, causal, key_padding_mask, cu_seqlens_q, cu_seq
             for a, b in _row_chunks(Lq, B * Hq * Lk):
                 p, _ = _block_probs(qg.detach(), kc.detach(), scale, a, b, visibility, lse=lse)
                 colsum += torch.matmul(weight[a:b], p)
-    divisor = _mass_divisor(mass_reduce, weight, visibility, Lk, cu_seqlens_q, q_seg, k_seg)
+    divisor = _mass_divisor(mass_reduce, weight, visibility, B, Lk, cu_seqlens_q, q_seg, k_seg)
     mass = _reduce_mass(colsum, divisor, mass_heads)
     if v is None:
         return mass

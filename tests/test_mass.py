@@ -141,8 +141,9 @@ def test_oracle_equals_eager_float64(Lq, Lk, Hq, Hkv, causal, padded, monkeypatc
         assert torch.equal(lse.isinf(), e_lse.isinf())
         assert_close64(lse.nan_to_num(0, 0, 0), e_lse.nan_to_num(0, 0, 0), what)
         assert mass.dtype == torch.float64 and not mass.requires_grad
-        from_lse = reference.attention_mass(q, k, lse, causal=causal, key_padding_mask=mask, **options)
-        assert_close64(from_lse, e_mass, what)
+        if options["mass_reduce"] == "sum":  # the reductions after the column sums are shared code
+            from_lse = reference.attention_mass(q, k, lse, causal=causal, key_padding_mask=mask, **options)
+            assert_close64(from_lse, e_mass, what)
 
 
 def _varlen_case(seed, Hq, Hkv, D=8, nseq=4):
