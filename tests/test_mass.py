@@ -73,7 +73,8 @@ def eager_varlen(q, k, v, cu_q, cu_k, *, causal=False, mass_queries=None, **mass
         if isinstance(mass_queries, int):
             rows = torch.arange(max(a, b - mass_queries), b)
         else:
-            rows = torch.arange(a, b) if mass_queries is None else mass_queries[(mass_queries >= a) & (mass_queries < b)]
+            inside = None if mass_queries is None else mass_queries[(mass_queries >= a) & (mass_queries < b)]
+            rows = torch.arange(a, b) if mass_queries is None else inside
         if b == a or rows.numel() == 0:  # no chosen query: no mass
             masses.append(torch.zeros(*([heads] if heads else []), d - c, dtype=torch.float64))
         if b == a:
@@ -248,6 +249,12 @@ def test_queries_that_see_no_key():
     assert torch.allclose(cm * seen_by, sgattn.attention_with_mass(q, k, v, causal=True)[1])
 
 
+def test_empty_batch_gives_empty_results():
+    q, k, v = _inputs(0, 4, 2, 5, 7, 8)
+    out, mass, lse = sgattn.attention_with_mass(q, k, v, causal=True, mass_heads="group_sum", return_lse=True)
+    assert out.shape == (0, 4, 5, 8) and mass.shape == (0, 2, 7) and lse.shape == (0, 4, 5)
+
+
 def test_group_and_head_reductions_are_explicit():
     """group_sum is group_mean times the group size; mean over all heads is their mean."""
     q, k, v = _inputs(1, 8, 2, 11, 13, 8)
@@ -348,7 +355,8 @@ def _backend_cases():
             for causal in (False, True):
                 for padded in (False, True):
                     for mass_queries in (None, 3):
-                        for mass_reduce, mass_heads in (("mean", "mean"), ("sum", "none"), ("causal_mean", "group_sum")):
+                        for mass_reduce, mass_heads in (("mean", "mean"), ("sum", "none"),
+                                                        ("causal_mean", "group_sum")):
                             yield (Hq, Hkv, Lq, Lk), dict(causal=causal, padded=padded, mass_queries=mass_queries,
                                                           mass_reduce=mass_reduce, mass_heads=mass_heads)
 
