@@ -514,46 +514,61 @@ def _first_chosen(lq, opts):
     return 0 if opts["mass_queries"] is None else lq - opts["mass_queries"]
 
 
+def _grouped(q, hkv):
+    """[B, Hq, L, D] -> [B, Hkv, G * L, D]: a GQA group's queries as rows against their shared K, V
+    (what a careful eager implementation does instead of repeating K and V)."""
+    return q.reshape(q.shape[0], hkv, -1, q.shape[-1])
+
+
 def eager_mass_attention(q, k, v, opts):
     """What eager attention does: the whole probability matrix, its output and sums."""
     hkv, lq, lk = k.shape[1], q.shape[2], k.shape[2]
-    k, v = (t.repeat_interleave(q.shape[1] // hkv, 1) for t in (k, v))
     allowed = _causal_allowed(lq, lk, 0, lq, q.device)
-    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = (_grouped(q, hkv) @ k.transpose(-1, -2)).view(*q.shape[:3], lk) * q.shape[-1] ** -0.5
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
     first = _first_chosen(lq, opts)
     mass = _reduce_mass(p[:, :, first:].float().sum(2), allowed[first:].sum(0), lq - first, opts, hkv)
-    return p @ v, mass
+    return (_grouped(p, hkv) @ v).view(*q.shape[:3], v.shape[-1]), mass
 
 
 def sdpa_lse(q, k, v):
-    """SDPA's output and log-sum-exp (bottom-right causal), GQA by repeating K and V.
-    CPU: the flash kernel's LSE; CUDA: the memory-efficient kernel's (a GPU run must confirm its layout)."""
-    lq, lk = q.shape[2], k.shape[2]
-    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
-    bias = None  # these kernels take an additive bias of the query's dtype (Lq < Lk: decode)
-    if lq != lk:
+    """SDPA's output and log-sum-exp (natural log, bottom-right causal). CPU: the flash kernel's LSE;
+    CUDA: the memory-efficient kernel's (a GPU run must confirm it). Prefill repeats K and V for the
+    kernel's causal mask (O(L d), small next to the O(L^2 d) attention); a decode step folds each GQA
+    group's queries into rows against the shared K and V, with the causal bias tiled per row."""
+    B, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if lq == lk:
+        k, v = (t.repeat_interleave(hq // hkv, 1) for t in (k, v))
+        q_rows, bias = q, None
+    else:  # these kernels take an additive bias of the query's dtype
+        q_rows = _grouped(q, hkv)
         bias = torch.zeros(lq, lk, device=q.device, dtype=q.dtype).masked_fill(
-            ~_causal_allowed(lq, lk, 0, lq, q.device), float("-inf")).expand(q.shape[0], q.shape[1], lq, lk)
+            ~_causal_allowed(lq, lk, 0, lq, q.device), float("-inf")).repeat(hq // hkv, 1).expand(
+            B, hkv, q_rows.shape[2], lk)
     if q.device.type == "cuda":
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, is_causal=bias is None)[:2]
-        return out, lse[..., :lq]
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=bias is None, attn_mask=bias)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q_rows, k, v, bias, True,
+                                                                         is_causal=bias is None)[:2]
+        lse = lse[..., :q_rows.shape[2]]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_rows, k, v, is_causal=bias is None,
+                                                                              attn_mask=bias)
+    return out.reshape(B, hq, lq, v.shape[-1]), lse.reshape(B, hq, lq)
 
 
 def second_pass_mass(q, k, lse, opts, max_block=1 << 26):
     """The mass from a log-sum-exp the caller has, as users write it today: a second pass over Q and K,
     exp(scores - lse) in query chunks (the chunk's [Hq, rows, Lk] probabilities at a time)."""
-    hkv, lq, lk = k.shape[1], q.shape[2], k.shape[2]
-    k = k.repeat_interleave(q.shape[1] // hkv, 1)
+    B, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
     first = _first_chosen(lq, opts)
-    chunk = max(1, max_block // (q.shape[0] * q.shape[1] * lk))
-    acc = torch.zeros(q.shape[0], q.shape[1], lk, device=q.device, dtype=torch.float32)
+    chunk = max(1, max_block // (B * hq * lk))
+    acc = torch.zeros(B, hq, lk, device=q.device, dtype=torch.float32)
     counts = torch.zeros(lk, device=q.device)
     for s in range(first, lq, chunk):
         e = min(lq, s + chunk)
         allowed = _causal_allowed(lq, lk, s, e, q.device)
-        logits = (q[:, :, s:e] @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        logits = (_grouped(q[:, :, s:e], hkv) @ k.transpose(-1, -2)).view(B, hq, e - s, lk).float() * d ** -0.5
         p = torch.exp(logits - lse[:, :, s:e, None].float()).masked_fill(~allowed, 0.0)
         acc += p.sum(2)
         counts += allowed.sum(0)
