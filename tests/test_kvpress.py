@@ -5,7 +5,9 @@ same scores to floating-point rounding, the same kept KV entries, under the
 SDPA (mass from a second pass over the scored queries). Memory and time of
 both paths are printed (-s), not asserted."""
 import copy
+import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +106,12 @@ def test_snapkv_window_longer_than_prompt():
     with torch.no_grad(), sgkv.SnapKVPress(compression_ratio=0.5, window_size=32)(model), \
             pytest.raises(ValueError):
         model(ids, past_key_values=transformers.DynamicCache())
+
+
+def test_readme_example_runs():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "integrations.kvpress" in b)
+    torch.manual_seed(0)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["kept_keys"].shape == (1, 2, 128, 8)  # the shape its comment states
