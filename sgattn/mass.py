@@ -33,6 +33,7 @@ sum_j exp(scale * q_i . k_j) over the keys query i sees, [B, Hq, Lq].
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 from .backends import select
@@ -46,9 +47,10 @@ MASS_HEAD_REDUCTIONS = reference.MASS_HEAD_REDUCTIONS
 
 def _check_values(op, t, ok, message):
     """``ok`` (a bool tensor computed from ``t``) must hold. Eager CPU tensors are
-    checked here; on an accelerator and under torch.compile it is an asynchronous
-    device-side assert (no host synchronisation)."""
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    checked here; on an accelerator, for fake tensors and under torch.compile it is
+    an asynchronous device-side assert (no host synchronisation); meta tensors
+    have no values to check."""
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t):
         if not bool(ok):
             _fail(op, message)
     elif t.device.type != "meta":
@@ -143,16 +145,17 @@ def _check_varlen(op, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             _fail(op, f"{name} must be 1-D [B + 1] with B >= 1, got shape {list(cu.shape)}")
         if cu.device != q.device:
             _fail(op, f"device mismatch: q is on {q.device} but {name} is on {cu.device}")
-        max_name = "max_seqlen" + name[-2:]
         if not _is_int(longest) or longest < 0:
-            _fail(op, f"{max_name} must be an int >= 0, got {longest!r}")
-        lengths = cu[1:] - cu[:-1]
-        ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
-        _check_values(op, cu, ok, f"{name} must rise from 0 to {total} (the packed length) in steps of at most "
-                                  f"{max_name} = {longest}")
+            _fail(op, f"max_seqlen{name[-2:]} must be an int >= 0, got {longest!r}")
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         _fail(op, f"cu_seqlens_q {list(cu_seqlens_q.shape)} and cu_seqlens_k {list(cu_seqlens_k.shape)} "
                   "must describe the same number of sequences")
+    for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        lengths = cu[1:] - cu[:-1]
+        ok = (cu[0] == 0) & (cu[-1] == total) & (lengths >= 0).all() & (lengths <= longest).all()
+        _check_values(op, cu, ok, f"{name} must rise from 0 to {total} (the packed length) in steps of at most "
+                                  f"max_seqlen{name[-2:]} = {longest}")
     if lse is not None:
         _check_lse(op, q, lse, (q.shape[1], q.shape[0]), "[Hq, total_q]")
 
