@@ -12,7 +12,8 @@ then says how to build it. A build without native extensions prints a banner
 saying so (pip shows it with ``-v``).
 
 Extras: ``[timm]`` (timm registration, safetensors), ``[viz]`` (pictures and
-the demo: matplotlib, Pillow, scikit-learn), ``[bench]`` (pytest-benchmark,
+the demo: matplotlib, Pillow, scikit-learn), ``[kvpress]`` (kvpress's presses
+scored by sgattn, ``sgattn.integrations.kvpress``; brings transformers), ``[bench]`` (pytest-benchmark,
 matplotlib), ``[triton]``, ``[test]``, ``[all]``.
 """
 import os
@@ -146,6 +147,7 @@ ext_modules, cmdclass, _ = _extensions()
 EXTRAS = {
     "timm": ["timm>=1.0", "safetensors"],
     "viz": ["matplotlib", "pillow", "scikit-learn"],
+    "kvpress": ["kvpress>=0.5.5"],
     "bench": ["pytest", "pytest-benchmark", "matplotlib"],
     "triton": ["triton>=3.0"],
     "test": ["pytest", "pytest-benchmark"],

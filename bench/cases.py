@@ -13,9 +13,14 @@ Shape sets (``SGATTN_BENCH_SHAPES``, default ``full`` on a GPU, ``cpu`` on a CPU
 - ``headline``: what a short GPU session times: the S stage-1 ops (the most
   tokens) at 224 (batch 64) and 1024x1024 (batch 2), and sgformer_s at both.
 - ``smoke``: tiny shapes that exercise every code path in seconds (CI).
+
+``mass_shapes`` gives the attention-mass cases (bench/test_mass.py) of the same
+set names: prefill L = 1k..16k on a CPU (1k..64k on a GPU), SnapKV windows
+32/64/128, decode steps Lq = 1 and 16 against Lk up to 128k.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -434,3 +439,199 @@ def model_flops(variant, resolution):
     with counter, torch.no_grad():
         model(x)
     return counter.get_total_flops()
+
+
+# ------------------------------------------------------- attention mass ----
+# attention_with_mass (output + per-key mass in one pass) at a Llama-style GQA layout, against the
+# attention alone (SDPA) and what KV-cache eviction does today: eager attention (the [B, Hq, Lq, Lk]
+# matrix), SDPA plus a second pass from its log-sum-exp, or SDPA plus a window recompute (SnapKV).
+# Kinds: "prefill" (every query, kvpress ObservedAttention's causal_mean over the GQA group),
+# "snapkv" (the last `window` queries' mean, group mean), "decode" (Lq new queries against an Lk
+# cache, H2O's per-head sum).
+MASS_LAYOUT = {"batch": 1, "hq": 32, "hkv": 8, "dim": 128}
+MASS_OPTIONS = {"prefill": lambda s: {"mass_queries": None, "mass_reduce": "causal_mean", "mass_heads": "group_mean"},
+                "snapkv": lambda s: {"mass_queries": s["window"], "mass_reduce": "mean", "mass_heads": "group_mean"},
+                "decode": lambda s: {"mass_queries": None, "mass_reduce": "sum", "mass_heads": "none"}}
+
+
+def _mass_shape(kind, lq, lk, window=None):
+    shape = dict(MASS_LAYOUT, kind=kind, lq=lq, lk=lk)
+    if window is not None:
+        shape["window"] = window
+    return shape
+
+
+def mass_shapes(name=None, device_type="cpu"):
+    """The attention-mass cases of a named shape set (the names of ``shape_set``)."""
+    name = name or os.environ.get("SGATTN_BENCH_SHAPES") or ("full" if device_type == "cuda" else "cpu")
+    if name == "smoke":
+        return [_mass_shape("prefill", 256, 256), _mass_shape("snapkv", 256, 256, 32), _mass_shape("decode", 4, 1024)]
+    if name == "cpu":
+        prefill, snap_l, decode_lk = (1024, 2048, 4096, 8192, 16384), 4096, (8192, 32768, 131072)
+    elif name == "headline":
+        prefill, snap_l, decode_lk = (8192, 32768), 32768, (131072,)
+    elif name == "full":
+        prefill, snap_l, decode_lk = (1024, 4096, 8192, 16384, 32768, 65536), 32768, (8192, 32768, 131072)
+    else:
+        shape_set(name)  # the same error for an unknown name
+    shapes = ([_mass_shape("prefill", n, n) for n in prefill]
+              + [_mass_shape("snapkv", snap_l, snap_l, w) for w in (32, 64, 128)]
+              + [_mass_shape("decode", lq, lk) for lk in decode_lk for lq in (1, 16)])
+    return sorted(shapes, key=lambda s: s["lq"] * s["lk"])  # cheapest first: a time budget cuts the largest
+
+
+def mass_case_id(shape):
+    tail = f"-w{shape['window']}" if "window" in shape else ""
+    return f"{shape['kind']}-q{shape['lq']}-k{shape['lk']}{tail}"
+
+
+def mass_inputs(shape, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B, hq, hkv, d, lq, lk = (shape[k] for k in ("batch", "hq", "hkv", "dim", "lq", "lk"))
+    dt = work_dtype(device)
+    return tuple(torch.randn(*s, generator=g).to(device=device, dtype=dt)
+                 for s in ((B, hq, lq, d), (B, hkv, lk, d), (B, hkv, lk, d)))
+
+
+def _causal_allowed(lq, lk, start, stop, device):
+    """[stop - start, lk] bool: query i (of lq, bottom-right aligned) sees key j <= i + lk - lq."""
+    return torch.arange(lk, device=device)[None] <= torch.arange(start, stop, device=device)[:, None] + lk - lq
+
+
+def _reduce_mass(per_head, counts, n_chosen, opts, hkv):
+    """[B, Hq, Lk] summed probabilities -> the requested mass (counts: [Lk] chosen queries seeing each key)."""
+    if opts["mass_reduce"] == "mean":
+        per_head = per_head / n_chosen
+    elif opts["mass_reduce"] == "causal_mean":
+        per_head = per_head / counts.clamp(min=1)
+    if opts["mass_heads"] == "group_mean":
+        return per_head.unflatten(1, (hkv, -1)).mean(2)
+    assert opts["mass_heads"] == "none", opts
+    return per_head
+
+
+def _first_chosen(lq, opts):
+    return 0 if opts["mass_queries"] is None else lq - opts["mass_queries"]
+
+
+def _grouped(q, hkv):
+    """[B, Hq, L, D] -> [B, Hkv, G * L, D]: a GQA group's queries as rows against their shared K, V
+    (what a careful eager implementation does instead of repeating K and V)."""
+    return q.reshape(q.shape[0], hkv, -1, q.shape[-1])
+
+
+def eager_mass_attention(q, k, v, opts):
+    """What eager attention does: the whole probability matrix, its output and sums."""
+    hkv, lq, lk = k.shape[1], q.shape[2], k.shape[2]
+    allowed = _causal_allowed(lq, lk, 0, lq, q.device)
+    s = (_grouped(q, hkv) @ k.transpose(-1, -2)).view(*q.shape[:3], lk) * q.shape[-1] ** -0.5
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    first = _first_chosen(lq, opts)
+    mass = _reduce_mass(p[:, :, first:].float().sum(2), allowed[first:].sum(0), lq - first, opts, hkv)
+    return (_grouped(p, hkv) @ v).view(*q.shape[:3], v.shape[-1]), mass
+
+
+def sdpa_lse(q, k, v):
+    """SDPA's output and log-sum-exp (natural log, bottom-right causal). CPU: the flash kernel's LSE;
+    CUDA: the memory-efficient kernel's (a GPU run must confirm it). Prefill repeats K and V for the
+    kernel's causal mask (O(L d), small next to the O(L^2 d) attention); a decode step folds each GQA
+    group's queries into rows against the shared K and V, with the causal bias tiled per row."""
+    B, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if lq == lk:
+        k, v = (t.repeat_interleave(hq // hkv, 1) for t in (k, v))
+        q_rows, bias = q, None
+    else:  # these kernels take an additive bias of the query's dtype
+        q_rows = _grouped(q, hkv)
+        bias = torch.zeros(lq, lk, device=q.device, dtype=q.dtype).masked_fill(
+            ~_causal_allowed(lq, lk, 0, lq, q.device), float("-inf")).repeat(hq // hkv, 1).expand(
+            B, hkv, q_rows.shape[2], lk)
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q_rows, k, v, bias, True,
+                                                                         is_causal=bias is None)[:2]
+        lse = lse[..., :q_rows.shape[2]]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_rows, k, v, is_causal=bias is None,
+                                                                              attn_mask=bias)
+    return out.reshape(B, hq, lq, v.shape[-1]), lse.reshape(B, hq, lq)
+
+
+def second_pass_mass(q, k, lse, opts, max_block=1 << 26):
+    """The mass from a log-sum-exp the caller has, as users write it today: a second pass over Q and K,
+    exp(scores - lse) in query chunks (the chunk's [Hq, rows, Lk] probabilities at a time)."""
+    B, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    first = _first_chosen(lq, opts)
+    chunk = max(1, max_block // (B * hq * lk))
+    acc = torch.zeros(B, hq, lk, device=q.device, dtype=torch.float32)
+    counts = torch.zeros(lk, device=q.device)
+    for s in range(first, lq, chunk):
+        e = min(lq, s + chunk)
+        allowed = _causal_allowed(lq, lk, s, e, q.device)
+        logits = (_grouped(q[:, :, s:e], hkv) @ k.transpose(-1, -2)).view(B, hq, e - s, lk).float() * d ** -0.5
+        p = torch.exp(logits - lse[:, :, s:e, None].float()).masked_fill(~allowed, 0.0)
+        acc += p.sum(2)
+        counts += allowed.sum(0)
+    return _reduce_mass(acc, counts, lq - first, opts, hkv)
+
+
+def sdpa_causal(q, k, v):
+    lq, lk = q.shape[2], k.shape[2]
+    mask = None if lq == lk else _causal_allowed(lq, lk, 0, lq, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+
+def eager_matrix_bytes(shape, device):
+    return shape["batch"] * shape["hq"] * shape["lq"] * shape["lk"] * torch.finfo(work_dtype(device)).bits // 8
+
+
+def eager_fits(shape, device):
+    """None, or why eager attention is not timed (its scores and probabilities would not fit comfortably)."""
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    need = 2 * eager_matrix_bytes(shape, device)
+    if need > total // 4:
+        return f"eager attention would hold {need / 2 ** 30:.1f} GiB of scores and probabilities ({total / 2 ** 30:.0f} GiB here)"
+    return None
+
+
+def sgattn_mass_from_lse(q, k, v, opts):
+    """A user of another attention kernel: its output and LSE, then sgattn's mass alone."""
+    out, lse = sdpa_lse(q, k, v)
+    return out, sgattn.attention_mass(q, k, lse, causal=True, **opts)
+
+
+def sdpa_second_pass(q, k, v, opts):
+    out, lse = sdpa_lse(q, k, v)
+    return out, second_pass_mass(q, k, lse, opts)
+
+
+def sdpa_window_recompute(q, k, v, opts):
+    """kvpress's SnapKV under SDPA: the attention, then the window's rows recomputed eagerly."""
+    w = opts["mass_queries"]
+    return sdpa_causal(q, k, v), eager_mass_attention(q[:, :, -w:], k, v, dict(opts, mass_queries=None))[1]
+
+
+def mass_impls(shape, device):
+    """{impl: (callable(q, k, v) or None, reason)} for one attention-mass case."""
+    opts = MASS_OPTIONS[shape["kind"]](shape)
+    impls = {}
+    for b in sgattn_backends(device):
+        impls[f"sgattn:{b}"] = (with_backend(b, functools.partial(sgattn.attention_with_mass, causal=True, **opts)), None)
+        impls[f"sgattn:{b}:lse"] = (with_backend(b, functools.partial(sgattn_mass_from_lse, opts=opts)), None)
+    why = eager_fits(shape, device)
+    impls["naive"] = (functools.partial(eager_mass_attention, opts=opts), None) if why is None else (None, why)
+    impls["sdpa"] = (sdpa_causal, None)  # the attention alone: what the mass costs on top
+    if shape["kind"] == "snapkv":
+        impls["sdpa+window"] = (functools.partial(sdpa_window_recompute, opts=opts), None)
+    else:
+        impls["sdpa+2pass"] = (functools.partial(sdpa_second_pass, opts=opts), None)
+    return impls
+
+
+def mass_counts(shape, device):
+    """(FLOPs, minimal bytes): QK^T and PV over the causally visible pairs; Q, K, V read, out and mass written."""
+    B, hq, hkv, d, lq, lk = (shape[k] for k in ("batch", "hq", "hkv", "dim", "lq", "lk"))
+    pairs = lq * (lk - lq) + lq * (lq + 1) // 2
+    es = torch.finfo(work_dtype(device)).bits // 8
+    return int(4 * B * hq * pairs * d), int(es * B * d * (2 * hq * lq + 2 * hkv * lk) + 4 * B * hq * lk)
