@@ -1,0 +1,64 @@
+"""Every backend present against the float64 reference, over one table of cases
+(``sgattn.testing.CASES``: odd, tile-edge and plan-edge sizes, head dims,
+layouts, global and window attention, padded windows and windows larger than
+the grid, numerically hard values, hybrid-scale and self-guided compositions,
+aggregation), each in its dtypes, forward (outputs and importance) and
+backward, judged by the rule of ``sgattn.testing`` (``sgattn check`` runs a
+subset of the same rows through it).
+
+The GPU backends run where a GPU is (skipped with the reason otherwise), the
+Triton one under the interpreter on the CPU. Every float tensor allocated
+through torch.empty while a backend runs is poisoned with NaN, so an element a
+kernel forgets to write fails. The reference backend is held to float64
+rounded to each dtype.
+"""
+import math
+
+import pytest
+import torch
+
+import sgattn
+from sgattn.testing import CASES, Skipped, compare
+from conftest import DEVICE
+
+BACKENDS = list(sgattn.available_backends())
+ROWS = [pytest.param(case, dtype, id=f"{case.name}-{str(dtype)[6:]}") for case in CASES for dtype in case.dtypes]
+
+
+def _device(backend):
+    return "cpu" if backend == "cpu" else ("cuda" if backend == "cuda" else DEVICE)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """A context in which every float tensor from torch.empty is NaN."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    class Poisoned:
+        def __enter__(self):
+            monkeypatch.setattr(torch, "empty", empty)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(torch, "empty", real_empty)
+    return Poisoned
+
+
+@pytest.mark.parametrize("case,dtype", ROWS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_agrees_with_float64(backend, case, dtype, poison):
+    why = sgattn.available_backends()[backend]
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+    try:
+        verdicts = compare(case, backend, dtype, _device(backend), around=poison)
+    except Skipped as exc:
+        pytest.skip(f"{backend}: {exc}")
+    assert verdicts
+    bad = [str(v) for v in verdicts if not v.ok]
+    assert not bad, f"{backend} {case.name} {dtype}:\n  " + "\n  ".join(bad)
