@@ -31,6 +31,9 @@ from typing import Callable
 
 import torch
 
+from . import ops, reference
+from .backends import BackendError, get_backend, select, use_backend
+
 ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23, torch.float64: 2 ** -52}
 LOW = (torch.float32, torch.float16, torch.bfloat16)
 # The reference against float64 rounded to T: fp32 accumulation (out), longer
@@ -198,10 +201,9 @@ def attention_case(name, shape, *, window=None, hw=None, scale=None, spread=1.0,
             qkv = [_randn(gen, B, h, L, e, s=spread) for L, e in ((N, d), (M, d), (M, dv))]
 
         def fn(q, k, v):
-            import sgattn
             if importance:
-                return sgattn.attention_with_importance(q, k, v, scale=scale, window=window, hw=hw)
-            return (sgattn.ops.attention(q, k, v, scale=scale),)
+                return ops.attention_with_importance(q, k, v, scale=scale, window=window, hw=hw)
+            return (ops.attention(q, k, v, scale=scale),)
         return [t.to(device) for t in qkv], fn
     return Case(name, make, attention=dict(scale=scale, window=window, hw=hw), **kw)
 
@@ -259,8 +261,7 @@ def hybrid_case(name, B, hg, hl, hw, sr, d, window=7, **kw):
         shapes = [(B, hg, N, d), (B, hg, M, d), (B, hg, M, d), (B, hl, N, d), (B, hl, N, d), (B, hl, N, d)]
 
         def fn(*t):
-            import sgattn
-            return sgattn.hybrid_scale_attention(*t, hw=hw, reduced_hw=rhw, window=window)
+            return ops.hybrid_scale_attention(*t, hw=hw, reduced_hw=rhw, window=window)
         return [_randn(gen, *s).to(device) for s in shapes], fn
     return Case(name, make, **kw)
 
@@ -279,8 +280,7 @@ def self_guided_case(name, B, heads, C, hw, groups, **kw):
         P = len(groups)
 
         def fn(q, x, k1w, k1b, k2w, k2b, *wb):
-            import sgattn
-            return (sgattn.self_guided_attention(q, x, imp, k1w, k1b, k2w, k2b, list(wb[:P]), list(wb[P:]),
+            return (ops.self_guided_attention(q, x, imp, k1w, k1b, k2w, k2b, list(wb[:P]), list(wb[P:]),
                                                  hw=hw),)
         return [t.to(device) for t in inputs], fn
     return Case(name, make, reduction_from=6, **kw)
@@ -299,10 +299,8 @@ def aggregate_case(name, B, N, C, groups, G, public=False, **kw):
         P = len(groups)
 
         def fn(x, *wb):
-            import sgattn
-            from sgattn.backends import select
             if public:
-                return (sgattn.reallocate_tokens(x, imp, list(wb[:P]), list(wb[P:])),)
+                return (ops.reallocate_tokens(x, imp, list(wb[:P]), list(wb[P:])),)
             # select: the forced backend, or a BackendError naming why it cannot
             return (select("reallocate_tokens", (x,)).aggregate_sorted(x, index, list(wb[:P]), list(wb[P:])),)
         return [t.to(device) for t in inputs], fn
@@ -310,8 +308,7 @@ def aggregate_case(name, B, N, C, groups, G, public=False, **kw):
 
 
 def _groups(sr):
-    from sgattn.reference import REALLOCATION_GROUPS
-    return REALLOCATION_GROUPS[sr]
+    return reference.REALLOCATION_GROUPS[sr]
 
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -408,8 +405,6 @@ def compare(case: Case, backend: str, dtype, device, around=contextlib.nullconte
     """Run ``case`` on ``backend`` in ``dtype`` and judge every output and input
     gradient by the rule; raises Skipped when the backend cannot run it.
     ``around()``: a context entered around the backend's own run."""
-    import sgattn
-    from sgattn.backends import BackendError, get_backend
     if (case.slow is True or dtype in (case.slow or ())) and get_backend(backend).emulated:
         raise Skipped(f"{backend} runs on an emulator here: too slow for this size")
     gen = torch.Generator().manual_seed(case.seed())
@@ -419,12 +414,12 @@ def compare(case: Case, backend: str, dtype, device, around=contextlib.nullconte
     dtype_in = [arrange(t.to(dtype), case.layout) for t in values]
     cot_gen = torch.Generator().manual_seed(case.seed() + 1)
     try:
-        with sgattn.use_backend(backend), around():
+        with use_backend(backend), around():
             out, grads, cots = forward_backward(fn, dtype_in, grad_outputs=case.grad_outputs, cot_gen=cot_gen,
                                                   cot_scale=case.cotangent_scale, cot_dtype=low)
     except BackendError as exc:
         raise Skipped(str(exc)) from None
-    with sgattn.use_backend("reference"):
+    with use_backend("reference"):
         low_in = dtype_in if low == dtype else [arrange(t.to(low), case.layout) for t in values]
         ref_out, ref_grads, _ = forward_backward(fn, low_in, cots, case.grad_outputs)
         out64, grads64, _ = forward_backward(fn, values, cots, case.grad_outputs)
@@ -437,7 +432,6 @@ def compare(case: Case, backend: str, dtype, device, around=contextlib.nullconte
         o_factor, g_factor, r_factor = REFERENCE_FACTORS
     extra, scale = {}, None
     if case.attention is not None:  # flash allowances, from float64 values
-        from sgattn import reference
         scale = case.attention["scale"] or values[0].shape[-1] ** -0.5
         imp64 = reference.attention(*values[:3], **{**case.attention, "scale": scale})[1]
         extra = flash_row_errors(*values[:3], cots[0], out64[0], imp64, grads64[0], scale)
