@@ -148,7 +148,8 @@ class Case:
     multiplies the output's factor (aggregation: group sums of up to 196
     terms in another order; the cpu kernel's needed 4.9). ``slow``:
     the dtypes skipped on emulated backends (Triton's interpreter; True: all),
-    where the row's plan is covered faster by another."""
+    where the row's plan is covered faster by another. ``reference=False``:
+    the reference backend is not held to float64 rounded to T on this row."""
 
     name: str
     make: Callable
@@ -160,6 +161,7 @@ class Case:
     cotangent_scale: float = 1.0
     reduction_from: int = 10 ** 9
     slow: bool | tuple = False
+    reference: bool = True
     check: bool = False
 
     def seed(self) -> int:
@@ -307,6 +309,33 @@ def aggregate_case(name, B, N, C, groups, G, public=False, **kw):
     return Case(name, make, reduction_from=1, out_factor=4.0, **kw)
 
 
+def module_case(name, kind, dim, heads, sr, hw, B=2, **kw):
+    """An sgattn.nn attention module (``kind``: its class name) with seeded
+    parameters, differentiable in its input and every parameter (their
+    gradients sum over the batch and tokens); outputs y and any importance
+    masks it hands on. SelfGuidedAttention gets a spread (tie-free) mask."""
+    H, W = hw
+
+    def make(gen, device):
+        from . import nn as snn
+        module = getattr(snn, kind)(dim, num_heads=heads, qkv_bias=True, sr_ratio=sr).to(device)
+        names = [n for n, _ in module.named_parameters()]
+        # weights of std fan_in**-0.5 (well separated importance), others (norms, biases) 1 or 0 plus noise
+        params = [_randn(gen, *p.shape, s=p[0].numel() ** -0.5) if p.dim() >= 2
+                  else p.detach().double().cpu() + _randn(gen, *p.shape, s=0.1)
+                  for p in module.parameters()]
+        row = torch.stack([torch.randperm(H * W, generator=gen) for _ in range(B)]).to(device) / (H * W)
+        mask = [row, row.clone()] if kind == "SelfGuidedAttention" else None
+
+        def fn(x, *p):
+            y, new_mask = torch.func.functional_call(module, dict(zip(names, p)), (x, H, W, mask))
+            return (y, *(new_mask or ()))
+        return [t.to(device) for t in [_randn(gen, B, H * W, dim)] + params], fn
+    # the reference in fp32 through norms, projections and convolutions drifts
+    # past REFERENCE_FACTORS from float64 rounded to fp32 (a self-guided grad: 1.3x)
+    return Case(name, make, reduction_from=1, reference=False, **kw)
+
+
 def _groups(sr):
     return reference.REALLOCATION_GROUPS[sr]
 
@@ -375,6 +404,15 @@ CASES = [
     aggregate_case("agg-60-sr4-G2", 2, 60, 24, _groups(4), 2),
     aggregate_case("agg-5-sr2-G2", 2, 5, 24, _groups(2), 2, dtypes=(F16,)),
     aggregate_case("reallocate_tokens-90-sr4", 2, 90, 16, _groups(4), 1, public=True, check=True),
+    # the modules: projections, convolutions and norms around the ops
+    module_case("module-hybrid-14x14-sr2", "HybridScaleAttention", 64, 4, 2, (14, 14), dtypes=(F32,)),
+    module_case("module-hybrid-9x10-sr4", "HybridScaleAttention", 64, 4, 4, (9, 10), dtypes=(F32,)),
+    module_case("module-hybrid-14x14-sr8", "HybridScaleAttention", 64, 2, 8, (14, 14), dtypes=(F32,), slow=True),
+    module_case("module-hybrid-13x10-sr4", "HybridScaleAttention", 48, 4, 4, (13, 10), dtypes=(F32,), slow=True),
+    module_case("module-self_guided-14x14-sr4", "SelfGuidedAttention", 64, 4, 4, (14, 14), dtypes=(F32,)),
+    module_case("module-self_guided-9x10-sr2", "SelfGuidedAttention", 64, 4, 2, (9, 10), dtypes=(F32,)),
+    module_case("module-self_guided-9x11-sr2", "SelfGuidedAttention", 32, 2, 2, (9, 11), dtypes=(F32,), slow=True),
+    module_case("module-global-9x10", "GlobalAttention", 64, 4, 1, (9, 10), dtypes=(F32,)),
 ]
 
 
@@ -405,6 +443,8 @@ def compare(case: Case, backend: str, dtype, device, around=contextlib.nullconte
     """Run ``case`` on ``backend`` in ``dtype`` and judge every output and input
     gradient by the rule; raises Skipped when the backend cannot run it.
     ``around()``: a context entered around the backend's own run."""
+    if backend == "reference" and not case.reference:
+        raise Skipped("the reference backend in this dtype is the row's ref_T: judged by nothing else")
     if (case.slow is True or dtype in (case.slow or ())) and get_backend(backend).emulated:
         raise Skipped(f"{backend} runs on an emulator here: too slow for this size")
     gen = torch.Generator().manual_seed(case.seed())

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import sgattn
+from sgattn.backends import get_backend
 from sgattn.testing import CASES, Skipped, compare
 from conftest import DEVICE
 
@@ -62,3 +63,32 @@ def test_backend_agrees_with_float64(backend, case, dtype, poison):
     assert verdicts
     bad = [str(v) for v in verdicts if not v.ok]
     assert not bad, f"{backend} {case.name} {dtype}:\n  " + "\n  ".join(bad)
+
+
+@pytest.mark.parametrize("fault", ["output", "gradient", "unwritten"])
+def test_the_runner_rejects_a_wrong_backend(fault, monkeypatch, poison):
+    """A backend off by a little more than the bound, one with a wrong gradient,
+    and one that leaves an element of its output unwritten all fail."""
+    cpu = get_backend("cpu")
+    if sgattn.available_backends()["cpu"] is not None:
+        pytest.skip("the cpu backend stands in for the wrong one")
+    real = type(cpu).attention
+
+    def attention(self, q, k, v, **options):
+        out, imp = real(self, q, k, v, **options)
+        if fault == "output":
+            out = out + 2 ** -14 * out.detach().abs().max()
+        elif fault == "gradient":
+            out = out + (q - q.detach())[..., :1] * 1e-3  # dq gains 1e-3 * dO[..., :1]
+        else:
+            # rows from a poisoned allocation (their gradients are lost too)
+            out = torch.cat([out[..., :1, :], torch.empty(out[..., 1:, :].shape, dtype=out.dtype)], dim=-2)
+        return out, imp
+    monkeypatch.setattr(cpu, "attention", attention.__get__(cpu))
+    case = next(c for c in CASES if c.name == "g-97x49-d24")
+    verdicts = compare(case, "cpu", torch.float32, "cpu", around=poison)
+    bad = {v.what: v.note for v in verdicts if not v.ok}
+    if fault == "unwritten":
+        assert bad["out"] == "not finite", bad
+    else:
+        assert set(bad) == {"output": {"out"}, "gradient": {"dq"}}[fault], [str(v) for v in verdicts]
