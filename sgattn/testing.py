@@ -288,14 +288,16 @@ def self_guided_case(name, B, heads, C, hw, groups, **kw):
     return Case(name, make, reduction_from=6, **kw)
 
 
-def aggregate_case(name, B, N, C, groups, G, public=False, **kw):
+def aggregate_case(name, B, N, C, groups, G, public=False, ties=False, **kw):
     """backend.aggregate_sorted with G random orderings ([B, N] when G == 1);
-    ``public``: sgattn.reallocate_tokens with a spread importance instead."""
+    ``public``: sgattn.reallocate_tokens with a random importance instead
+    (``ties``: four values only, the stable sort orders ties by token index)."""
     def make(gen, device):
         index = torch.stack([torch.stack([torch.randperm(N, generator=gen) for _ in range(B)])
                              for _ in range(G)]).to(device)
         index = index[0] if G == 1 else index
-        imp = torch.rand(B, N, generator=gen).to(device)
+        imp = torch.rand(B, N, generator=gen)
+        imp = (imp * 4).floor().to(device) if ties else imp.to(device)
         inputs = [_randn(gen, B, N, C)] + [_randn(gen, r, s=r ** -0.5) for r in groups]
         inputs += [_randn(gen, 1) for _ in groups]
         P = len(groups)
@@ -348,7 +350,7 @@ CASES = [
     attention_case("g-64x60-d40", (1, 3, 64, 60, 40), layout="transposed"),
     attention_case("g-33x147-d72", (2, 1, 33, 147, 72), layout="strided"),
     attention_case("g-33x130-d32", (2, 2, 33, 130, 32), layout="heads", dtypes=(F16, BF16)),
-    attention_case("g-70x300-d24", (2, 2, 70, 300, 24), layout="heads", dtypes=(F16,)),
+    attention_case("g-70x300-d24", (2, 2, 70, 300, 24), layout="heads", dtypes=(F32, F16)),
     attention_case("g-5x1-d16", (3, 2, 5, 1, 16), layout="broadcast"),
     attention_case("g-7x7-d8", (1, 2, 7, 7, 8), dtypes=(F32,)),
     attention_case("g-40x20-d16-dv48", (1, 3, 40, 20, 16, 48), dtypes=(F32,)),

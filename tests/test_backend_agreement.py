@@ -12,8 +12,6 @@ through torch.empty while a backend runs is poisoned with NaN, so an element a
 kernel forgets to write fails. The reference backend is held to float64
 rounded to each dtype.
 """
-import math
-
 import pytest
 import torch
 
@@ -30,29 +28,8 @@ def _device(backend):
     return "cpu" if backend == "cpu" else ("cuda" if backend == "cuda" else DEVICE)
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """A context in which every float tensor from torch.empty is NaN."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        return t
-
-    class Poisoned:
-        def __enter__(self):
-            monkeypatch.setattr(torch, "empty", empty)
-
-        def __exit__(self, *exc):
-            monkeypatch.setattr(torch, "empty", real_empty)
-    return Poisoned
-
-
-@pytest.mark.parametrize("case,dtype", ROWS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_agrees_with_float64(backend, case, dtype, poison):
+def check_row(backend, case, dtype, poison):
+    """One row on one backend (shared with tests/test_fuzz.py)."""
     why = sgattn.available_backends()[backend]
     if why is not None:
         pytest.skip(f"{backend}: {why}")
@@ -63,6 +40,12 @@ def test_backend_agrees_with_float64(backend, case, dtype, poison):
     assert verdicts
     bad = [str(v) for v in verdicts if not v.ok]
     assert not bad, f"{backend} {case.name} {dtype}:\n  " + "\n  ".join(bad)
+
+
+@pytest.mark.parametrize("case,dtype", ROWS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_agrees_with_float64(backend, case, dtype, poison):
+    check_row(backend, case, dtype, poison)
 
 
 @pytest.mark.parametrize("fault", ["output", "gradient", "unwritten"])
