@@ -140,16 +140,22 @@ def cancelled_gradient(grad, q, k, v, dout, scale, name) -> Verdict | None:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One row: see the module docstring. ``attention``: the row's inputs are
-    (q, k, v) of one attention with these options (scale, window, hw), its
-    first output is the attention output (flash allowances apply).
-    ``cotangent_scale``: the std of the output cotangents. ``reduction_from``: inputs from this index on get
-    gradients that sum over B*M*C terms (KERNEL_FACTORS[2]). ``out_factor``
-    multiplies the output's factor (aggregation: group sums of up to 196
-    terms in another order; the cpu kernel's needed 4.9). ``slow``:
-    the dtypes skipped on emulated backends (Triton's interpreter; True: all),
-    where the row's plan is covered faster by another. ``reference=False``:
-    the reference backend is not held to float64 rounded to T on this row."""
+    """One row: see the module docstring.
+
+    attention: the row's inputs are (q, k, v) of one attention with these
+        options (scale, window, hw) and its first output is the attention
+        output: the flash allowances apply.
+    out_factor: multiplies the output's factor (aggregation: group sums of up
+        to 196 terms in another order; the cpu kernel's needed 4.9).
+    cotangent_scale: the std of the output cotangents.
+    reduction_from: inputs from this index on get gradients that sum over
+        B*M*C terms (KERNEL_FACTORS[2]).
+    slow: the dtypes skipped on emulated backends (Triton's interpreter; True:
+        all), where another row covers the same plan faster.
+    reference: False when the reference backend is not held to float64
+        rounded to T on this row.
+    check: the row is one of ``sgattn check``'s.
+    """
 
     name: str
     make: Callable
