@@ -2,9 +2,9 @@
 (``sgattn.testing.CASES``: odd, tile-edge and plan-edge sizes, head dims,
 layouts, global and window attention, padded windows and windows larger than
 the grid, numerically hard values, hybrid-scale and self-guided compositions,
-aggregation), each in its dtypes, forward (outputs and importance) and
-backward, judged by the rule of ``sgattn.testing`` (``sgattn check`` runs a
-subset of the same rows through it).
+the sgattn.nn modules, aggregation), each in its dtypes, forward (outputs and
+importance) and backward, judged by the rule of ``sgattn.testing`` (``sgattn
+check`` runs a subset of the same rows through it).
 
 The GPU backends run where a GPU is (skipped with the reason otherwise), the
 Triton one under the interpreter on the CPU. Every float tensor allocated
