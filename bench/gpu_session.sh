@@ -13,9 +13,10 @@
 #   1. the CUDA extension builds for sm_90 and imports (strict: a failed build
 #      fails the stage, it does not quietly skip the CUDA tests);
 #   2. every CUDA and Triton kernel matches the float64 reference there: the
-#      CUDA kernels (test_cuda_build), the numerics table (large dS, saturated
-#      rows, tiny-probability key tiles, padded windows: the split-dS backward
-#      of both backends), the seeded fuzz, the Triton ops and modules, autocast;
+#      CUDA kernels (test_cuda_build), the agreement table of every backend
+#      (shapes, layouts, windows, compositions, modules, and its numerics rows:
+#      large dS, saturated rows, tiny-probability key tiles, padded windows:
+#      the split-dS backward of both backends), the seeded fuzz, the Triton ops and modules, autocast;
 #   3. time and peak memory of SG-Former-S at 224 and 1024x1024 (op suites fwd
 #      and fwd+bwd, whole model inference and training) against naive,
 #      torch.compile(naive) and the SDPA compositions;
@@ -48,7 +49,7 @@ START=$(date +%s)
 SESSION_S=${SESSION_S:-400}
 OUT=${OUT:-bench/results/gpu-session}
 PY=${PYTHON:-python3}
-GPU_TESTS="tests/test_cuda_build.py tests/test_numerics.py tests/test_fuzz.py tests/test_triton.py
+GPU_TESTS="tests/test_cuda_build.py tests/test_backend_agreement.py tests/test_fuzz.py tests/test_triton.py
   tests/test_triton_modules.py tests/test_autocast.py"
 SAN_S=60  # kept for the sanitizer after the benchmarks
 END_S=10  # kept for the summary

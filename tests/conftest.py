@@ -1,3 +1,4 @@
+import math
 import os
 
 import torch
@@ -20,3 +21,23 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """A context in which every float tensor from torch.empty is NaN."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    class Poisoned:
+        def __enter__(self):
+            monkeypatch.setattr(torch, "empty", empty)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(torch, "empty", real_empty)
+    return Poisoned

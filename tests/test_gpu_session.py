@@ -44,7 +44,7 @@ def test_dry_run_writes_every_file_and_the_summary_last(tmp_path):
     n_tests = int(re.search(r"(\d+) tests? collected", lines["tests"]).group(1))
     assert n_tests > 100, lines["tests"]
     tests_txt = (out / "tests.txt").read_text()
-    order = ["test_cuda_build", "test_numerics", "test_fuzz", "test_triton.py", "test_triton_modules", "test_autocast"]
+    order = ["test_cuda_build", "test_backend_agreement", "test_fuzz", "test_triton.py", "test_triton_modules", "test_autocast"]
     firsts = [tests_txt.index(f"tests/{name}") for name in order]
     assert firsts == sorted(firsts), "GPU test files out of order"
     assert "testsuite" in (out / "tests.xml").read_text()

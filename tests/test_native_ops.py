@@ -24,7 +24,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sgattn
 from sgattn import _native, reference
-from tolerance import assert_close_to_reference
 
 _WHY = sgattn.available_backends()["cpu"]
 if _WHY is not None and os.environ.get("SGATTN_REQUIRE_NATIVE") == "1":
@@ -110,27 +109,13 @@ def test_fake_kernels_match_real_layout(case):
     torch.library.opcheck(op, args)
 
 
-def test_ops_match_reference_with_permuted_inputs():
-    cases = _op_cases()
-    q, k, v = cases["attention_fwd-global"][1][:3]
-    out, lse, imp = OPS.attention_fwd(q, k, v, 0.3, 0, 0, 0, True)
-    ref_out, ref_imp = reference.attention(q, k, v, scale=0.3)
-    ref64_out, ref64_imp = reference.attention(q.double(), k.double(), v.double(), scale=0.3)
-    assert_close_to_reference(out, ref_out, ref64_out, what="out")
-    assert_close_to_reference(imp, ref_imp, ref64_imp, what="importance")
+def test_forward_lse_is_the_float64_logsumexp_with_permuted_inputs():
+    # the statistics attention_bwd takes (the outputs and gradients are rows of
+    # tests/test_backend_agreement.py's table)
+    q, k, v = _op_cases()["attention_fwd-global"][1][:3]
+    _, lse, _ = OPS.attention_fwd(q, k, v, 0.3, 0, 0, 0, True)
     s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * 0.3
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
-    dout = cases["attention_bwd-global"][1][0]
-    grads = OPS.attention_bwd(dout, q, k, v, out, lse, 0.3, 0, 0, 0)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref_g = torch.autograd.grad(reference.attention(*leaves, scale=0.3)[0], leaves, dout)
-    ref64_g = torch.autograd.grad(reference.attention(*leaves64, scale=0.3)[0], leaves64, dout.double())
-    for name, g, r, r64 in zip("qkv", grads, ref_g, ref64_g):
-        assert_close_to_reference(g, r, r64, factor=3.0, what=f"d{name}")
-    x, idx, w, b = cases["aggregate_fwd"][1][:4]
-    ws, bs = split_params(w, b, (2, 1))
-    torch.testing.assert_close(OPS.aggregate_fwd(x, idx, w, b, [2, 1]), reference.aggregate_sorted(x, idx, ws, bs))
 
 
 def test_compiled_training_through_the_ops_matches_eager_at_two_sizes():

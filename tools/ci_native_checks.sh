@@ -172,3 +172,5 @@ PYEOF
 [ "$RUN_TESTS" = 1 ] || { echo "== 3. skipped (--no-tests)"; exit 0; }
 echo "== 3. native backend tests (extensions required)"
 SGATTN_REQUIRE_NATIVE=1 SGATTN_REQUIRE_CUDA_BUILD=1 "$PY" -m pytest -q tests/test_cpu_backend.py tests/test_cuda_build.py
+# the cpu backend's rows of the agreement table (its comparisons with float64)
+SGATTN_REQUIRE_NATIVE=1 "$PY" -m pytest -q tests/test_backend_agreement.py -k "cpu-"
