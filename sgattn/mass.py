@@ -37,7 +37,9 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
 from .backends import select
-from .ops import _autocast_dtype, _cast, _check_options, _check_same, _check_tensor, _fail, _is_int, _without_autocast
+from .contract import check_dims as _check_tensor
+from .contract import fail as _fail
+from .ops import _autocast_dtype, _cast, _check_options, _check_same, _is_int
 
 MASS_REDUCTIONS = reference.MASS_REDUCTIONS
 MASS_HEAD_REDUCTIONS = reference.MASS_HEAD_REDUCTIONS
@@ -184,7 +186,7 @@ def attention_with_mass(q, k, v, *, scale=None, causal=False, key_padding_mask=N
         _fail(op, f"return_lse must be a bool, got {return_lse!r}")
     dtype = _autocast_dtype(q)
     if dtype is not None:
-        with _without_autocast(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
             return attention_with_mass(*_cast(dtype, (q, k, v)), scale=scale, causal=causal,
                                        key_padding_mask=key_padding_mask, mass_queries=mass_queries,
                                        mass_reduce=mass_reduce, mass_heads=mass_heads, return_lse=return_lse)
@@ -204,7 +206,7 @@ def attention_mass(q, k, lse, *, scale=None, causal=False, key_padding_mask=None
     _check_mass_options(op, q, q.shape[2], scale, causal, mass_queries, mass_reduce, mass_heads)
     dtype = _autocast_dtype(q)
     if dtype is not None:
-        with _without_autocast(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
             return attention_mass(*_cast(dtype, (q, k)), lse, scale=scale, causal=causal,
                                   key_padding_mask=key_padding_mask, mass_queries=mass_queries,
                                   mass_reduce=mass_reduce, mass_heads=mass_heads)
@@ -236,7 +238,7 @@ def attention_with_mass_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         _fail(op, f"return_lse must be a bool, got {return_lse!r}")
     dtype = _autocast_dtype(q)
     if dtype is not None:
-        with _without_autocast(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
             return attention_with_mass_varlen(*_cast(dtype, (q, k, v)), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                               max_seqlen_k, scale=scale, causal=causal, mass_queries=mass_queries,
                                               mass_reduce=mass_reduce, mass_heads=mass_heads, return_lse=return_lse)
@@ -257,7 +259,7 @@ def attention_mass_varlen(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                         mass_reduce, mass_heads)
     dtype = _autocast_dtype(q)
     if dtype is not None:
-        with _without_autocast(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
             return attention_mass_varlen(*_cast(dtype, (q, k)), lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                          max_seqlen_k, scale=scale, causal=causal, mass_queries=mass_queries,
                                          mass_reduce=mass_reduce, mass_heads=mass_heads)

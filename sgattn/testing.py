@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from . import ops, reference
+from . import composition, ops, reference
 from .backends import BackendError, get_backend, select, use_backend
 
 ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23, torch.float64: 2 ** -52}
@@ -345,7 +345,7 @@ def module_case(name, kind, dim, heads, sr, hw, B=2, **kw):
 
 
 def _groups(sr):
-    return reference.REALLOCATION_GROUPS[sr]
+    return composition.REALLOCATION_GROUPS[sr]
 
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64

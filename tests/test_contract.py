@@ -41,8 +41,8 @@ def _target_device(target):
     if why is not None:
         pytest.skip(f"backend {target} is not present here: {why}")
     if target == "triton":
-        from sgattn.triton import attention
-        return "cpu" if attention.INTERPRET else "cuda"
+        from sgattn.triton import launch
+        return "cpu" if launch.INTERPRET else "cuda"
     return target
 
 

@@ -488,7 +488,7 @@ ERRORS = [
     ("attention_with_mass", dense(mass_heads="sum"), "unknown mass_heads 'sum'"),
     ("attention_with_mass", dense(causal=1), "causal must be a bool"),
     ("attention_with_mass", dense(return_lse="yes"), "return_lse must be a bool"),
-    ("attention_with_mass", dense(scale=math.inf), "scale must be a finite number"),
+    ("attention_with_mass", dense(scale=math.inf), "scale must be finite"),
     ("attention_mass", from_lse(lse=_q(2, 4, 6)), r"lse must be \[B, Hq, Lq\] = \[2, 4, 5\]"),
     ("attention_mass", from_lse(lse=torch.zeros(2, 4, 5, dtype=torch.int64)), "floating-point"),
     ("attention_mass", from_lse(mass_heads="max"), "unknown mass_heads"),

@@ -93,7 +93,7 @@ def test_empty_batch_or_heads(B, h, window, device):
 
 
 def test_fp32_precision_follows_torch_setting(device):
-    from sgattn.triton import attention as A
+    from sgattn.triton import launch as A, plans as P
     q, k, v = _inputs(((1, 2, 20, 32), (30, 32)), torch.float32, device)
     out = A.new_out(q, 32)
     lse = torch.empty(1, 2, 20)
@@ -109,8 +109,8 @@ def test_fp32_precision_follows_torch_setting(device):
     finally:
         torch.set_float32_matmul_precision(old)
     assert precs == {"highest": "ieee", "high": "tf32", "medium": "tf32"}
-    assert A.PLANS[("ieee", 32)].block_m <= A.PLANS[("tf32", 32)].block_m  # fp32 FMA tiles are smaller
-    assert half[0][3]["BLOCK_M"] == A.PLANS[("fp16", 32)].block_m
+    assert P.PLANS[("ieee", 32)].block_m <= P.PLANS[("tf32", 32)].block_m  # fp32 FMA tiles are smaller
+    assert half[0][3]["BLOCK_M"] == P.PLANS[("fp16", 32)].block_m
 
 
 def test_tf32_mode_runs(device):
@@ -192,14 +192,14 @@ def test_aggregate_op_argument_errors(device):
 def test_out_of_range_index_stays_in_bounds(device):
     """The kernels mask gathers through a bad index (the permutation check is
     only made on CPU): bypass the op and call the launchers directly."""
-    from sgattn.triton import reallocation as R
+    from sgattn.triton import launch
     x = torch.randn(1, 12, 8, device=device)
     bad = torch.tensor([[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10 ** 9]]], device=device)
     w, b = torch.ones(5, device=device), torch.zeros(2, device=device)
-    out = R.aggregate_forward(x, bad, w, b, [3, 2])
+    out = launch.aggregate_forward(x, bad, w, b, [3, 2])
     good = bad.clone()
     good[0, 0, -1] = 11
-    ref = R.aggregate_forward(x, good, w, b, [3, 2])
+    ref = launch.aggregate_forward(x, good, w, b, [3, 2])
     assert torch.equal(out[..., :-1, :], ref[..., :-1, :])  # the last group lost only its bad member
     assert torch.allclose(out[0, 0, -1], ref[0, 0, -1] - x[0, 11])
 

@@ -34,7 +34,7 @@ def test_specialisation_is_tritons(tmp_path):
     not specialised."""
     code = r"""
 import torch
-from sgattn.triton import compile_check as C, attention as A
+from sgattn.triton import compile_check as C, launch as A
 torch.set_float32_matmul_precision("highest")
 for d, expect in ((32, True), (24, False)):
     q, k, v = C._qkv(1, 2, 33, 40, d, torch.float16)

@@ -5,7 +5,7 @@ It runs CUDA tensors on a GPU, or CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1 set before sgattn is imported; slow, for tests). fp16,
 bf16 and fp32 with fp32 accumulation (fp32 dots in tf32 exactly when torch's
 fp32 matmul setting allows it). The head dims and windows it runs are those of
-the kernels' tile plans (``sgattn.triton.attention``); ``launch_limits`` asks
+the kernels' tile plans (``sgattn.triton.plans``); ``launch_limits`` asks
 the plans about grid size and shared memory per call; automatic dispatch then
 falls back to another backend.
 """
@@ -18,9 +18,10 @@ import torch
 from . import Backend, BackendError, Capabilities, attention_calls
 
 try:
-    from ..triton import attention as _attn
+    from ..triton import launch as _launch
     from ..triton import ops as _ops
-    _INTERPRET = _attn.INTERPRET
+    from ..triton import plans as _plans
+    _INTERPRET = _launch.INTERPRET
     _IMPORT_ERROR = None
 except Exception as exc:  # triton missing or broken: report it, do not fail the import
     _ops = None
@@ -34,7 +35,7 @@ _UNSET = object()
 # positions); token counts that fit the kernels' int32 indices.
 CAPABILITIES = None if _ops is None else Capabilities(
     devices=("cpu",) if _INTERPRET else ("cuda",), dtypes=_ops.FLOATS, aggregate_dtypes=_ops.FLOATS,
-    head_dims=_attn.HEAD_DIM_RANGE, max_window=_attn.MAX_WINDOW, max_tokens=_ops.INT32_MAX,
+    head_dims=_plans.HEAD_DIM_RANGE, max_window=_plans.MAX_WINDOW, max_tokens=_ops.INT32_MAX,
     launch_limits="the tile plans: programs in one launch (2**31-1), shared memory per block of the GPU")
 
 
@@ -65,15 +66,15 @@ class TritonBackend(Backend):
         for q, k, v, window, hw in attention_calls(op, tensors, options):
             B, h, N, M = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
             win = int(window or 0)
-            bd = _attn.head_block(q.shape[-1], v.shape[-1])
-            programs = max(_attn.grid_programs(_attn.PLANS[(kind, bd)], B, h, N, M, win,
+            bd = _plans.head_block(q.shape[-1], v.shape[-1])
+            programs = max(_plans.grid_programs(_plans.PLANS[(kind, bd)], B, h, N, M, win,
                                                tuple(hw) if (win and hw) else None)
-                           for kind in _attn.kinds_of(q.dtype))
+                           for kind in _plans.kinds_of(q.dtype))
             if programs > _ops.INT32_MAX:
                 reasons.append(f"{programs} programs in one launch exceed the grid limit 2**31-1 (B*h*tiles)")
         device = tensors[0].device
         if device.type == "cuda":
-            need = _attn.shared_bytes_needed([t.dtype for t in tensors], [t.shape[-1] for t in tensors if t.dim() == 4])
+            need = _plans.shared_bytes_needed([t.dtype for t in tensors], [t.shape[-1] for t in tensors if t.dim() == 4])
             have = _shared_optin(device)
             if need > have:
                 reasons.append(f"the tile plans need up to {need} bytes of shared memory per block; "

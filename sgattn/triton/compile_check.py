@@ -3,7 +3,7 @@ accepts, for real GPUs, without a GPU (``triton.compile`` + ``GPUTarget``),
 with the register, spill, stack and shared-memory numbers of each.
 
 What is compiled is what runs: every configuration is described by the
-launchers' own launch specs (``attention.forward_launches`` /
+launchers' own launch specs (``launch.forward_launches`` /
 ``backward_launches``, the reallocation and importance launchers' blocks)
 built from representative real tensors, and the signature, constexprs and
 specialisation attributes (stride == 1, divisibility by 16, pointer
@@ -22,7 +22,7 @@ multiples of 16 (the ops pad the others), the specialisation compiled here.
 Gate (exit status 1): a configuration that fails to compile, spills
 registers, uses a stack frame in fp16/bf16, needs more shared memory than
 sm_80 (163 KiB opt-in) / sm_90 (227 KiB opt-in) allow, or more than the
-``attention.SHARED_BYTES`` table that ``unsupported()`` relies on.
+``plans.SHARED_BYTES`` table that ``unsupported()`` relies on.
 
 Run as ``python -m sgattn.triton.compile_check [-j JOBS] [--only REGEX] [--sample K] 80 90``
 with TRITON_INTERPRET unset (under the interpreter the kernels are not JIT
@@ -72,13 +72,14 @@ def _qkv(B, h, N, M, d, dtype):
 def _attention_specs(kind, bd, d):
     """Launch specs of every path of one (kind, padded head dim) with head dim d."""
     import torch
-    from . import attention as A
+    from . import launch as A
+    from . import plans as P
     dtype = getattr(torch, TORCH_DTYPES[kind])
-    plan = A.PLANS[(kind, bd)]
+    plan = P.PLANS[(kind, bd)]
     specs = []
     B, h = 2, 2
     with _fp32_precision(kind):
-        assert A.kind_of(dtype) == kind
+        assert P.kind_of(dtype) == kind
         # global: single tiles of each width (with and without importance), then long rows
         key_counts = [n - 7 for n in plan.single_blocks()] + [plan.single_max + 5]
         for M in key_counts:
@@ -87,8 +88,8 @@ def _attention_specs(kind, bd, d):
                 q, k, v = _qkv(B, h, N, M, d, dtype)
                 out = A.new_out(q, d)
                 lse = torch.empty(B, h, N, dtype=torch.float32)
-                part = torch.empty(B, A.partial_rows(plan, h, N, M, 0, imp), M, dtype=torch.float32)
-                single, block_n = A.global_config(plan, M)
+                part = torch.empty(B, P.partial_rows(plan, h, N, M, 0, imp), M, dtype=torch.float32)
+                single, block_n = P.global_config(plan, M)
                 tag = f"keys<={block_n}" if single else "long-rows"
                 for spec in A.forward_launches(q, k, v, out, lse, part, 0.1, 0, None, imp):
                     specs.append((f"fwd {tag} imp={int(imp)}", spec))
@@ -107,9 +108,9 @@ def _attention_specs(kind, bd, d):
             q, k, v = _qkv(B, h, N, N, d, dtype)
             out = A.new_out(q, d)
             lse = torch.empty(B, h, N, dtype=torch.float32)
-            L = A.window_block(w)
+            L = P.window_block(w)
             for imp in (True, False):
-                part = torch.empty(B, A.partial_rows(plan, h, N, N, w, imp), N, dtype=torch.float32)
+                part = torch.empty(B, P.partial_rows(plan, h, N, N, w, imp), N, dtype=torch.float32)
                 for spec in A.forward_launches(q, k, v, out, lse, part, 0.1, w, hw, imp):
                     specs.append((f"window{L} fwd imp={int(imp)}", spec))
             do = torch.empty(B, N, h, d, dtype=dtype).transpose(1, 2)
@@ -122,8 +123,9 @@ def _attention_specs(kind, bd, d):
 def _other_specs(kind):
     """Importance reduction (fp32 partials, once) and token reallocation."""
     import torch
-    from . import importance as I
-    from . import reallocation as R
+    from . import importance_kernels as I
+    from . import plans as P
+    from . import reallocation_kernels as R
     from ..composition import REALLOCATION_GROUPS
     specs = []
     if kind == "fp16":
@@ -134,24 +136,24 @@ def _other_specs(kind):
             out = torch.empty(2, 100, dtype=torch.float32)
             specs.append((f"importance has_g={int(has_g)}", (
                 I._importance_reduce, 1, [part, g if has_g else part, src if has_g else part, out, 4, 2, 100, 25, 1,
-                                          0.5, 0.5], dict(BLOCK=I.BLOCK, HAS_G=has_g), 4)))
+                                          0.5, 0.5], dict(BLOCK=P.IMPORTANCE_BLOCK, HAS_G=has_g), 4)))
     if kind == "ieee":
         return specs  # the aggregation kernels do not use tf32: fp32 once
     dtype = getattr(torch, TORCH_DTYPES[kind])
     # channels: every BLOCK_C the forward picks (16..128); the ops pad C to a multiple of 16
     for C in (16, 32, 64, 96, 128, 256):
         for sizes in sorted(set(REALLOCATION_GROUPS.values()) | {(7, 3, 2)}):
-            block_c, block_r = R.fwd_blocks(C, sizes)
+            block_c, block_r = P.reallocation_blocks(C, sizes)
             x = torch.empty(2, 97, C, dtype=dtype)
             idx = torch.empty(2, 2, 97, dtype=torch.int64)
             w = torch.empty(sum(sizes), dtype=dtype)
             b = torch.empty(len(sizes), dtype=dtype)
-            p, _, groups = R.plan(97, sizes)
+            p, _, groups = P.reallocation_plan(97, sizes)
             out = torch.empty(2, 2, sum(groups), C, dtype=dtype)
             specs.append((f"aggregate_fwd C{C} R{block_r}", (
                 R._aggregate_fwd, 1, [x, idx, w, b, out, x.stride(0), x.stride(1), 2, 97, C, sum(groups), 1, *p.values()],
                 dict(BLOCK_R=block_r, BLOCK_C=block_c), 4)))
-        p, _, groups = R.plan(97, (7, 3, 2))
+        p, _, groups = P.reallocation_plan(97, (7, 3, 2))
         dout = torch.empty(2, 2, sum(groups), C, dtype=dtype)
         x = torch.empty(2, 97, C, dtype=dtype)
         t = torch.empty(2, 2, 97, dtype=torch.float32)
@@ -159,16 +161,16 @@ def _other_specs(kind):
             specs.append((f"aggregate_bwd C{C} two={int(two)}", (
                 R._aggregate_bwd, 1, [x, idx, w, dout, x, t, x.stride(0), x.stride(1), *dout.stride()[:3],
                                       2, 97, C, sum(groups), 1, *p.values()],
-                dict(TWO=two, BLOCK_T=R.BWD_BLOCKS[0], BLOCK_C=min(R.BWD_BLOCKS[1], 1 << (C - 1).bit_length())), 4)))
+                dict(TWO=two, BLOCK_T=P.REALLOCATION_BWD_BLOCKS[0], BLOCK_C=min(P.REALLOCATION_BWD_BLOCKS[1], 1 << (C - 1).bit_length())), 4)))
     return [(f"{kind} {label}", spec) for label, spec in specs]
 
 
 def configurations():
     """(label, launch spec) of every configuration, before deduplication."""
-    from . import attention as A
+    from . import plans as P
     out = []
-    for kind in A.KINDS:
-        for bd in A.HEAD_BLOCKS:
+    for kind in P.KINDS:
+        for bd in P.HEAD_BLOCKS:
             # The ops zero-pad head dims to multiples of 16 (sgattn.triton.ops), so
             # every head dim the kernels see compiles as the padded size does.
             out += _attention_specs(kind, bd, bd)
@@ -233,7 +235,7 @@ def compile_one(label, spec, arch):
 
 def verdict(res):
     """Reasons this configuration fails the gate (empty: it passes)."""
-    from . import attention as A
+    from . import plans as P
     why = []
     if res["regs"] < 0:
         why.append("no ptxas log")
@@ -245,9 +247,9 @@ def verdict(res):
     if res["shared"] > MAX_SHARED[res["arch"]]:
         why.append(f"shared {res['shared']} B > sm_{res['arch']} limit {MAX_SHARED[res['arch']]}")
     m = re.match(r"(\w+) D(\d+) ", res["label"])
-    table = A.SHARED_BYTES[(m.group(1), int(m.group(2)))] if m else A.SHARED_BYTES_AGGREGATE
+    table = P.SHARED_BYTES[(m.group(1), int(m.group(2)))] if m else P.SHARED_BYTES_AGGREGATE
     if res["shared"] > table:
-        why.append(f"shared {res['shared']} B > attention.SHARED_BYTES entry {table}")
+        why.append(f"shared {res['shared']} B > plans.SHARED_BYTES entry {table}")
     return why
 
 

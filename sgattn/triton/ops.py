@@ -28,19 +28,18 @@ from torch import Tensor
 from .. import composition, contract
 from ..contract import check_dims as _dims
 from ..contract import fail as _fail
-from . import attention as _attn
-from . import importance as _imp
-from . import reallocation as _realloc
+from . import launch as _launch
+from . import plans as _plans
 
 INT32_MAX = 2 ** 31 - 1
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _device_ok(op, tensors):
-    want = "cpu" if _attn.INTERPRET else "cuda"
+    want = "cpu" if _launch.INTERPRET else "cuda"
     for name, t in tensors:
         if t.device.type != want and t.device.type != "meta":
-            where = "the Triton interpreter runs CPU tensors" if _attn.INTERPRET else "Triton kernels run CUDA tensors"
+            where = "the Triton interpreter runs CPU tensors" if _launch.INTERPRET else "Triton kernels run CUDA tensors"
             _fail(op, f"{name} is on {t.device}: {where}")
     contract.check_devices(op, tensors)
 
@@ -51,16 +50,16 @@ def _check_attention(op, q, k, v, scale, window, H, W, need_importance=False):
     B, h, N, M, d, dv = contract.check_attention(op, q, k, v, window, H, W, need_importance, FLOATS)
     _device_ok(op, (("q", q), ("k", k), ("v", v)))
     contract.check_scale(op, scale)
-    lo, hi = _attn.HEAD_DIM_RANGE
+    lo, hi = _plans.HEAD_DIM_RANGE
     for name, n in (("head dim d", d), ("value head dim dv", dv)):
         if not lo <= n <= hi:
             _fail(op, f"{name} = {n} is outside {lo}..{hi}")
-    if window > _attn.MAX_WINDOW:
-        _fail(op, f"window {window} is larger than {_attn.MAX_WINDOW}")
+    if window > _plans.MAX_WINDOW:
+        _fail(op, f"window {window} is larger than {_plans.MAX_WINDOW}")
     if N > INT32_MAX or M > INT32_MAX:
         _fail(op, f"token counts must fit int32, got N={N}, M={M}")
-    plan = _attn.plan_for(q.dtype, d, dv)
-    programs = _attn.grid_programs(plan, B, h, N, M, window, (H, W))
+    plan = _plans.plan_for(q.dtype, d, dv)
+    programs = _plans.grid_programs(plan, B, h, N, M, window, (H, W))
     if programs > INT32_MAX:
         _fail(op, f"the launch needs {programs} programs, more than a grid's 2**31-1")
 
@@ -90,10 +89,10 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int, H:
     _check_attention("triton_attention_fwd", q, k, v, scale, window, H, W, need_importance)
     d, dv = q.shape[-1], v.shape[-1]
     if _aligned(d) == d and _aligned(dv) == dv:
-        return _attn.attention_forward(q, k, v, scale, window, (H, W), need_importance)
-    out, lse, part = _attn.attention_forward(_pad_last(q), _pad_last(k), _pad_last(v), scale, window, (H, W),
+        return _launch.attention_forward(q, k, v, scale, window, (H, W), need_importance)
+    out, lse, part = _launch.attention_forward(_pad_last(q), _pad_last(k), _pad_last(v), scale, window, (H, W),
                                              need_importance)
-    res = _attn.new_out(q, dv)  # the layout the fake declares
+    res = _launch.new_out(q, dv)  # the layout the fake declares
     res.copy_(out[..., :dv])
     return res, lse, part
 
@@ -103,9 +102,9 @@ def _(q, k, v, scale, window, H, W, need_importance):
     _check_attention("triton_attention_fwd", q, k, v, scale, window, H, W, need_importance)
     B, h, N, d = q.shape
     M = k.shape[2]
-    out = _attn.new_out(q, v.shape[3])
-    lse = q.new_empty(_attn.lse_shape(B, h, N, window), dtype=torch.float32)
-    rows = _attn.partial_rows(_attn.plan_for(q.dtype, d, v.shape[3]), h, N, M, window, need_importance)
+    out = _launch.new_out(q, v.shape[3])
+    lse = q.new_empty(_launch.lse_shape(B, h, N, window), dtype=torch.float32)
+    rows = _plans.partial_rows(_plans.plan_for(q.dtype, d, v.shape[3]), h, N, M, window, need_importance)
     return out, lse, q.new_empty((B, rows, M), dtype=torch.float32)
 
 
@@ -121,8 +120,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     _check_backward("triton_attention_bwd", dout, q, k, v, out, lse, scale, window, H, W)
     d, dv = q.shape[-1], v.shape[-1]
     if _aligned(d) == d and _aligned(dv) == dv:
-        return _attn.attention_backward(dout, q, k, v, out, lse, scale, window, (H, W))
-    grads = _attn.attention_backward(*map(_pad_last, (dout, q, k, v, out)), lse, scale, window, (H, W))
+        return _launch.attention_backward(dout, q, k, v, out, lse, scale, window, (H, W))
+    grads = _launch.attention_backward(*map(_pad_last, (dout, q, k, v, out)), lse, scale, window, (H, W))
     return tuple(g[..., :n].contiguous() for g, n in zip(grads, (d, d, dv)))
 
 
@@ -172,7 +171,7 @@ def _check_importance(op, part, part_g, H, W, Hr, Wr):
         if Hr * Wr != part_g.shape[2]:
             _fail(op, f"Hr*Wr = {Hr}*{Wr} = {Hr * Wr} does not match the {part_g.shape[2]} tokens of part_g")
     _device_ok(op, named)
-    if part.shape[0] * triton_cdiv(part.shape[2], _imp.BLOCK) > INT32_MAX:
+    if part.shape[0] * triton_cdiv(part.shape[2], _plans.IMPORTANCE_BLOCK) > INT32_MAX:
         _fail(op, "too many programs for one launch")
 
 
@@ -184,7 +183,7 @@ def triton_cdiv(a, b):
 def importance(part: Tensor, weight: float, part_g: Optional[Tensor], weight_g: float,
                H: int, W: int, Hr: int, Wr: int) -> Tensor:
     _check_importance("triton_importance", part, part_g, H, W, Hr, Wr)
-    return _imp.reduce_importance(part, weight, part_g, weight_g, (H, W), (Hr, Wr))
+    return _launch.reduce_importance(part, weight, part_g, weight_g, (H, W), (Hr, Wr))
 
 
 @importance.register_fake
@@ -213,8 +212,8 @@ def aggregate_fwd(x: Tensor, index: Tensor, w_cat: Tensor, b_cat: Tensor, group_
     _check_aggregate("triton_aggregate_fwd", x, index, w_cat, group_sizes, b_cat)
     C = x.shape[2]
     if _aligned(C) == C:
-        return _realloc.aggregate_forward(x, index, w_cat, b_cat, group_sizes)
-    return _realloc.aggregate_forward(_pad_last(x), index, w_cat, b_cat, group_sizes)[..., :C].contiguous()
+        return _launch.aggregate_forward(x, index, w_cat, b_cat, group_sizes)
+    return _launch.aggregate_forward(_pad_last(x), index, w_cat, b_cat, group_sizes)[..., :C].contiguous()
 
 
 @aggregate_fwd.register_fake
@@ -235,8 +234,8 @@ def aggregate_bwd(dout: Tensor, x: Tensor, index: Tensor, w_cat: Tensor,
     _check_aggregate_bwd("triton_aggregate_bwd", dout, x, index, w_cat, group_sizes)
     C = x.shape[2]
     if _aligned(C) == C:
-        return _realloc.aggregate_backward(dout, x, index, w_cat, group_sizes)
-    dx, dw, db = _realloc.aggregate_backward(_pad_last(dout), _pad_last(x), index, w_cat, group_sizes)
+        return _launch.aggregate_backward(dout, x, index, w_cat, group_sizes)
+    dx, dw, db = _launch.aggregate_backward(_pad_last(dout), _pad_last(x), index, w_cat, group_sizes)
     return dx[..., :C].contiguous(), dw, db
 
 

@@ -1,4 +1,6 @@
-"""Triton kernels of the token-reallocation family (self-guided attention: gather the importance-sorted tokens, merge each group).
+"""Triton kernels of the token-reallocation family (self-guided attention:
+gather the importance-sorted tokens, merge each group); ``launch.py`` runs
+them with the blocks and part scalars of ``plans.py``.
 
 Forward ``_aggregate_fwd``: 1-D grid over (G*B, M, C tiles); one program makes one
 merged token (all parts and both orderings in one launch): it gathers the r_p
@@ -22,8 +24,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from .. import composition
 
 
 @triton.jit
@@ -121,91 +121,3 @@ def _aggregate_bwd(X, INV, W, DOUT, DX, T, sxb, sxn, sog, sob, son,
     tl.store(T + b * N + pos0, t0, mask=t_ok)
     if TWO:
         tl.store(T + (B + b) * N + pos1, t1, mask=t_ok)
-
-
-BWD_BLOCKS = (32, 64)  # tokens, channels
-
-
-def fwd_blocks(C: int, group_sizes):
-    """(BLOCK_C, BLOCK_R) of the forward: channel tile and member block."""
-    return min(128, max(16, triton.next_power_of_2(C))), min(64, max(16, triton.next_power_of_2(max(group_sizes))))
-
-
-def _rows(t):
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def plan(N: int, group_sizes):
-    """Kernel scalars of a reallocation plan: part starts S, merged-row starts O,
-    group sizes R (padded to 3 parts), and the total merged length."""
-    parts = composition.reallocation_parts(N, len(group_sizes))
-    groups = [-(-n // r) for n, r in zip(parts, group_sizes)]
-    R = list(group_sizes) + [1] * (3 - len(group_sizes))
-    S1 = parts[0]
-    S2 = parts[0] + parts[1] if len(parts) == 3 else N
-    O1 = groups[0]
-    O2 = groups[0] + groups[1] if len(groups) == 3 else sum(groups)  # 2 parts: no third
-    return dict(O1=O1, O2=O2, S1=S1, S2=S2, R0=R[0], R1=R[1], R2=R[2]), parts, groups
-
-
-def aggregate_forward(x, index, w_cat, b_cat, group_sizes):
-    """x [B, N, C], index [G, B, N] int64, w_cat [sum r_p], b_cat [P] -> [G, B, M, C]."""
-    import torch
-    G, B, N = index.shape
-    C = x.shape[2]
-    p, _, groups = plan(N, group_sizes)
-    MT = sum(groups)
-    out = torch.empty(G, B, MT, C, device=x.device, dtype=x.dtype)
-    if out.numel() == 0:
-        return out
-    from .attention import device_guard
-    x = _rows(x)
-    idx = index.contiguous()
-    BLOCK_C, BLOCK_R = fwd_blocks(C, group_sizes)
-    ct = triton.cdiv(C, BLOCK_C)
-    with device_guard(x):
-        _aggregate_fwd[(G * B * MT * ct,)](
-            x, idx, w_cat.contiguous(), b_cat.contiguous(), out, x.stride(0), x.stride(1), B, N, C, MT, ct, **p,
-            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-    return out
-
-
-def aggregate_backward(dout, x, index, w_cat, group_sizes):
-    """(dx [B, N, C], d w_cat, d b_cat) in the parameters' dtype."""
-    import torch
-    G, B, N = index.shape
-    C = x.shape[2]
-    p, parts, groups = plan(N, group_sizes)
-    MT = sum(groups)
-    if tuple(dout.shape) != (G, B, MT, C):
-        raise ValueError(f"aggregate backward: dout must be {(G, B, MT, C)}, got {tuple(dout.shape)}")
-    # inverse permutation: sorted position of every source token, per ordering
-    # (argsort of a permutation is its inverse; unlike a scatter it cannot
-    # write out of bounds, whatever the index holds)
-    inv = torch.argsort(index, dim=2)
-    dx = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
-    t = torch.empty(G, B, N, device=x.device, dtype=torch.float32)
-    x, dout = _rows(x), _rows(dout)
-    ds = dout.stride()
-    BLOCK_T, BLOCK_C = BWD_BLOCKS[0], min(BWD_BLOCKS[1], triton.next_power_of_2(C))
-    nt = triton.cdiv(N, BLOCK_T)
-    if B > 0:
-        from .attention import device_guard
-        with device_guard(x):
-            _aggregate_bwd[(nt * B,)](
-                x, inv, w_cat.contiguous(), dout, dx, t, x.stride(0), x.stride(1), ds[0], ds[1], ds[2],
-                B, N, C, MT, nt, **p, TWO=G == 2, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-    dws, dbs = [], []
-    # d weight / d bias sum G*B*groups*C terms: accumulate them in fp64 (the
-    # terms are small tensors), so the sum adds no error of its own.
-    rows = dout.double().sum(dim=3)  # [G, B, MT]
-    start = row = 0
-    for n_p, g_p, r in zip(parts, groups, group_sizes):
-        tp = t[:, :, start:start + n_p].double()
-        if g_p * r != n_p:
-            tp = torch.nn.functional.pad(tp, (0, g_p * r - n_p))
-        dws.append(tp.reshape(G * B * g_p, r).sum(dim=0))
-        dbs.append(rows[:, :, row:row + g_p].sum().reshape(1))
-        start += n_p
-        row += g_p
-    return dx, torch.cat(dws).to(w_cat.dtype), torch.cat(dbs).to(w_cat.dtype)

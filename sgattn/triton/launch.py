@@ -1,0 +1,263 @@
+"""Launch specs and launchers of the Triton kernels: tensors in, tensors out
+(no autograd; see ``sgattn/triton/ops.py``).
+
+A launch spec is (kernel, grid, args, constexprs, num_warps): the launchers
+run them, and ``compile_check`` compiles the same specs for sm_80/sm_90.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import triton
+
+from .attention_kernels import _attn_bwd_q, _attn_fwd, _attn_key_major, _window_attn
+from .importance_kernels import _importance_reduce
+from .plans import (IMPORTANCE_BLOCK, PLANS, REALLOCATION_BWD_BLOCKS, global_config, head_block, kind_of,
+                    partial_rows, plan_for, reallocation_blocks, reallocation_plan, window_config, window_grid)
+from .reallocation_kernels import _aggregate_bwd, _aggregate_fwd
+
+# Kernels are interpreted when TRITON_INTERPRET=1 was set before they were defined.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+LOG2E = 1.4426950408889634
+
+
+def _flags(kind):
+    return {"UPCAST": INTERPRET and kind == "bf16", "PREC": "tf32" if kind in ("fp16", "bf16") else kind}
+
+
+def _ds_flag(kind):
+    return kind in ("fp16", "bf16")
+
+
+def lse_shape(B, h, N, window):
+    return (B, h, N)
+
+
+def new_out(q, dv):
+    """Output [B, h, N, dv] laid out as [B, N, h, dv], so that merging heads
+    back to [B, N, h*dv] (what every module does next) is a free view."""
+    B, h, N, _ = q.shape
+    import torch
+    return torch.empty(B, N, h, dv, device=q.device, dtype=q.dtype).transpose(1, 2)
+
+
+def device_guard(t):
+    """Launch on the tensor's GPU (and its current stream), not the current device."""
+    import torch
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _rows(t):
+    """t with a contiguous last dimension (kernels take no last-dim stride)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def forward_launches(q, k, v, out, lse, part, scale, window, hw, need_importance):
+    B, h, N, D = q.shape
+    M, DV = k.shape[2], v.shape[3]
+    kind = kind_of(q.dtype)
+    plan = PLANS[(kind, head_block(D, DV))]
+    fl = _flags(kind)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+    scale_log2 = scale * LOG2E
+    if window:
+        nwy, nwx = window_grid(hw, window)
+        L, S, _, _ = window_config(plan, window)
+        C = min(L, plan.win_fc)
+        tiles = nwy * nwx * (L // S)
+        return [(_window_attn, tiles * B * h,
+                 [q, k, v, out, lse, part, q, q, q, q, *strides, 0, 0, 0,
+                  h, N, hw[0], hw[1], nwx, window, tiles, D, DV, scale, scale_log2],
+                 dict(BLOCK_L=L, BLOCK_S=S, BLOCK_C=C, BLOCK_D=plan.bd, MODE=0, NEED_IMP=need_importance,
+                      SPLIT_DS=False, **fl), plan.warps)]
+    single, block_n = global_config(plan, M)
+    qt = triton.cdiv(N, plan.block_m)
+    out_l = [(_attn_fwd, qt * B * h,
+              [q, k, v, out, lse, part, *strides, h, N, M, D, DV, qt, scale_log2],
+              dict(BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_D=plan.bd, SINGLE_TILE=single,
+                   NEED_IMP=need_importance and single, **fl), 8 if block_n >= 256 else plan.warps)]
+    if need_importance and not single:
+        # Long key rows: recompute P key-major from the stored lse (O(N) memory).
+        kt = triton.cdiv(M, plan.bwd)
+        out_l.append((_attn_key_major, kt * B * h,
+                      [q, k, v, q, lse, lse, q, q, part, *strides[:9], 0, 0, 0,
+                       h, N, M, D, DV, kt, scale, scale_log2],
+                      dict(BLOCK_M=plan.bwd, BLOCK_N=plan.bwd, BLOCK_D=plan.bd, GRADS=False, NEED_IMP=True,
+                           SPLIT_DS=False, **fl), plan.km_warps))
+    return out_l
+
+
+def backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, hw):
+    B, h, N, D = q.shape
+    M, DV = k.shape[2], v.shape[3]
+    kind = kind_of(q.dtype)
+    plan = PLANS[(kind, head_block(D, DV))]
+    fl = dict(_flags(kind), SPLIT_DS=_ds_flag(kind))
+    qkv = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    scale_log2 = scale * LOG2E
+    if window:
+        nwy, nwx = window_grid(hw, window)
+        L, S, C, modes = window_config(plan, window)
+        tiles = nwy * nwx * (L // S)
+        return [(_window_attn, tiles * B * h,
+                 [q, k, v, out, lse, delta, do, dq, dk, dv, *qkv, *out.stride()[:3], *do.stride()[:3],
+                  h, N, hw[0], hw[1], nwx, window, tiles, D, DV, scale, scale_log2],
+                 dict(BLOCK_L=L, BLOCK_S=S, BLOCK_C=C, BLOCK_D=plan.bd, MODE=mode, NEED_IMP=False, **fl),
+                 plan.warps) for mode in modes]
+    blk = plan.bwd
+    qt, kt = triton.cdiv(N, blk), triton.cdiv(M, blk)
+    return [(_attn_bwd_q, qt * B * h,
+             [q, k, v, out, do, lse, delta, dq, *qkv, *out.stride()[:3], *do.stride()[:3],
+              h, N, M, D, DV, qt, scale, scale_log2],
+             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, **fl), plan.warps),
+            (_attn_key_major, kt * B * h,
+             [q, k, v, do, lse, delta, dk, dv, q, *qkv, *do.stride()[:3],
+              h, N, M, D, DV, kt, scale, scale_log2],
+             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, GRADS=True, NEED_IMP=False, **fl), plan.km_warps)]
+
+
+def _run(launches, t):
+    with device_guard(t):
+        for kernel, grid, args, constexprs, warps in launches:
+            if grid > 0:
+                kernel[(grid,)](*args, num_warps=warps, **constexprs)
+
+
+# ---------------------------------------------------------------------------
+# Launchers: tensors in, tensors out (no autograd; see sgattn/triton/ops.py).
+
+def attention_forward(q, k, v, scale: float, window: int, hw, need_importance: bool):
+    """Returns (out [B,h,N,dv], lse [B,h,N] fp32 (log2 units), partials
+    [B, R, M] fp32 (empty when not needed))."""
+    import torch
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    B, h, N, D = q.shape
+    M, DV = k.shape[2], v.shape[3]
+    plan = plan_for(q.dtype, D, DV)
+    out = new_out(q, DV)
+    R = partial_rows(plan, h, N, M, window, need_importance)
+    part = torch.empty(B, R, M, device=q.device, dtype=torch.float32)
+    lse = torch.empty(lse_shape(B, h, N, window), device=q.device, dtype=torch.float32)
+    if B * h == 0:
+        return out, lse, part  # nothing to compute: no zero-size launch
+    _run(forward_launches(q, k, v, out, lse, part, scale, window, hw, need_importance), q)
+    return out, lse, part
+
+
+def attention_backward(do, q, k, v, out, lse, scale: float, window: int, hw):
+    """(dq, dk, dv), contiguous [B, h, *, *] in the inputs' dtype."""
+    import torch
+    do, q, k, v, out = _rows(do), _rows(q), _rows(k), _rows(v), _rows(out)
+    B, h, N, D = q.shape
+    M, DV = k.shape[2], v.shape[3]
+    dq = torch.empty(B, h, N, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, h, M, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, h, M, DV, device=q.device, dtype=v.dtype)
+    if B * h == 0:
+        return dq, dk, dv
+    delta = torch.empty(B, h, N, device=q.device, dtype=torch.float32)
+    _run(backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, hw), q)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------
+# Importance reduction and token reallocation.
+
+_SRC_CACHE: dict = {}
+
+
+def nearest_source(hw, reduced_hw, device):
+    """[H*W] int64: the reduced token each grid token takes under nearest upsampling."""
+    import torch
+    import torch.nn.functional as F
+    key = (tuple(hw), tuple(reduced_hw), str(device))
+    src = _SRC_CACHE.get(key)
+    if src is None:
+        Hr, Wr = reduced_hw
+        ids = torch.arange(Hr * Wr, dtype=torch.float64, device=device).reshape(1, 1, Hr, Wr)
+        src = F.interpolate(ids, size=tuple(hw), mode="nearest").reshape(-1).to(torch.int64)
+        _SRC_CACHE[key] = src
+    return src
+
+
+def reduce_importance(part, weight: float, part_g=None, weight_g: float = 0.0, hw=None, reduced_hw=None):
+    """[B, R, N] partials -> [B, N] fp32 (plus upsampled [B, RG, Mg] partials)."""
+    import torch
+    B, R, N = part.shape
+    out = torch.empty(B, N, device=part.device, dtype=torch.float32)
+    has_g = part_g is not None
+    src = nearest_source(hw, reduced_hw, part.device) if has_g else part
+    g = part_g if has_g else part
+    if B * N == 0:
+        return out
+    nt = triton.cdiv(N, IMPORTANCE_BLOCK)
+    part = part.contiguous()
+    g = g.contiguous()
+    with device_guard(part):
+        _importance_reduce[(nt * B,)](
+            part, g, src, out, R, g.shape[1] if has_g else 0, N, g.shape[2] if has_g else 0, nt,
+            float(weight), float(weight_g), BLOCK=IMPORTANCE_BLOCK, HAS_G=has_g)
+    return out
+
+
+def aggregate_forward(x, index, w_cat, b_cat, group_sizes):
+    """x [B, N, C], index [G, B, N] int64, w_cat [sum r_p], b_cat [P] -> [G, B, M, C]."""
+    import torch
+    G, B, N = index.shape
+    C = x.shape[2]
+    p, _, groups = reallocation_plan(N, group_sizes)
+    MT = sum(groups)
+    out = torch.empty(G, B, MT, C, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    x = _rows(x)
+    idx = index.contiguous()
+    BLOCK_C, BLOCK_R = reallocation_blocks(C, group_sizes)
+    ct = triton.cdiv(C, BLOCK_C)
+    with device_guard(x):
+        _aggregate_fwd[(G * B * MT * ct,)](
+            x, idx, w_cat.contiguous(), b_cat.contiguous(), out, x.stride(0), x.stride(1), B, N, C, MT, ct, **p,
+            BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    return out
+
+
+def aggregate_backward(dout, x, index, w_cat, group_sizes):
+    """(dx [B, N, C], d w_cat, d b_cat) in the parameters' dtype."""
+    import torch
+    G, B, N = index.shape
+    C = x.shape[2]
+    p, parts, groups = reallocation_plan(N, group_sizes)
+    MT = sum(groups)
+    if tuple(dout.shape) != (G, B, MT, C):
+        raise ValueError(f"aggregate backward: dout must be {(G, B, MT, C)}, got {tuple(dout.shape)}")
+    # inverse permutation: sorted position of every source token, per ordering
+    # (argsort of a permutation is its inverse; unlike a scatter it cannot
+    # write out of bounds, whatever the index holds)
+    inv = torch.argsort(index, dim=2)
+    dx = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
+    t = torch.empty(G, B, N, device=x.device, dtype=torch.float32)
+    x, dout = _rows(x), _rows(dout)
+    ds = dout.stride()
+    BLOCK_T, BLOCK_C = REALLOCATION_BWD_BLOCKS[0], min(REALLOCATION_BWD_BLOCKS[1], triton.next_power_of_2(C))
+    nt = triton.cdiv(N, BLOCK_T)
+    if B > 0:
+        with device_guard(x):
+            _aggregate_bwd[(nt * B,)](
+                x, inv, w_cat.contiguous(), dout, dx, t, x.stride(0), x.stride(1), ds[0], ds[1], ds[2],
+                B, N, C, MT, nt, **p, TWO=G == 2, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    dws, dbs = [], []
+    # d weight / d bias sum G*B*groups*C terms: accumulate them in fp64 (the
+    # terms are small tensors), so the sum adds no error of its own.
+    rows = dout.double().sum(dim=3)  # [G, B, MT]
+    start = row = 0
+    for n_p, g_p, r in zip(parts, groups, group_sizes):
+        tp = t[:, :, start:start + n_p].double()
+        if g_p * r != n_p:
+            tp = torch.nn.functional.pad(tp, (0, g_p * r - n_p))
+        dws.append(tp.reshape(G * B * g_p, r).sum(dim=0))
+        dbs.append(rows[:, :, row:row + g_p].sum().reshape(1))
+        start += n_p
+        row += g_p
+    return dx, torch.cat(dws).to(w_cat.dtype), torch.cat(dbs).to(w_cat.dtype)
