@@ -88,7 +88,7 @@ def _check_same(op, named):
 
 def _check_pair(op, name, hw, positive=True):
     if (not isinstance(hw, (tuple, list)) or len(hw) != 2
-            or not all(_is_int(s) and (s >= 1 or not positive) for s in hw)):
+            or not all(_is_int(s) and (not positive or s >= 1) for s in hw)):
         _fail(op, f"{name} must be a pair (H, W) of {'positive ' if positive else ''}ints, got {hw!r}")
 
 
