@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Largest probability block (elements) materialised at once: 16 Mi fp32 = 64 MiB.
 MAX_BLOCK_ELEMENTS = 1 << 24
@@ -275,3 +276,247 @@ def attention_over_reallocated(q, seq, kv1_weight, kv1_bias, kv2_weight, kv2_bia
     kv = torch.cat([kv1, kv2], dim=3).permute(2, 0, 3, 1, 4)  # [2, B, h, M, d]
     out, _ = attend(q, kv[0], kv[1], scale=scale, dropout_p=dropout_p, need_importance=False)
     return out
+
+
+# ============================================================================
+# Attention with per-key mass: causal, grouped-query, key padding, packed varlen
+# (the oracle of ``sgattn.attention_with_mass`` and ``sgattn.attention_mass``).
+#
+# Mass of key j = sum over the chosen queries i of P_ij, P = softmax(scale q k^T)
+# over the keys query i sees. Computed in query chunks like ``attention`` above:
+# no more than one (query chunk x keys) block per head at once, forward and
+# backward (a hand-written chunked backward recomputes P from the row lse), so
+# memory beyond the inputs is O(B * H * L) whatever Lq and Lk are.
+# ============================================================================
+
+MASS_REDUCTIONS = ("sum", "mean", "causal_mean")
+MASS_HEAD_REDUCTIONS = ("none", "group_sum", "group_mean", "mean")
+
+
+def _row_chunks(n, per_row):
+    """(start, stop) query ranges whose blocks hold at most MAX_BLOCK_ELEMENTS
+    (one range when they fit: a test, not a loop, keeps n symbolic under torch.compile)."""
+    chunk = max(1, MAX_BLOCK_ELEMENTS // max(1, per_row))
+    return [(0, n)] if n <= chunk else [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def _visible_block(a, b, n_keys, q_last, q_seg, k_seg, k_keep):
+    """Which keys queries a..b-1 see: bool [Bm, 1, 1, b-a, Lk] (broadcast over the kv
+    heads and the group), or None when every query sees every key.
+
+    q_last [Bm, Lq]: the last key index a query sees (causal), or None; q_seg [Lq],
+    k_seg [Lk]: packed sequence ids (varlen), or None; k_keep [Bm, Lk]: False for padding.
+    """
+    seen = None
+    if q_last is not None:
+        seen = torch.arange(n_keys, device=q_last.device) <= q_last[:, a:b, None]
+    if q_seg is not None:
+        same = q_seg[a:b, None] == k_seg[None, :]
+        seen = same[None] if seen is None else seen & same
+    if k_keep is not None:
+        seen = k_keep[:, None, :] if seen is None else seen & k_keep[:, None, :]
+    return None if seen is None else seen[:, None, None]
+
+
+def _block_probs(qg, kc, scale, a, b, visibility, lse=None):
+    """P of queries a..b-1, [B, Hkv, G, c, Lk], and their lse [B, Hkv, G, c]; given an
+    lse, P = exp(s - lse). A query that sees no key has lse -inf and P = 0."""
+    s = torch.matmul(qg[:, :, :, a:b], kc.transpose(-1, -2)) * scale
+    seen = _visible_block(a, b, kc.shape[-2], *visibility)
+    if seen is not None:
+        s = s.masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1) if lse is None else lse[..., a:b]
+    finite = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)  # exp(-inf - 0) = 0, not NaN
+    return torch.exp(s - finite[..., None]), lse, seen
+
+
+class _AttentionWithMass(torch.autograd.Function):
+    """Chunked attention (out, lse) and the weighted column sums of P; out is
+    differentiable, lse and the sums are not. Tensors in the compute dtype,
+    q grouped [B, Hkv, G, Lq, D], k [B, Hkv, 1, Lk, D], v [B, Hkv, 1, Lk, Dv]."""
+
+    @staticmethod
+    def forward(ctx, qg, kc, vc, scale, weight, q_last, q_seg, k_seg, k_keep):
+        visibility = (q_last, q_seg, k_seg, k_keep)
+        B, Hkv, G, Lq, _ = qg.shape
+        outs, lses = [], []
+        colsum = qg.new_zeros(B, Hkv, G, kc.shape[-2])
+        for a, b in _row_chunks(Lq, B * Hkv * G * kc.shape[-2]):
+            p, lse, _ = _block_probs(qg, kc, scale, a, b, visibility)
+            outs.append(torch.matmul(p, vc))
+            lses.append(lse)
+            colsum += torch.matmul(weight[a:b], p)  # [c] @ [.., c, Lk]: sum over the chosen queries
+        out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
+        lse = torch.cat(lses, dim=3) if len(lses) > 1 else lses[0]
+        ctx.save_for_backward(qg, kc, vc, out, lse, q_last, q_seg, k_seg, k_keep)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse, colsum)
+        return out, lse, colsum
+
+    @staticmethod
+    @once_differentiable  # the backward takes P from the saved lse: no second derivative through it
+    def backward(ctx, dout, _dlse, _dcolsum):
+        qg, kc, vc, out, lse, *visibility = ctx.saved_tensors
+        scale = ctx.scale
+        B, Hkv, G, Lq, _ = qg.shape
+        delta = (dout * out).sum(-1, keepdim=True)  # rowsum(dO * O) [B, Hkv, G, Lq, 1]
+        dqs, dk, dv = [], torch.zeros_like(kc), torch.zeros_like(vc)
+        for a, b in _row_chunks(Lq, B * Hkv * G * kc.shape[-2]):
+            p, _, _ = _block_probs(qg, kc, scale, a, b, visibility, lse=lse)
+            do = dout[:, :, :, a:b]
+            dv += torch.matmul(p.transpose(-1, -2), do).sum(2, keepdim=True)
+            ds = p * (torch.matmul(do, vc.transpose(-1, -2)) - delta[:, :, :, a:b])
+            dqs.append(torch.matmul(ds, kc) * scale)
+            dk += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, a:b]).sum(2, keepdim=True) * scale
+        dq = torch.cat(dqs, dim=3) if len(dqs) > 1 else dqs[0]
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _mass_visibility(q, k, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k):
+    """(q_last, q_seg, k_seg, k_keep) for ``_visible_block``, and the packed sequence
+    ids (q_seg, k_seg; None when dense). Causal is bottom-right aligned per sequence:
+    query i of a sequence of Lq queries and Lk keys sees its keys j <= i + Lk - Lq."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    device = q.device
+    rows = torch.arange(Lq, device=device)
+    if cu_seqlens_q is None:
+        q_last = (rows + (Lk - Lq))[None] if causal else None
+        k_keep = None if key_padding_mask is None else ~key_padding_mask
+        return (q_last, None, None, k_keep), None, None
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    q_seg = torch.searchsorted(cu_q[1:], rows, right=True)
+    k_seg = torch.searchsorted(cu_k[1:], torch.arange(Lk, device=device), right=True)
+    # packed index of the last key: cu_k[s] + (i - cu_q[s]) + Lk_s - Lq_s = i + cu_k[s+1] - cu_q[s+1]
+    q_last = (rows + cu_k[1:][q_seg] - cu_q[1:][q_seg])[None] if causal else None
+    return (q_last, q_seg, k_seg, None), q_seg, k_seg
+
+
+def _query_weight(mass_queries, Lq, q_seg, cu_seqlens_q, dtype, device):
+    """How often each query counts in the mass: [Lq] (1 chosen, 0 not; an index
+    tensor counts a repeated index as often as it appears)."""
+    if mass_queries is None:
+        return torch.ones(Lq, dtype=dtype, device=device)
+    if isinstance(mass_queries, torch.Tensor):
+        index = mass_queries.reshape(-1).long()
+        return torch.zeros(Lq, dtype=dtype, device=device).index_add_(
+            0, index, torch.ones(index.shape[0], dtype=dtype, device=device))
+    rows = torch.arange(Lq, device=device)
+    # the last n queries of each sequence (all of a sequence shorter than n)
+    first = Lq - mass_queries if q_seg is None else cu_seqlens_q.long()[1:][q_seg] - mass_queries
+    return (rows >= first).to(dtype)
+
+
+def _mass_divisor(mass_reduce, weight, visibility, Lk, cu_seqlens_q, q_seg, k_seg):
+    """What each key's column sum is divided by: None ("sum"); the number of chosen
+    queries of its sequence ("mean"); the number of chosen queries that see it
+    ("causal_mean"). Shape broadcasting against [B, Hkv, G, Lk]."""
+    if mass_reduce == "sum":
+        return None
+    if mass_reduce == "mean":
+        if q_seg is None:
+            return weight.sum()
+        per_seq = torch.zeros(cu_seqlens_q.shape[0] - 1, dtype=weight.dtype, device=weight.device)
+        return per_seq.index_add_(0, q_seg, weight)[k_seg]
+    count = None
+    for a, b in _row_chunks(weight.shape[0], Lk):
+        seen = _visible_block(a, b, Lk, *visibility)
+        if seen is None:
+            return weight.sum()
+        part = torch.matmul(weight[a:b], seen[:, 0, 0].expand(-1, b - a, -1).to(weight.dtype))  # [Bm, Lk]
+        count = part if count is None else count + part
+    return count[:, None, None, :]
+
+
+def _reduce_mass(colsum, divisor, mass_heads):
+    """colsum [B, Hkv, G, Lk] -> mass: divided over the queries (0 where the divisor
+    is 0: no chosen query sees the key), then reduced over heads by ``mass_heads``."""
+    if divisor is not None:
+        safe = torch.where(divisor > 0, divisor, torch.ones_like(divisor))
+        colsum = torch.where(divisor > 0, colsum / safe, torch.zeros_like(colsum))
+    B, Hkv, G, Lk = colsum.shape
+    if mass_heads == "none":
+        return colsum.reshape(B, Hkv * G, Lk)
+    if mass_heads == "mean":
+        return colsum.mean(dim=(1, 2))
+    grouped = colsum.sum(2)
+    return grouped if mass_heads == "group_sum" else grouped / G
+
+
+def _mass(q, k, v, lse, *, scale, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, mass_queries,
+          mass_reduce, mass_heads):
+    """Dense layout [B, H, L, D] (varlen: B = 1 and packed L with cu_seqlens).
+    With v: (out, mass, lse); with lse instead (v None): mass only."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    ct = compute_dtype(q.dtype)
+    qg = q.to(ct).unflatten(1, (Hkv, Hq // Hkv))
+    kc = k.to(ct)[:, :, None]
+    visibility, q_seg, k_seg = _mass_visibility(q, k, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    weight = _query_weight(mass_queries, Lq, q_seg, cu_seqlens_q, ct, q.device)
+    if v is not None:
+        out, lse, colsum = _AttentionWithMass.apply(qg, kc, v.to(ct)[:, :, None], scale, weight, *visibility)
+    else:
+        lse = lse.detach().to(ct).unflatten(1, (Hkv, Hq // Hkv))
+        colsum = qg.new_zeros(B, Hkv, Hq // Hkv, Lk)
+        with torch.no_grad():
+            for a, b in _row_chunks(Lq, B * Hq * Lk):
+                p, _, _ = _block_probs(qg.detach(), kc.detach(), scale, a, b, visibility, lse=lse)
+                colsum += torch.matmul(weight[a:b], p)
+    divisor = _mass_divisor(mass_reduce, weight, visibility, Lk, cu_seqlens_q, q_seg, k_seg)
+    mass = _reduce_mass(colsum, divisor, mass_heads)
+    if v is None:
+        return mass
+    return out.flatten(1, 2).to(q.dtype), mass, lse.flatten(1, 2)
+
+
+def attention_with_mass(q, k, v, *, scale=None, causal=False, key_padding_mask=None, mass_queries=None,
+                        mass_reduce="sum", mass_heads="none"):
+    """Attention and the attention mass every key receives, in query chunks.
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv], Hq a multiple of Hkv
+    (query head h uses kv head h // (Hq // Hkv)). ``causal``: query i sees keys
+    j <= i + Lk - Lq (bottom-right). ``key_padding_mask`` [B, Lk] bool, True
+    for padding keys (seen by no query). A query that sees no key gets output 0,
+    lse -inf and gives no mass. See ``sgattn.attention_with_mass`` for the mass
+    options. Returns (out [B, Hq, Lq, Dv] in q's dtype, mass, lse [B, Hq, Lq]);
+    mass and lse in fp32 (fp64 for fp64 inputs), without gradient.
+    """
+    return _mass(q, k, v, None, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                 cu_seqlens_q=None, cu_seqlens_k=None, mass_queries=mass_queries, mass_reduce=mass_reduce,
+                 mass_heads=mass_heads)
+
+
+def attention_mass(q, k, lse, *, scale=None, causal=False, key_padding_mask=None, mass_queries=None,
+                   mass_reduce="sum", mass_heads="none"):
+    """The mass of ``attention_with_mass`` from a given row lse [B, Hq, Lq]
+    (P = exp(scale q k^T - lse)); no v, no output."""
+    return _mass(q, k, None, lse, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                 cu_seqlens_q=None, cu_seqlens_k=None, mass_queries=mass_queries, mass_reduce=mass_reduce,
+                 mass_heads=mass_heads)
+
+
+def _packed(t):
+    """[total, H, D] -> [1, H, total, D]."""
+    return t.transpose(0, 1)[None]
+
+
+def attention_with_mass_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
+                               mass_queries=None, mass_reduce="sum", mass_heads="none"):
+    """``attention_with_mass`` over packed sequences (flash-attention's varlen layout):
+    q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv]; sequence s owns
+    queries cu_seqlens_q[s]:cu_seqlens_q[s+1] and keys cu_seqlens_k[s]:cu_seqlens_k[s+1].
+    Returns (out [total_q, Hq, Dv], mass [Hq | Hkv, total_k] or [total_k], lse [Hq, total_q])."""
+    out, mass, lse = _mass(_packed(q), _packed(k), _packed(v), None, scale=scale, causal=causal,
+                           key_padding_mask=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                           mass_queries=mass_queries, mass_reduce=mass_reduce, mass_heads=mass_heads)
+    return out[0].transpose(0, 1), mass[0], lse[0]
+
+
+def attention_mass_varlen(q, k, lse, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
+                          mass_queries=None, mass_reduce="sum", mass_heads="none"):
+    """``attention_mass`` over packed sequences; lse [Hq, total_q]."""
+    return _mass(_packed(q), _packed(k), None, lse[None], scale=scale, causal=causal, key_padding_mask=None,
+                 cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, mass_queries=mass_queries,
+                 mass_reduce=mass_reduce, mass_heads=mass_heads)[0]

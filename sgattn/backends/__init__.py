@@ -33,6 +33,9 @@ _forced: str | None = os.environ.get("SGATTN_BACKEND") or None
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# The attention-mass ops (sgattn.mass); a backend runs them as ``mass_limits`` allows.
+MASS_OPS = ("attention_with_mass", "attention_mass", "attention_with_mass_varlen", "attention_mass_varlen")
+
 
 class BackendError(RuntimeError):
     """No backend (or not the forced one) can run the given inputs; the
@@ -59,7 +62,7 @@ def attention_calls(op: str, tensors, options):
     self-guided attention's keys are the reallocated tokens, at most N: its
     worst case (q, q, q) stands for them."""
     window, hw = options.get("window"), options.get("hw")
-    if op in ("attention", "attention_with_importance"):
+    if op in ("attention", "attention_with_importance", "attention_with_mass"):
         return [(*tensors[:3], window, hw)]
     if op == "hybrid_scale_attention":  # the global triple, then the windowed one
         return [(*tensors[:3], None, None), (*tensors[3:6], window, hw)]
@@ -135,6 +138,8 @@ class Backend:
         """Every reason this backend cannot run ``op`` on these inputs, joined
         by "; " (None: it can)."""
         reasons = capability_reasons(self.capabilities(), op, tensors, options)
+        if not reasons and op in MASS_OPS:
+            reasons = self.mass_limits(op, tensors, options)
         if not reasons:
             reasons = self.launch_limits(op, tensors, options)
         return "; ".join(reasons) or None
@@ -167,6 +172,52 @@ class Backend:
             q, seq, kv1_weight, kv1_bias, kv2_weight, kv2_bias, self.attention,
             scale=scale, dropout_p=dropout_p)
 
+    # Attention mass (sgattn.mass). The base class runs SG-Former's case of
+    # attention_with_mass through ``attention``, whose importance is the mean
+    # over heads and queries: all queries, no mask, Hq == Hkv. A backend with
+    # mass kernels overrides the four methods and ``mass_limits``.
+
+    def mass_limits(self, op: str, tensors, options) -> list[str]:
+        """Why this backend cannot run the mass op ``op`` with these options."""
+        if op != "attention_with_mass":
+            return [f"{op} is not implemented (only attention_with_mass without causal masking, "
+                    "key padding, mass_queries, grouped-query heads or lse)"]
+        q, k = tensors[:2]
+        wanted = {"causal masking": options["causal"],
+                  "key padding masks": options["key_padding_mask"] is not None,
+                  "mass over chosen queries (mass_queries)": options["mass_queries"] is not None,
+                  "grouped-query attention (Hq != Hkv)": q.shape[1] != k.shape[1],
+                  "return_lse": options["return_lse"]}
+        return [f"{what} is not implemented" for what, asked in wanted.items() if asked]
+
+    def attention_with_mass(self, q, k, v, *, scale, causal, key_padding_mask, mass_queries, mass_reduce,
+                            mass_heads, return_lse):
+        why = self.mass_limits("attention_with_mass", (q, k, v), dict(
+            causal=causal, key_padding_mask=key_padding_mask, mass_queries=mass_queries, return_lse=return_lse))
+        if why:
+            raise BackendError(f"backend {self.name!r} cannot run attention_with_mass: {'; '.join(why)}")
+        B, H, Lq, _ = q.shape
+        if mass_heads == "mean":
+            out, mass = self.attention(q, k, v, scale=scale)
+        else:  # one head per batch entry; with Hq == Hkv the group reductions are "none"
+            out, mass = self.attention(*(t.reshape(B * H, 1, t.shape[2], t.shape[3]) for t in (q, k, v)),
+                                       scale=scale)
+            out, mass = out.reshape(B, H, Lq, -1), mass.reshape(B, H, -1)
+        # every query sees every key: "mean" and "causal_mean" are both the mean over queries
+        return out, mass * Lq if mass_reduce == "sum" else mass, None
+
+    def _mass_not_implemented(self, op):
+        raise BackendError(f"backend {self.name!r} cannot run {op}: {self.mass_limits(op, (), {})[0]}")
+
+    def attention_mass(self, q, k, lse, **options):
+        self._mass_not_implemented("attention_mass")
+
+    def attention_with_mass_varlen(self, q, k, v, **options):
+        self._mass_not_implemented("attention_with_mass_varlen")
+
+    def attention_mass_varlen(self, q, k, lse, **options):
+        self._mass_not_implemented("attention_mass_varlen")
+
 
 class ReferenceBackend(Backend):
     """Plain PyTorch (``sgattn.reference``): any device and dtype, the oracle."""
@@ -181,6 +232,21 @@ class ReferenceBackend(Backend):
 
     def aggregate_sorted(self, x, index, weights, biases):
         return reference.aggregate_sorted(x, index, weights, biases)
+
+    def mass_limits(self, op, tensors, options):
+        return []
+
+    def attention_with_mass(self, q, k, v, *, return_lse, **options):
+        return reference.attention_with_mass(q, k, v, **options)
+
+    def attention_mass(self, q, k, lse, **options):
+        return reference.attention_mass(q, k, lse, **options)
+
+    def attention_with_mass_varlen(self, q, k, v, *, max_seqlen_q, max_seqlen_k, return_lse, **options):
+        return reference.attention_with_mass_varlen(q, k, v, **options)
+
+    def attention_mass_varlen(self, q, k, lse, *, max_seqlen_q, max_seqlen_k, **options):
+        return reference.attention_mass_varlen(q, k, lse, **options)
 
 
 # name -> module that defines ``BACKEND`` (loaded on first use), or the instance.
