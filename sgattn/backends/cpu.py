@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
+from .. import _native, reference
 from . import FLOATS, Backend, Capabilities
 
 # The kernels (csrc/cpu_ops.cpp) take any sizes: int64 indexing, any head dim,
@@ -51,6 +51,56 @@ class CpuBackend(Backend):
 
     def aggregate_sorted(self, x, index, weights, biases):
         return _native.aggregate_sorted(x, index, weights, biases)
+
+    # Attention mass: global attention's kernels with causal masking, grouped-query
+    # heads and key padding (mass_attention_fwd / _bwd, mass_from_lse); they return
+    # each query head's weighted column sums of P, reduced here (O(B * Hq * Lk)).
+
+    def mass_limits(self, op, tensors, options):
+        if op.endswith("_varlen"):
+            return [f"{op} is not implemented by the cpu kernels (dense layout only)"]
+        return []
+
+    def attention_with_mass(self, q, k, v, *, scale, causal, key_padding_mask, mass_queries, mass_reduce,
+                            mass_heads, return_lse):
+        weight = _query_weight(mass_queries, q)
+        out, lse, colsum = _native.mass_attention(q, k, v, scale=_scale(scale, q), causal=causal,
+                                                  key_padding_mask=key_padding_mask, query_weight=weight)
+        return out, _reduce(colsum, q, k, weight, causal, key_padding_mask, mass_reduce, mass_heads), lse
+
+    def attention_mass(self, q, k, lse, *, scale, causal, key_padding_mask, mass_queries, mass_reduce, mass_heads):
+        weight = _query_weight(mass_queries, q)
+        colsum = _native.mass_from_lse(q, k, lse.detach().float(), scale=_scale(scale, q), causal=causal,
+                                       key_padding_mask=key_padding_mask, query_weight=weight)
+        return _reduce(colsum, q, k, weight, causal, key_padding_mask, mass_reduce, mass_heads)
+
+
+def _scale(scale, q):
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _query_weight(mass_queries, q):
+    """The kernels' query_weight [Lq] fp32, or None when every query counts once."""
+    if mass_queries is None:
+        return None
+    return reference._query_weight(mass_queries, q.shape[2], None, None, torch.float32, q.device)
+
+
+def _reduce(colsum, q, k, weight, causal, key_padding_mask, mass_reduce, mass_heads):
+    """The kernels' column sums [B, Hq, Lk] -> mass, reduced as the reference reduces its own."""
+    Lq, (B, Hq, Lk) = q.shape[2], colsum.shape
+    divisor = None
+    if mass_reduce != "sum":
+        w = torch.ones(Lq, device=q.device) if weight is None else weight
+        divisor = w.sum()
+        if mass_reduce == "causal_mean":  # the chosen queries that see each key (integers: exact in fp32)
+            if causal:  # key j is seen by queries i >= j - (Lk - Lq)
+                tail = torch.cat([w.flip(0).cumsum(0).flip(0), w.new_zeros(1)])  # tail[t] = sum of w[t:]
+                divisor = tail[(torch.arange(Lk, device=q.device) - (Lk - Lq)).clamp(0, Lq)]
+            if key_padding_mask is not None:
+                divisor = divisor * ~key_padding_mask
+            divisor = divisor.reshape(-1, 1, 1, Lk) if divisor.dim() else divisor
+    return reference._reduce_mass(colsum.unflatten(1, (k.shape[1], Hq // k.shape[1])), divisor, mass_heads)
 
 
 BACKEND = CpuBackend()
