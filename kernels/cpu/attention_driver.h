@@ -162,17 +162,20 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
   const int64_t B = a.B, h = a.h, N = a.N, d = a.d, M = a.M, dv = a.dv, dvp = pad16(dv), G = vis.G;
   const float scale = a.scale;
   const bool need_imp = imp != nullptr, from_lse = cols.lse != nullptr;
-  const int64_t hm = cols.per_head ? h : 1;  // heads of the column sums
-  // Work items (b, chunk of query blocks); the heads loop inside, so an item
-  // owns its importance partial and gathers each head's keys once.
+  // Work items (b, head slice, chunk of query blocks). The importance: one
+  // slice of all heads, so an item owns its importance partial and gathers
+  // each head's keys once. Per-head column sums: a slice per kv head, so an
+  // item reuses its keys and values (in cache) for G heads and all its blocks.
+  const int64_t hs = cols.per_head ? 1 : h / G, nhs = h / G / hs;  // kv heads per slice, slices
+  const int64_t hmt = cols.per_head ? G : 1;                        // column sums per item
   // Query blocks: S tiles of about 16K floats (L2-resident), 64 to 256 rows;
-  // smaller when B*N is small, so that every thread gets work.
+  // for the importance smaller when B*N is small, so that every thread gets work.
   const int64_t Mp = pad16(M);
   int64_t QB = 64;
   while (QB < 256 && 2 * QB * Mp <= 16384) QB *= 2;
-  QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
+  if (!cols.per_head) QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
   const int64_t nqb = (N + QB - 1) / QB;
-  const int64_t per_b = std::min(nqb, (kChunks + B - 1) / B), ntask = B * per_b;
+  const int64_t per_b = std::min(nqb, (kChunks + B * nhs - 1) / (B * nhs)), ntask = B * nhs * per_b;
   // fp32 K, V with unit-stride rows feed the GEMMs in place (blas_rows); an
   // fp32 output is written in place too.
   const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv),
@@ -184,7 +187,7 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
   if (sc.too_big())
     too_large("M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
-  Buffer partial_t = need_imp ? shared_buffer<double>(ntask * hm, M, "the importance partials") : Buffer();
+  Buffer partial_t = need_imp ? shared_buffer<double>(ntask * hmt, M, "the importance partials") : Buffer();
   double* partial = need_imp ? partial_t.as<double>() : nullptr;
   const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
@@ -195,13 +198,13 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
     // do not depend on the thread that runs it).
 #pragma omp for schedule(static, 1)
     for (int64_t task = 0; task < ntask; ++task) {
-      const int64_t b = task / per_b, c = task % per_b;
+      const int64_t b = task / (nhs * per_b), sl = task / per_b % nhs, c = task % per_b;
       const int64_t blk0 = c * nqb / per_b, blk1 = (c + 1) * nqb / per_b;
-      for (int64_t hk = 0; hk < h / G; ++hk) {
+      for (int64_t hk = sl * hs; hk < (sl + 1) * hs; ++hk) {
         const Rows kr = blas_rows(K, dirK, b, hk, M, d, Kr, d);
         const Rows vr = from_lse ? Rows{} : blas_rows(V, dirV, b, hk, M, dv, Vf, dvp);
         for (int64_t hh = hk * G; hh < (hk + 1) * G; ++hh) {
-          double* acc = need_imp ? partial + (task * hm + (cols.per_head ? hh : 0)) * M : nullptr;
+          double* acc = need_imp ? partial + (task * hmt + (cols.per_head ? hh % G : 0)) * M : nullptr;
           for (int64_t blk = blk0; blk < blk1; ++blk) {
             const int64_t i0 = blk * QB, nq = std::min(QB, N - i0), nk = vis.key_end(a, i0, nq);
             const float* w = cols.weight ? cols.weight + i0 : nullptr;
@@ -264,11 +267,13 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
     const double inv = cols.per_head ? 1.0 : 1.0 / (static_cast<double>(h) * static_cast<double>(N));
     // Each element sums its partials in the same order whoever runs it; small
     // reductions skip the extra parallel region (a barrier on a loaded machine).
+    const int64_t hm = cols.per_head ? h : 1;  // heads of the result
 #pragma omp parallel for schedule(static) num_threads(nt) if (B * hm * M * per_b > (int64_t(1) << 16))
     for (int64_t bj = 0; bj < B * hm * M; ++bj) {
-      const int64_t b = bj / (hm * M), hj = bj % (hm * M);
+      const int64_t b = bj / (hm * M), hh = bj / M % hm, j = bj % M;
+      const int64_t sl = cols.per_head ? hh / G : 0, lh = cols.per_head ? hh % G : 0;
       double s = 0;
-      for (int64_t c = 0; c < per_b; ++c) s += partial[(b * per_b + c) * hm * M + hj];
+      for (int64_t c = 0; c < per_b; ++c) s += partial[(((b * nhs + sl) * per_b + c) * hmt + lh) * M + j];
       dst[bj] = static_cast<float>(s * inv);
     }
   }

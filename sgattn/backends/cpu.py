@@ -70,7 +70,8 @@ class CpuBackend(Backend):
 
     def attention_mass(self, q, k, lse, *, scale, causal, key_padding_mask, mass_queries, mass_reduce, mass_heads):
         weight = _query_weight(mass_queries, q)
-        colsum = _native.mass_from_lse(q, k, lse.detach().float(), scale=_scale(scale, q), causal=causal,
+        colsum = _native.mass_from_lse(q.detach(), k.detach(), lse.detach().float(),  # the mass has no gradient
+                                       scale=_scale(scale, q), causal=causal,
                                        key_padding_mask=key_padding_mask, query_weight=weight)
         return _reduce(colsum, q, k, weight, causal, key_padding_mask, mass_reduce, mass_heads)
 
