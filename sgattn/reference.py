@@ -284,9 +284,10 @@ def attention_over_reallocated(q, seq, kv1_weight, kv1_bias, kv2_weight, kv2_bia
 #
 # Mass of key j = sum over the chosen queries i of P_ij, P = softmax(scale q k^T)
 # over the keys query i sees. Computed in query chunks like ``attention`` above:
-# no more than one (query chunk x keys) block per head at once, forward and
-# backward (a hand-written chunked backward recomputes P from the row lse), so
-# memory beyond the inputs is O(B * H * L) whatever Lq and Lk are.
+# (query chunk x keys) blocks of all heads, at most MAX_BLOCK_ELEMENTS each and a
+# few alive at once, in the forward and in the backward (hand-written: it
+# recomputes P from the row lse), so memory beyond the inputs is O(B * H * L)
+# whatever Lq and Lk are.
 # ============================================================================
 
 MASS_REDUCTIONS = ("sum", "mean", "causal_mean")
@@ -321,13 +322,14 @@ def _visible_block(a, b, n_keys, q_last, q_seg, k_seg, k_keep):
 def _block_probs(qg, kc, scale, a, b, visibility, lse=None):
     """P of queries a..b-1, [B, Hkv, G, c, Lk], and their lse [B, Hkv, G, c]; given an
     lse, P = exp(s - lse). A query that sees no key has lse -inf and P = 0."""
-    s = torch.matmul(qg[:, :, :, a:b], kc.transpose(-1, -2)) * scale
+    # in place on the one block: the callers run without autograd (in the Function, or under no_grad)
+    s = torch.matmul(qg[:, :, :, a:b], kc.transpose(-1, -2)).mul_(scale)
     seen = _visible_block(a, b, kc.shape[-2], *visibility)
     if seen is not None:
-        s = s.masked_fill(~seen, float("-inf"))
+        s.masked_fill_(seen.logical_not(), float("-inf"))
     lse = torch.logsumexp(s, dim=-1) if lse is None else lse[..., a:b]
     finite = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)  # exp(-inf - 0) = 0, not NaN
-    return torch.exp(s - finite[..., None]), lse, seen
+    return s.sub_(finite[..., None]).exp_(), lse
 
 
 class _AttentionWithMass(torch.autograd.Function):
@@ -342,7 +344,7 @@ class _AttentionWithMass(torch.autograd.Function):
         outs, lses = [], []
         colsum = qg.new_zeros(B, Hkv, G, kc.shape[-2])
         for a, b in _row_chunks(Lq, B * Hkv * G * kc.shape[-2]):
-            p, lse, _ = _block_probs(qg, kc, scale, a, b, visibility)
+            p, lse = _block_probs(qg, kc, scale, a, b, visibility)
             outs.append(torch.matmul(p, vc))
             lses.append(lse)
             colsum += torch.matmul(weight[a:b], p)  # [c] @ [.., c, Lk]: sum over the chosen queries
@@ -362,10 +364,10 @@ class _AttentionWithMass(torch.autograd.Function):
         delta = (dout * out).sum(-1, keepdim=True)  # rowsum(dO * O) [B, Hkv, G, Lq, 1]
         dqs, dk, dv = [], torch.zeros_like(kc), torch.zeros_like(vc)
         for a, b in _row_chunks(Lq, B * Hkv * G * kc.shape[-2]):
-            p, _, _ = _block_probs(qg, kc, scale, a, b, visibility, lse=lse)
+            p, _ = _block_probs(qg, kc, scale, a, b, visibility, lse=lse)
             do = dout[:, :, :, a:b]
             dv += torch.matmul(p.transpose(-1, -2), do).sum(2, keepdim=True)
-            ds = p * (torch.matmul(do, vc.transpose(-1, -2)) - delta[:, :, :, a:b])
+            ds = torch.matmul(do, vc.transpose(-1, -2)).sub_(delta[:, :, :, a:b]).mul_(p)  # P (dP - delta)
             dqs.append(torch.matmul(ds, kc) * scale)
             dk += torch.matmul(ds.transpose(-1, -2), qg[:, :, :, a:b]).sum(2, keepdim=True) * scale
         dq = torch.cat(dqs, dim=3) if len(dqs) > 1 else dqs[0]
@@ -406,7 +408,7 @@ def _query_weight(mass_queries, Lq, q_seg, cu_seqlens_q, dtype, device):
     return (rows >= first).to(dtype)
 
 
-def _mass_divisor(mass_reduce, weight, visibility, Lk, cu_seqlens_q, q_seg, k_seg):
+def _mass_divisor(mass_reduce, weight, visibility, B, Lk, cu_seqlens_q, q_seg, k_seg):
     """What each key's column sum is divided by: None ("sum"); the number of chosen
     queries of its sequence ("mean"); the number of chosen queries that see it
     ("causal_mean"). Shape broadcasting against [B, Hkv, G, Lk]."""
@@ -418,7 +420,7 @@ def _mass_divisor(mass_reduce, weight, visibility, Lk, cu_seqlens_q, q_seg, k_se
         per_seq = torch.zeros(cu_seqlens_q.shape[0] - 1, dtype=weight.dtype, device=weight.device)
         return per_seq.index_add_(0, q_seg, weight)[k_seg]
     count = None
-    for a, b in _row_chunks(weight.shape[0], Lk):
+    for a, b in _row_chunks(weight.shape[0], B * Lk):
         seen = _visible_block(a, b, Lk, *visibility)
         if seen is None:
             return weight.sum()
@@ -462,9 +464,9 @@ def _mass(q, k, v, lse, *, scale, causal, key_padding_mask, cu_seqlens_q, cu_seq
         colsum = qg.new_zeros(B, Hkv, Hq // Hkv, Lk)
         with torch.no_grad():
             for a, b in _row_chunks(Lq, B * Hq * Lk):
-                p, _, _ = _block_probs(qg.detach(), kc.detach(), scale, a, b, visibility, lse=lse)
+                p, _ = _block_probs(qg.detach(), kc.detach(), scale, a, b, visibility, lse=lse)
                 colsum += torch.matmul(weight[a:b], p)
-    divisor = _mass_divisor(mass_reduce, weight, visibility, Lk, cu_seqlens_q, q_seg, k_seg)
+    divisor = _mass_divisor(mass_reduce, weight, visibility, B, Lk, cu_seqlens_q, q_seg, k_seg)
     mass = _reduce_mass(colsum, divisor, mass_heads)
     if v is None:
         return mass

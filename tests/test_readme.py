@@ -41,3 +41,14 @@ def test_every_python_block_compiles():
     assert blocks
     for code in blocks:
         compile(code, "README.md", "exec")
+
+
+def test_mass_example_runs_and_shapes_match_the_comments():
+    code = next(b for b in _blocks() if "attention_with_mass" in b)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    B, Hq, Hkv, L = (ns[k] for k in ("B", "Hq", "Hkv", "L"))
+    assert ns["h2o"].shape == ns["snap"].shape == (B, Hkv, L)
+    assert ns["tova"].shape == ns["cls"].shape == (B, L)
+    assert ns["same"].shape == (B, Hq, L) and torch.allclose(ns["same"], ns["mass"], atol=1e-6)
+    assert ns["mass_p"].shape == (Hkv, 300) and ns["out_p"].shape == (300, Hq, ns["D"])
