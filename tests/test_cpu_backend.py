@@ -412,3 +412,36 @@ def test_mass_ops_trace_under_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(torch.autograd.grad(compiled[0].sum(), inputs), torch.autograd.grad(eager[0].sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_runs_each_sequence_on_the_kernels(causal):
+    """attention_with_mass_varlen / attention_mass_varlen against the oracle:
+    sequences at tile edges, with no queries, with no keys, Lq > Lk; mass over
+    the last n queries of each and over packed indices; gradients flow."""
+    g = torch.Generator().manual_seed(3)
+    lq, lk = [17, 0, 5, 70, 9], [16, 4, 0, 65, 3]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32) for n in (lq, lk))
+    q64, k64, v64 = (torch.randn(sum(n), H, 16, generator=g, dtype=torch.float64)
+                     for n, H in ((lq, 4), (lk, 2), (lk, 2)))
+    for dtype in LOW:
+        for mq, reduce, heads in ((None, "sum", "none"), (2, "causal_mean", "group_sum"),
+                                  (torch.tensor([0, 30, 30, 100]), "mean", "mean")):
+            opts = dict(causal=causal, mass_queries=mq, mass_reduce=reduce, mass_heads=heads)
+            want64 = reference.attention_with_mass_varlen(q64, k64, v64, cu_q, cu_k, **opts)
+            low = [t.to(dtype) for t in (q64, k64, v64)]
+            want = reference.attention_with_mass_varlen(*low, cu_q, cu_k, **opts)
+            q, k, v = (t.clone().requires_grad_() for t in low)
+            with use_backend("cpu"):
+                got = sgattn.attention_with_mass_varlen(q, k, v, cu_q, cu_k, 70, 65, return_lse=True, **opts)
+                from_lse = sgattn.attention_mass_varlen(q, k, want[2], cu_q, cu_k, 70, 65, **opts)
+            what = f"{dtype} {opts}"
+            for name, a, w, w64 in zip(("out", "mass", "lse"), got, want, want64):
+                assert a.shape == w64.shape, (name, what)
+                if name == "lse":  # queries without keys: -inf on both sides
+                    assert torch.equal(a.isinf(), w64.isinf()), what
+                    a, w, w64 = (t.nan_to_num(neginf=0.0) for t in (a, w, w64))
+                assert_close_to_reference(a, w, w64, what=f"{name} {what}")
+            assert_close_to_reference(from_lse, want[1], want64[1], what=f"from lse {what}")
+            got[0].float().sum().backward()
+            assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))

@@ -21,6 +21,15 @@ themselves through the contract they share with the cuda ops
 raises a ValueError naming the problem; aggregation index rows must be
 permutations of 0..N-1 (argsorts), which the kernels check. A window at least as large as
 the grid is one window over the whole grid.
+
+Attention mass (``sgattn.attention_with_mass``, ``attention_mass``) runs on the
+same global-attention kernels, configured with causal masking (bottom-right;
+tiles past a query block's last visible key are skipped), grouped-query heads
+and key padding; they return each query head's column sums of P weighted by
+the chosen queries, which are reduced here. The fused backward sums each kv
+head's dK, dV over its query heads in a fixed order. The varlen forms run
+them once per sequence on views of the packed tensors (eagerly: the
+sequence lengths are read on the host).
 """
 from __future__ import annotations
 
@@ -57,8 +66,9 @@ class CpuBackend(Backend):
     # each query head's weighted column sums of P, reduced here (O(B * Hq * Lk)).
 
     def mass_limits(self, op, tensors, options):
-        if op.endswith("_varlen"):
-            return [f"{op} is not implemented by the cpu kernels (dense layout only)"]
+        if op.endswith("_varlen") and torch.compiler.is_compiling():
+            return [f"{op} runs the cpu kernels once per sequence, reading cu_seqlens on the host: "
+                    "not under torch.compile"]
         return []
 
     def attention_with_mass(self, q, k, v, *, scale, causal, key_padding_mask, mass_queries, mass_reduce,
@@ -74,6 +84,59 @@ class CpuBackend(Backend):
                                        scale=_scale(scale, q), causal=causal,
                                        key_padding_mask=key_padding_mask, query_weight=weight)
         return _reduce(colsum, q, k, weight, causal, key_padding_mask, mass_reduce, mass_heads)
+
+
+    # Varlen: the dense kernels once per sequence, on views of the packed tensors.
+
+    def attention_with_mass_varlen(self, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   return_lse, mass_heads, **options):
+        outs, masses, lses = [], [], []
+        for (a, b), (c, e), mq in _sequences(cu_seqlens_q, cu_seqlens_k, options.pop("mass_queries")):
+            qs, ks, vs = (t[i:j].transpose(0, 1)[None] for t, i, j in ((q, a, b), (k, c, e), (v, c, e)))
+            if b == a or e == c:  # no queries, or no keys: out 0, lse -inf, no mass
+                out = q.new_zeros(1, q.shape[1], b - a, v.shape[2])
+                lse = torch.full((1, q.shape[1], b - a), float("-inf"), device=q.device)
+                mass = _no_mass(q, k, e - c, mass_heads)
+            else:
+                out, mass, lse = self.attention_with_mass(qs, ks, vs, key_padding_mask=None, mass_queries=mq,
+                                                          mass_heads=mass_heads, return_lse=True, **options)
+            outs.append(out[0].transpose(0, 1))
+            masses.append(mass[0])
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(masses, -1), torch.cat(lses, -1)
+
+    def attention_mass_varlen(self, q, k, lse, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              mass_heads, **options):
+        masses = []
+        for (a, b), (c, e), mq in _sequences(cu_seqlens_q, cu_seqlens_k, options.pop("mass_queries")):
+            if b == a or e == c:
+                masses.append(_no_mass(q, k, e - c, mass_heads)[0])
+                continue
+            qs, ks = (t[i:j].transpose(0, 1)[None] for t, i, j in ((q, a, b), (k, c, e)))
+            masses.append(self.attention_mass(qs, ks, lse[:, a:b][None], key_padding_mask=None, mass_queries=mq,
+                                              mass_heads=mass_heads, **options)[0])
+        return torch.cat(masses, -1)
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k, mass_queries):
+    """((query range), (key range), that sequence's mass_queries) per packed sequence:
+    an int n is the last n queries of each (all of a shorter one); an index
+    tensor of packed positions keeps those in the sequence, shifted to it."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s in range(len(cq) - 1):
+        a, b = cq[s], cq[s + 1]
+        mq = mass_queries
+        if isinstance(mq, torch.Tensor):
+            mq = mq[(mq >= a) & (mq < b)] - a
+        elif mq is not None:
+            mq = min(mq, b - a)
+        yield (a, b), (ck[s], ck[s + 1]), mq
+
+
+def _no_mass(q, k, Lk, mass_heads):
+    """The zero mass [1, heads, Lk] (or [1, Lk]) of a sequence without queries or keys."""
+    heads = {"none": (q.shape[1],), "mean": ()}.get(mass_heads, (k.shape[1],))
+    return torch.zeros(1, *heads, Lk, device=q.device)
 
 
 def _scale(scale, q):
