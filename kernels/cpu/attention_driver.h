@@ -208,6 +208,8 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
           for (int64_t blk = blk0; blk < blk1; ++blk) {
             const int64_t i0 = blk * QB, nq = std::min(QB, N - i0), nk = vis.key_end(a, i0, nq);
             const float* w = cols.weight ? cols.weight + i0 : nullptr;
+            // from an lse, only the mass: blocks of unchosen queries are skipped
+            if (from_lse && w && std::all_of(w, w + nq, [](float x) { return x == 0.0f; })) continue;
             if (nk <= 0) {  // no row of the block sees a key: out 0, lse -inf, no mass
               if (from_lse) continue;
               std::fill(O, O + nq * dvp, 0.0f);

@@ -34,6 +34,7 @@ sequence lengths are read on the host).
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _native, reference
 from . import FLOATS, Backend, Capabilities
@@ -66,9 +67,9 @@ class CpuBackend(Backend):
     # each query head's weighted column sums of P, reduced here (O(B * Hq * Lk)).
 
     def mass_limits(self, op, tensors, options):
-        if op.endswith("_varlen") and torch.compiler.is_compiling():
+        if op.endswith("_varlen") and (torch.compiler.is_compiling() or is_fake(tensors[0])):
             return [f"{op} runs the cpu kernels once per sequence, reading cu_seqlens on the host: "
-                    "not under torch.compile"]
+                    "not under torch.compile nor on fake tensors"]
         return []
 
     def attention_with_mass(self, q, k, v, *, scale, causal, key_padding_mask, mass_queries, mass_reduce,
