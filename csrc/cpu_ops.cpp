@@ -12,6 +12,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "cpu/aggregation.h"
@@ -118,6 +119,119 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   return {dq, dk, dv};
 }
 
+// The mass ops: global attention with causal masking, grouped-query heads and
+// key padding (the same kernels as attention_fwd / attention_bwd).
+struct MassArgs {
+  sgattn::contract::AttnShape s;
+  cpu::Visibility vis;
+  std::vector<int64_t> pad_begin, pad_key;  // the padding keys of each batch entry (vis points here)
+};
+
+MassArgs mass_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor* v, double scale,
+                   bool causal, const std::optional<at::Tensor>& mask_in, const at::Tensor& weight) {
+  const at::Tensor mask = mask_in.has_value() ? *mask_in : at::Tensor();
+  check_cpu(op, {{"q", &q}, {"k", &k}});
+  if (v) check_cpu(op, {{"v", v}});
+  if (mask.defined()) check_cpu(op, {{"key_padding_mask", &mask}});
+  if (weight.defined()) check_cpu(op, {{"query_weight", &weight}});
+  auto [s, G] = sgattn::contract::check_mass(op, q, k, v, scale, mask, weight);
+  MassArgs m{s, {}, {}, {}};
+  m.vis.G = G;
+  m.vis.causal = causal;
+  if (mask.defined()) {
+    const at::Tensor mc = mask.contiguous();
+    const bool* p = mc.const_data_ptr<bool>();
+    m.pad_begin.push_back(0);
+    for (int64_t b = 0; b < s.B; ++b) {
+      for (int64_t j = 0; j < s.M; ++j)
+        if (p[b * s.M + j]) m.pad_key.push_back(j);
+      m.pad_begin.push_back(static_cast<int64_t>(m.pad_key.size()));
+    }
+    m.pad_key.push_back(s.M);  // a sentinel: pad_key is never empty
+    m.vis.pad_begin = m.pad_begin.data();
+    m.vis.pad_key = m.pad_key.data();
+  }
+  return m;
+}
+
+at::Tensor weight_of(const std::optional<at::Tensor>& w) { return w.has_value() ? w->contiguous() : at::Tensor(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mass_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, double scale, bool causal,
+                                                                  const std::optional<at::Tensor>& mask,
+                                                                  const std::optional<at::Tensor>& weight_in) {
+  const char* op = "mass_attention_fwd";
+  const at::Tensor weight = weight_of(weight_in);
+  MassArgs m = mass_args(op, q, k, &v, scale, causal, mask, weight);
+  const auto& s = m.s;
+  auto out = at::empty({s.B, s.h, s.N, s.dv}, q.options());
+  auto lse = at::empty({s.B, s.h, s.N}, q.options().dtype(at::kFloat));
+  auto colsum = at::empty({s.B, s.h, s.M}, q.options().dtype(at::kFloat));
+  if (s.B == 0) return {out, lse, colsum};
+  dispatch_floating(q.scalar_type(), false, op, [&](auto tag) {
+    using T = decltype(tag);
+    run(op, [&] {
+      cpu::forward_global<T>(attn_call(s, scale, 0, 0, 0), view4<T>(q), view4<T>(k), view4<T>(v), out.data_ptr<T>(),
+                             lse.data_ptr<float>(), colsum.data_ptr<float>(), m.vis,
+                             {true, weight.defined() ? weight.const_data_ptr<float>() : nullptr, nullptr});
+    });
+  });
+  return {out, lse, colsum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mass_attention_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                                  const at::Tensor& k, const at::Tensor& v,
+                                                                  const at::Tensor& out, const at::Tensor& lse_in,
+                                                                  double scale, bool causal,
+                                                                  const std::optional<at::Tensor>& mask) {
+  const char* op = "mass_attention_bwd";
+  check_cpu(op, {{"dout", &dout}, {"out", &out}, {"lse", &lse_in}});
+  MassArgs m = mass_args(op, q, k, &v, scale, causal, mask, at::Tensor());
+  sgattn::contract::check_attention_grads(op, m.s, q, dout, out, lse_in);
+  const at::Tensor lse = lse_in.contiguous();
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
+  if (m.s.B == 0) return {dq, dk, dv};
+  dispatch_floating(q.scalar_type(), false, op, [&](auto tag) {
+    using T = decltype(tag);
+    run(op, [&] {
+      cpu::backward_global<T>(attn_call(m.s, scale, 0, 0, 0), view4<T>(q), view4<T>(k), view4<T>(v), view4<T>(dout),
+                              lse.const_data_ptr<float>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(),
+                              m.vis);
+    });
+  });
+  return {dq, dk, dv};
+}
+
+at::Tensor mass_from_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse_in, double scale,
+                         bool causal, const std::optional<at::Tensor>& mask,
+                         const std::optional<at::Tensor>& weight_in) {
+  const char* op = "mass_from_lse";
+  const at::Tensor weight = weight_of(weight_in);
+  check_cpu(op, {{"lse", &lse_in}});
+  MassArgs m = mass_args(op, q, k, nullptr, scale, causal, mask, weight);
+  const auto& s = m.s;
+  sgattn::contract::check_dims(op, "lse", lse_in, 3);
+  TORCH_CHECK_VALUE(lse_in.sizes() == q.sizes().slice(0, 3) && lse_in.scalar_type() == at::kFloat, op,
+                    ": lse must be float32 [B, Hq, N] = ", q.sizes().slice(0, 3), ", got ", lse_in.scalar_type(), " ",
+                    lse_in.sizes());
+  const at::Tensor lse = lse_in.contiguous();
+  auto colsum = at::empty({s.B, s.h, s.M}, q.options().dtype(at::kFloat));
+  if (s.B == 0) return colsum;
+  dispatch_floating(q.scalar_type(), false, op, [&](auto tag) {
+    using T = decltype(tag);
+    run(op, [&] {
+      const cpu::View4<T> none{nullptr, 0, 0, 0, 0};
+      cpu::forward_global<T>(attn_call(s, scale, 0, 0, 0), view4<T>(q), view4<T>(k), none, nullptr, nullptr,
+                             colsum.data_ptr<float>(), m.vis,
+                             {true, weight.defined() ? weight.const_data_ptr<float>() : nullptr,
+                              lse.const_data_ptr<float>()});
+    });
+  });
+  return colsum;
+}
+
 // Index contents (the cuda kernels check them on the device): every row
 // idx[g, b, :] (contiguous) a permutation of 0..N-1; else a ValueError naming
 // the first bad entry.
@@ -187,6 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_bwd(const at::Tensor& g
 }  // namespace
 
 SGATTN_IMPL_OPS(CPU, )  // the functions above, by op name
+SGATTN_IMPL_MASS_OPS(CPU, )
 
 // An importable (empty) Python module: importing sgattn._C loads the library
 // above, which registers the CPU kernels with the dispatcher.

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "sgformer_geometry.h"
 
@@ -97,6 +98,48 @@ inline void check_attention_grads(const char* op, const AttnShape& s, const at::
   TORCH_CHECK_VALUE(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == at::kFloat, op,
                     ": lse must be float32 [B, h, N] = ", q.sizes().slice(0, 3), " (the forward's), got ",
                     lse.scalar_type(), " ", lse.sizes());
+}
+
+// The mass ops: q [B, Hq, N, d], k [B, Hkv, M, d], v [B, Hkv, M, dv] (null for
+// mass_from_lse), Hq a multiple of Hkv, key_padding_mask bool [B, M],
+// query_weight float32 [N] (either undefined: none). Returns the shape (h = Hq)
+// and G = Hq / Hkv.
+inline std::pair<AttnShape, int64_t> check_mass(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor* v, double scale, const at::Tensor& mask,
+                                                const at::Tensor& weight) {
+  check_dims(op, "q", q, 4);
+  check_dims(op, "k", k, 4);
+  if (v) {
+    check_dims(op, "v", *v, 4);
+    check_dtypes(op, {{"q", &q}, {"k", &k}, {"v", v}});
+  } else {
+    check_dtypes(op, {{"q", &q}, {"k", &k}});
+  }
+  const AttnShape s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), v ? v->size(3) : 1};
+  const int64_t Hkv = k.size(1);
+  TORCH_CHECK_VALUE(k.size(0) == s.B && k.size(3) == s.d, op, ": k must be [B, Hkv, M, d] = [", s.B, ", Hkv, M, ",
+                    s.d, "] to match q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK_VALUE(Hkv >= 1 && s.h % Hkv == 0, op,
+                    ": the query heads must be a multiple of the key/value heads, got Hq=", s.h, " and Hkv=", Hkv);
+  TORCH_CHECK_VALUE(!v || (v->size(0) == s.B && v->size(1) == Hkv && v->size(2) == s.M), op,
+                    ": v must be [B, Hkv, M, dv] matching k ", k.sizes(), ", got ", v ? v->sizes() : k.sizes());
+  TORCH_CHECK_VALUE(s.N >= 1 && s.M >= 1 && s.d >= 1 && s.dv >= 1, op,
+                    ": need at least one query, one key and head dims >= 1, got q ", q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale) && std::fabs(scale) <= std::numeric_limits<float>::max(), op,
+                    ": scale must be finite (in float32), got ", scale);
+  if (mask.defined()) {
+    check_dims(op, "key_padding_mask", mask, 2);
+    TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.size(0) == s.B && mask.size(1) == s.M, op,
+                      ": key_padding_mask must be bool [B, M] = [", s.B, ", ", s.M, "], got ", mask.scalar_type(),
+                      " ", mask.sizes());
+  }
+  if (weight.defined()) {
+    check_dims(op, "query_weight", weight, 1);
+    TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat && weight.size(0) == s.N, op,
+                      ": query_weight must be float32 [N] = [", s.N, "], got ", weight.scalar_type(), " ",
+                      weight.sizes());
+  }
+  return {s, s.h / Hkv};
 }
 
 // x [B, N, C], index [G, B, N] int64, weights: the parts' r_p weights

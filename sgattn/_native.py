@@ -27,7 +27,7 @@ import importlib
 import torch
 
 from . import composition
-from ._schemas import NAMESPACE, SCHEMAS, qualified
+from ._schemas import ALL_SCHEMAS, NAMESPACE, qualified
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` from the source tree "
               "(needs torch and a C++ compiler at install time; see setup.py)")
@@ -43,7 +43,7 @@ def _define_schemas():
     global _library
     if _library is None:
         lib = torch.library.Library(NAMESPACE, "FRAGMENT")
-        for schema in SCHEMAS.values():
+        for schema in ALL_SCHEMAS.values():
             lib.define(schema)
         _library = lib
 
@@ -66,7 +66,7 @@ def load_extension(module: str) -> str | None:
 def op(name: str):
     """The registered op ``sgattn::name``; loads the CPU extension (or, in a build
     without it, the CUDA one) on first use."""
-    assert name in SCHEMAS, name
+    assert name in ALL_SCHEMAS, name
     why = load_extension("sgattn._C")
     if why is not None and load_extension("sgattn._C_cuda") is not None:
         raise RuntimeError(why)
@@ -149,6 +149,44 @@ def _aggregate_grad(ctx, grad):
     return dx, None, dw, db, None
 
 
+def mass_attention(q, k, v, *, scale, causal, key_padding_mask, query_weight):
+    """(out, lse, colsum [B, Hq, M]) of ``mass_attention_fwd``; out differentiable (``mass_attention_bwd``)."""
+    return op("mass_attention_fwd")(q, k, v, float(scale), bool(causal), key_padding_mask, query_weight)
+
+
+def mass_from_lse(q, k, lse, *, scale, causal, key_padding_mask, query_weight):
+    """colsum [B, Hq, M] of ``mass_from_lse`` (no gradient)."""
+    return op("mass_from_lse")(q, k, lse, float(scale), bool(causal), key_padding_mask, query_weight)
+
+
+def _mass_attention_fake(q, k, v, scale, causal, key_padding_mask, query_weight):
+    B, H, N, _ = q.shape
+    return (q.new_empty(B, H, N, v.shape[3]), q.new_empty(B, H, N, dtype=torch.float32),
+            q.new_empty(B, H, k.shape[2], dtype=torch.float32))
+
+
+def _mass_attention_bwd_fake(dout, q, k, v, out, lse, scale, causal, key_padding_mask):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _mass_from_lse_fake(q, k, lse, scale, causal, key_padding_mask, query_weight):
+    return q.new_empty(q.shape[0], q.shape[1], k.shape[2], dtype=torch.float32)
+
+
+def _mass_attention_setup(ctx, inputs, output):
+    q, k, v, scale, causal, key_padding_mask, _ = inputs
+    out, lse, colsum = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.scale, ctx.causal = scale, causal
+    ctx.mark_non_differentiable(lse, colsum)
+
+
+def _mass_attention_grad(ctx, dout, _dlse, _dcolsum):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = op("mass_attention_bwd")(dout, q, k, v, out, lse, ctx.scale, ctx.causal, key_padding_mask)
+    return dq, dk, dv, None, None, None, None
+
+
 def _register_python_side():
     global _python_side_registered
     if _python_side_registered:
@@ -160,4 +198,10 @@ def _register_python_side():
     torch.library.register_autograd(qualified("attention_fwd"), _attention_grad, setup_context=_attention_setup)
     torch.library.register_autograd(qualified("attention_bwd"), _attention_bwd_grad)
     torch.library.register_autograd(qualified("aggregate_fwd"), _aggregate_grad, setup_context=_aggregate_setup)
+    torch.library.register_fake(qualified("mass_attention_fwd"))(_mass_attention_fake)
+    torch.library.register_fake(qualified("mass_attention_bwd"))(_mass_attention_bwd_fake)
+    torch.library.register_fake(qualified("mass_from_lse"))(_mass_from_lse_fake)
+    torch.library.register_autograd(qualified("mass_attention_fwd"), _mass_attention_grad,
+                                    setup_context=_mass_attention_setup)
+    torch.library.register_autograd(qualified("mass_attention_bwd"), _attention_bwd_grad)
     _python_side_registered = True

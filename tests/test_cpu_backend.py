@@ -138,3 +138,152 @@ def test_ops_trace_under_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(cgrads, grads):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------- attention mass
+
+def mass_inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed=0, padded=False):
+    """q, k, v and (padded) a key padding mask with batch entry 0 padded entirely."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype)
+               for H, L in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    mask = None
+    if padded:
+        mask = torch.rand(B, Lk, generator=g) < 0.3
+        mask[0] = True
+    return q, k, v, mask
+
+
+MASS_GRAD_CASES = [  # (B, Hq, Hkv, Lq, Lk, causal, padded): odd lengths, Lq > Lk (queries with no key), GQA, MQA
+    (2, 4, 2, 17, 16, True, False), (2, 4, 2, 16, 65, True, True), (1, 6, 1, 33, 7, True, False),
+    (2, 2, 2, 130, 300, False, True), (1, 8, 2, 70, 70, True, True), (1, 4, 4, 300, 129, True, False),
+]
+
+
+@pytest.mark.parametrize("case", MASS_GRAD_CASES)
+@pytest.mark.parametrize("dtype", LOW)
+def test_attention_with_mass_gradients_match_the_float64_oracle(case, dtype):
+    """dq, dk, dv of the fused backward (causal, grouped-query heads summed over
+    the group, key padding) against the oracle's in float64."""
+    B, Hq, Hkv, Lq, Lk, causal, padded = case
+    q64, k64, v64, mask = mass_inputs(B, Hq, Hkv, Lq, Lk, 16, torch.float64, seed=Lq + Lk, padded=padded)
+    dout = torch.randn(B, Hq, Lq, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def grads(backend, q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        with use_backend(backend):
+            out, _ = sgattn.attention_with_mass(q, k, v, causal=causal, key_padding_mask=mask)
+        return torch.autograd.grad(out, (q, k, v), dout.to(q.dtype))
+
+    want64 = grads("reference", q64, k64, v64)
+    low = [t.to(dtype) for t in (q64, k64, v64)]
+    got, want = grads("cpu", *low), grads("reference", *low)
+    for name, g, w, w64 in zip("qkv", got, want, want64):
+        assert g.dtype == dtype
+        assert_close_to_reference(g, w, w64, what=f"d{name} {case} {dtype}")
+
+
+def test_attention_with_mass_is_bitwise_independent_of_the_thread_count():
+    q, k, v, mask = mass_inputs(2, 8, 2, 200, 333, 32, torch.float32, padded=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for dtype in (torch.float32, torch.bfloat16):
+                qq, kk, vv = (t.to(dtype).requires_grad_() for t in (q, k, v))
+                with use_backend("cpu"):
+                    out, mass, lse = sgattn.attention_with_mass(qq, kk, vv, causal=True, key_padding_mask=mask,
+                                                                mass_queries=64, return_lse=True)
+                    from_lse = sgattn.attention_mass(qq, kk, lse, causal=True, key_padding_mask=mask,
+                                                     mass_reduce="causal_mean", mass_heads="group_sum")
+                results.append((out, mass, lse, from_lse, *torch.autograd.grad(out.float().sum(), (qq, kk, vv))))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(results[:2], results[2:]):
+        for a, b in zip(one, two):
+            assert torch.equal(a, b)
+
+
+def test_mass_ops_pass_torch_library_opcheck():
+    q, k, v, mask = mass_inputs(2, 4, 2, 19, 23, 8, torch.float32, padded=True)
+    weight = torch.arange(19, dtype=torch.float32) % 3
+    for causal, m, w in ((True, mask, weight), (False, None, None)):
+        torch.library.opcheck(_native.op("mass_attention_fwd"), (q, k, v, 0.3, causal, m, w))
+        out, lse, _ = _native.op("mass_attention_fwd")(q, k, v, 0.3, causal, m, w)
+        torch.library.opcheck(_native.op("mass_attention_bwd"), (torch.randn_like(out), q, k, v, out, lse, 0.3,
+                                                                 causal, m))
+        torch.library.opcheck(_native.op("mass_from_lse"), (q, k, lse, 0.3, causal, m, w))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda q, k, v, m: _native.op("mass_attention_fwd")(q, *(torch.cat([t, t[:, :1]], 1) for t in (k, v)), 1.0,
+                                                      False, None, None),
+     "mass_attention_fwd: the query heads must be a multiple of the key/value heads"),
+    (lambda q, k, v, m: _native.op("mass_attention_fwd")(q, k, v, 1.0, True, m[:, :5], None),
+     r"mass_attention_fwd: key_padding_mask must be bool \[B, M\]"),
+    (lambda q, k, v, m: _native.op("mass_attention_fwd")(q, k, v, 1.0, True, None, torch.ones(3)),
+     r"mass_attention_fwd: query_weight must be float32 \[N\]"),
+    (lambda q, k, v, m: _native.op("mass_from_lse")(q, k, torch.zeros(2, 4, 3), 1.0, True, None, None),
+     r"mass_from_lse: lse must be float32 \[B, Hq, N\]"),
+    (lambda q, k, v, m: _native.op("mass_attention_fwd")(q, k.double(), v, 1.0, False, None, None),
+     "mass_attention_fwd: dtype mismatch"),
+])
+def test_mass_ops_reject_bad_arguments_with_value_errors(call, match):
+    q, k, v, mask = mass_inputs(2, 4, 2, 9, 11, 8, torch.float32, padded=True)
+    with pytest.raises(ValueError, match=match):
+        call(q, k, v, mask)
+
+
+def test_mass_ops_trace_under_torch_compile_fullgraph():
+    q, k, v, mask = mass_inputs(1, 4, 2, 12, 20, 8, torch.float32, padded=True)
+
+    def f(q, k, v):
+        with use_backend("cpu"):
+            out, mass, lse = sgattn.attention_with_mass(q, k, v, causal=True, key_padding_mask=mask,
+                                                        mass_queries=4, mass_reduce="causal_mean",
+                                                        mass_heads="group_mean", return_lse=True)
+            again = sgattn.attention_mass(q, k, lse, causal=True, key_padding_mask=mask)
+        return out, mass, again
+
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    eager = f(*inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(*inputs)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(compiled[0].sum(), inputs), torch.autograd.grad(eager[0].sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_runs_each_sequence_on_the_kernels(causal):
+    """attention_with_mass_varlen / attention_mass_varlen against the oracle:
+    sequences at tile edges, with no queries, with no keys, Lq > Lk; mass over
+    the last n queries of each and over packed indices; gradients flow."""
+    g = torch.Generator().manual_seed(3)
+    lq, lk = [17, 0, 5, 70, 9], [16, 4, 0, 65, 3]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32) for n in (lq, lk))
+    q64, k64, v64 = (torch.randn(sum(n), H, 16, generator=g, dtype=torch.float64)
+                     for n, H in ((lq, 4), (lk, 2), (lk, 2)))
+    for dtype in LOW:
+        for mq, reduce, heads in ((None, "sum", "none"), (2, "causal_mean", "group_sum"),
+                                  (torch.tensor([0, 30, 30, 100]), "mean", "mean")):
+            opts = dict(causal=causal, mass_queries=mq, mass_reduce=reduce, mass_heads=heads)
+            want64 = reference.attention_with_mass_varlen(q64, k64, v64, cu_q, cu_k, **opts)
+            low = [t.to(dtype) for t in (q64, k64, v64)]
+            want = reference.attention_with_mass_varlen(*low, cu_q, cu_k, **opts)
+            q, k, v = (t.clone().requires_grad_() for t in low)
+            with use_backend("cpu"):
+                got = sgattn.attention_with_mass_varlen(q, k, v, cu_q, cu_k, 70, 65, return_lse=True, **opts)
+                from_lse = sgattn.attention_mass_varlen(q, k, want[2], cu_q, cu_k, 70, 65, **opts)
+            what = f"{dtype} {opts}"
+            for name, a, w, w64 in zip(("out", "mass", "lse"), got, want, want64):
+                assert a.shape == w64.shape, (name, what)
+                if name == "lse":  # queries without keys: -inf on both sides
+                    assert torch.equal(a.isinf(), w64.isinf()), what
+                    a, w, w64 = (t.nan_to_num(neginf=0.0) for t in (a, w, w64))
+                assert_close_to_reference(a, w, w64, what=f"{name} {what}")
+            assert_close_to_reference(from_lse, want[1], want64[1], what=f"from lse {what}")
+            got[0].float().sum().backward()
+            assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))

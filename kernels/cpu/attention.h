@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -145,9 +146,14 @@ inline void gemm(const float* A, int64_t lda, int64_t nrows, int64_t K, const fl
 // With row_inv the rows are left unnormalised, exp(s - max), and row_inv[i] =
 // 1 / sum: the caller scales P.V's rows instead, and the tile is not written
 // a third time (the column sums, if asked for, only read it).
+// MASKED: scores of -inf (keys the query does not see) get probability 0 (not
+// exp's flush value), and a row with no finite score is 0 with lse -inf
+// (row_inv 0). row_w (row_inv's path): row i adds row_w[i] * P[i] to colsum.
+template <bool MASKED = false>
 inline void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* lse, float* colsum,
-                         float* row_inv = nullptr) {
+                         float* row_inv = nullptr, const float* row_w = nullptr) {
   const int64_t nk8 = nk / 8 * 8;
+  const v8f ninf = splat(-INFINITY);
   for (int64_t i = 0; i < nq; ++i) {
     float* s = S + i * nkp;
     v8f vm = splat(s[0]);
@@ -158,9 +164,17 @@ inline void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* l
     float mx = s[0];
     for (int l = 0; l < 8; ++l) mx = std::max(mx, vm[l]);
     for (int64_t j = nk8; j < nk; ++j) mx = std::max(mx, s[j]);
+    if (MASKED && mx == -INFINITY) {  // the query sees no key
+      std::fill(s, s + nkp, 0.0f);
+      lse[i] = -INFINITY;
+      if (row_inv) row_inv[i] = 0.0f;
+      continue;
+    }
     v8f vsum{};
     for (int64_t j = 0; j < nkp; j += 8) {
-      v8f e = exp8_nonpos(ld8(s + j) - mx);
+      const v8f x = ld8(s + j);
+      v8f e = exp8_nonpos(x - mx);
+      if (MASKED) e = x == ninf ? v8f{} : e;
       if (j + 8 > nk) {  // padded keys take no part in the sum nor in P.V
         for (int l = 0; l < 8; ++l) e[l] = j + l < nk ? e[l] : 0.0f;
       }
@@ -172,8 +186,8 @@ inline void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* l
     const float inv = 1.0f / sum;
     if (row_inv) {
       row_inv[i] = inv;
-      if (colsum) {
-        const v8f vinv = splat(inv);
+      if (colsum && !(row_w && row_w[i] == 0.0f)) {
+        const v8f vinv = splat(row_w ? inv * row_w[i] : inv);
         for (int64_t j = 0; j < nkp; j += 8) st8(colsum + j, fmadd(ld8(s + j), vinv, ld8(colsum + j)));
       }
     } else if (colsum) {
@@ -191,12 +205,21 @@ inline void softmax_rows(float* S, int64_t nq, int64_t nk, int64_t nkp, float* l
 
 // The forward's probabilities from its row log-sum-exp, in place and in one
 // pass: P[i][j] = exp(S[i][j] - lse[i]) for j < nk, padding [nk, nkp) zero.
+// MASKED: scores of -inf and rows of lse -inf (no key seen) give 0.
+template <bool MASKED = false>
 inline void probs_from_lse(float* S, int64_t nq, int64_t nk, int64_t nkp, const float* lse) {
+  const v8f ninf = splat(-INFINITY);
   for (int64_t i = 0; i < nq; ++i) {
     float* s = S + i * nkp;
+    if (MASKED && lse[i] == -INFINITY) {
+      std::fill(s, s + nkp, 0.0f);
+      continue;
+    }
     const v8f l = splat(lse[i]);
     for (int64_t j = 0; j < nkp; j += 8) {
-      v8f e = exp8_nonpos(ld8(s + j) - l);
+      const v8f x = ld8(s + j);
+      v8f e = exp8_nonpos(x - l);
+      if (MASKED) e = x == ninf ? v8f{} : e;
       if (j + 8 > nk) {
         for (int t = 0; t < 8; ++t) e[t] = j + t < nk ? e[t] : 0.0f;
       }
@@ -258,12 +281,16 @@ inline void tile_backward(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_
 // [nq][dp]; accumulates dK [nk][dp] and dV [nk][dvp] (kv_beta = 1), or
 // overwrites them (kv_beta = 0: their old contents, even garbage, are not read).
 // Scratch P, dP [nq][nkp].
+// mask(P), if given, sets the scores of keys a query does not see to -inf.
+template <typename Mask = std::nullptr_t>
 inline void tile_backward_blas(int64_t nq, int64_t nk, int64_t nkp, int64_t d, int64_t dp, int64_t dv, int64_t dvp,
                         float scale, const float* Qs, const float* K, int64_t ldk, const float* V, int64_t ldv,
                         const float* dO, const float* lse, float* P, float* dP, float* dQ, float* dK, float* dV,
-                        float kv_beta = 1.0f) {
+                        float kv_beta = 1.0f, const Mask& mask = nullptr) {
   gemm_rm(false, true, nq, nk, d, 1.0f, Qs, dp, K, ldk, 0.0f, P, nkp);
-  probs_from_lse(P, nq, nk, nkp, lse);
+  constexpr bool masked = !std::is_same_v<Mask, std::nullptr_t>;
+  if constexpr (masked) mask(P);
+  probs_from_lse<masked>(P, nq, nk, nkp, lse);
   gemm_rm(false, true, nq, nk, dv, 1.0f, dO, dvp, V, ldv, 0.0f, dP, nkp);
   for (int64_t i = 0; i < nq; ++i) {  // dS = P * (dP - rowsum(P * dP)), in dP
     const float* p = P + i * nkp;

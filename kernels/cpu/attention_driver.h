@@ -28,6 +28,46 @@ struct AttnCall {
   int64_t window, H, W;
 };
 
+// Which keys each query sees in global attention, and how the heads share
+// keys (SG-Former's attention: the defaults, every query sees every key).
+// q has AttnCall::h heads; k and v have h / G (query head hq reads kv head hq / G).
+struct Visibility {
+  int64_t G = 1;
+  bool causal = false;  // bottom-right aligned: query i sees keys j <= i + M - N
+  // Key padding: batch b's padding keys are pad_key[pad_begin[b] .. pad_begin[b + 1]) (null: none).
+  const int64_t* pad_begin = nullptr;
+  const int64_t* pad_key = nullptr;
+
+  bool masks() const { return causal || pad_key; }
+  // Keys [0, key_end) hold every key that query rows i0 .. i0 + nq - 1 see
+  // (causal: the tiles past it are skipped); <= 0: they see none.
+  int64_t key_end(const AttnCall& a, int64_t i0, int64_t nq) const {
+    return causal ? std::min(a.M, i0 + nq + a.M - a.N) : a.M;
+  }
+  // Sets the scores S[i][j] (ld ldS; keys j < nk) that query rows i0 + i of
+  // batch b do not see to -inf.
+  void apply(const AttnCall& a, int64_t b, int64_t i0, int64_t nq, int64_t nk, float* S, int64_t ldS) const {
+    if (causal) {
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t j = std::max<int64_t>(0, i0 + i + a.M - a.N + 1); j < nk; ++j) S[i * ldS + j] = -INFINITY;
+    }
+    if (pad_key) {
+      for (int64_t p = pad_begin[b]; p < pad_begin[b + 1] && pad_key[p] < nk; ++p)
+        for (int64_t i = 0; i < nq; ++i) S[i * ldS + pad_key[p]] = -INFINITY;
+    }
+  }
+};
+
+// What the global forward's column sums of P are (imp): SG-Former's importance
+// (the mean over heads and queries, [B, M]), or per query head the weighted
+// sum over the queries ([B, h, M]: weight[i] per query, null: 1).
+// lse: P = exp(s - lse) from this lse [B, h, N] (no output: o, l, V unused).
+struct ColSums {
+  bool per_head = false;
+  const float* weight = nullptr;
+  const float* lse = nullptr;
+};
+
 // A [B, h, L, c] view given by pointer and element strides.
 template <typename T>
 struct View4 {
@@ -109,23 +149,33 @@ void store_rows(const AttnCall& a, T* o, float* l, int64_t b, int64_t hh, const 
   for (int64_t i = 0; i < nq; ++i) lrow[tok ? tok[i] : first + i] = L[i];
 }
 
-// Global forward (every query sees all M keys).
+// The forward's lse of n query rows of (b, hh), rows tok[i] (or first + i), into L.
+inline void gather_lse(const AttnCall& a, const float* lse, int64_t b, int64_t hh, const int64_t* tok, int64_t first,
+                       int64_t n, float* L) {
+  for (int64_t i = 0; i < n; ++i) L[i] = lse[(b * a.h + hh) * a.N + (tok ? tok[i] : first + i)];
+}
+
+// Global forward: every query sees the keys `vis` gives it (all M by default).
 template <typename T>
 void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V, T* o, float* l,
-                    float* imp) {
-  const int64_t B = a.B, h = a.h, N = a.N, d = a.d, M = a.M, dv = a.dv, dvp = pad16(dv);
+                    float* imp, const Visibility& vis = {}, const ColSums& cols = {}) {
+  const int64_t B = a.B, h = a.h, N = a.N, d = a.d, M = a.M, dv = a.dv, dvp = pad16(dv), G = vis.G;
   const float scale = a.scale;
-  const bool need_imp = imp != nullptr;
-  // Work items (b, chunk of query blocks); the heads loop inside, so an item
-  // owns its importance partial and gathers each head's keys once.
+  const bool need_imp = imp != nullptr, from_lse = cols.lse != nullptr;
+  // Work items (b, head slice, chunk of query blocks). The importance: one
+  // slice of all heads, so an item owns its importance partial and gathers
+  // each head's keys once. Per-head column sums: a slice per kv head, so an
+  // item reuses its keys and values (in cache) for G heads and all its blocks.
+  const int64_t hs = cols.per_head ? 1 : h / G, nhs = h / G / hs;  // kv heads per slice, slices
+  const int64_t hmt = cols.per_head ? G : 1;                        // column sums per item
   // Query blocks: S tiles of about 16K floats (L2-resident), 64 to 256 rows;
-  // smaller when B*N is small, so that every thread gets work.
+  // for the importance smaller when B*N is small, so that every thread gets work.
   const int64_t Mp = pad16(M);
   int64_t QB = 64;
   while (QB < 256 && 2 * QB * Mp <= 16384) QB *= 2;
-  QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
+  if (!cols.per_head) QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
   const int64_t nqb = (N + QB - 1) / QB;
-  const int64_t per_b = std::min(nqb, (kChunks + B - 1) / B), ntask = B * per_b;
+  const int64_t per_b = std::min(nqb, (kChunks + B * nhs - 1) / (B * nhs)), ntask = B * nhs * per_b;
   // fp32 K, V with unit-stride rows feed the GEMMs in place (blas_rows); an
   // fp32 output is written in place too.
   const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv),
@@ -137,46 +187,77 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
   if (sc.too_big())
     too_large("M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
-  Buffer partial_t = need_imp ? shared_buffer<double>(ntask, M, "the importance partials") : Buffer();
+  Buffer partial_t = need_imp ? shared_buffer<double>(ntask * hmt, M, "the importance partials") : Buffer();
   double* partial = need_imp ? partial_t.as<double>() : nullptr;
   const int nt = sc.allocate();
 #pragma omp parallel num_threads(nt)
   {
     float *Kr = sc.get<float>(hK), *Vf = sc.get<float>(hV), *Qs = sc.get<float>(hQ), *S = sc.get<float>(hS),
           *O = sc.get<float>(hO), *L = sc.get<float>(hL), *cs = sc.get<float>(hC), *Ri = sc.get<float>(hR);
-#pragma omp for schedule(static)
+    // Items one by one in turn (causal items differ in cost; an item's results
+    // do not depend on the thread that runs it).
+#pragma omp for schedule(static, 1)
     for (int64_t task = 0; task < ntask; ++task) {
-      const int64_t b = task / per_b, c = task % per_b;
+      const int64_t b = task / (nhs * per_b), sl = task / per_b % nhs, c = task % per_b;
       const int64_t blk0 = c * nqb / per_b, blk1 = (c + 1) * nqb / per_b;
-      double* acc = need_imp ? partial + task * M : nullptr;
-      for (int64_t hh = 0; hh < h; ++hh) {
-        const Rows kr = blas_rows(K, dirK, b, hh, M, d, Kr, d), vr = blas_rows(V, dirV, b, hh, M, dv, Vf, dvp);
-        for (int64_t blk = blk0; blk < blk1; ++blk) {
-          const int64_t i0 = blk * QB, nq = std::min(QB, N - i0);
-          gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, d, false);
-          if (acc) std::fill(cs, cs + Mp, 0.0f);
-          // S = Qs K^T, softmax rows (and their column sums), O = P V.
-          gemm_rm(false, true, nq, M, d, 1.0f, Qs, d, kr.p, kr.ld, 0.0f, S, Mp);
-          // The rows stay unnormalised and O's rows are scaled instead (the
-          // nq x M tile is not written a third time).
-          softmax_rows(S, nq, M, Mp, L, acc ? cs : nullptr, Ri);
-          auto normalise = [&](float* rows, int64_t ld) {
-            for (int64_t i = 0; i < nq; ++i)
-              for (int64_t e = 0; e < dv; ++e) rows[i * ld + e] *= Ri[i];
-          };
-          if (dirO) {  // fp32 output: written in place, rows i0.. of (b, hh)
-            float* orow = reinterpret_cast<float*>(o) + ((b * h + hh) * N + i0) * dv;
-            gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vr.p, vr.ld, 0.0f, orow, dv);
-            normalise(orow, dv);
-            float* lrow = l + (b * h + hh) * N + i0;
-            std::copy(L, L + nq, lrow);
-          } else {
-            gemm_rm(false, false, nq, dv, M, 1.0f, S, Mp, vr.p, vr.ld, 0.0f, O, dvp);
-            normalise(O, dvp);
-            store_rows(a, o, l, b, hh, nullptr, i0, nq, O, L);
-          }
-          if (acc) {  // a tile's fp32 column sums, accumulated in double in a fixed order
-            for (int64_t j = 0; j < M; ++j) acc[j] += cs[j];
+      for (int64_t hk = sl * hs; hk < (sl + 1) * hs; ++hk) {
+        const Rows kr = blas_rows(K, dirK, b, hk, M, d, Kr, d);
+        const Rows vr = from_lse ? Rows{} : blas_rows(V, dirV, b, hk, M, dv, Vf, dvp);
+        for (int64_t hh = hk * G; hh < (hk + 1) * G; ++hh) {
+          double* acc = need_imp ? partial + (task * hmt + (cols.per_head ? hh % G : 0)) * M : nullptr;
+          for (int64_t blk = blk0; blk < blk1; ++blk) {
+            const int64_t i0 = blk * QB, nq = std::min(QB, N - i0), nk = vis.key_end(a, i0, nq);
+            const float* w = cols.weight ? cols.weight + i0 : nullptr;
+            // from an lse, only the mass: blocks of unchosen queries are skipped
+            if (from_lse && w && std::all_of(w, w + nq, [](float x) { return x == 0.0f; })) continue;
+            if (nk <= 0) {  // no row of the block sees a key: out 0, lse -inf, no mass
+              if (from_lse) continue;
+              std::fill(O, O + nq * dvp, 0.0f);
+              std::fill(L, L + nq, -INFINITY);
+              store_rows(a, o, l, b, hh, nullptr, i0, nq, O, L);
+              continue;
+            }
+            const int64_t ldS = pad16(nk);  // the block's score rows (Mp unless causal)
+            gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, d, false);
+            if (acc) std::fill(cs, cs + ldS, 0.0f);
+            // S = Qs K^T over the keys the block sees, masked, softmax rows
+            // (and their column sums), O = P V.
+            gemm_rm(false, true, nq, nk, d, 1.0f, Qs, d, kr.p, kr.ld, 0.0f, S, ldS);
+            if (vis.masks()) vis.apply(a, b, i0, nq, nk, S, ldS);
+            if (from_lse) {  // P = exp(s - lse); only the column sums
+              gather_lse(a, cols.lse, b, hh, nullptr, i0, nq, L);
+              probs_from_lse<true>(S, nq, nk, ldS, L);
+              for (int64_t i = 0; i < nq; ++i) {
+                const float wi = w ? w[i] : 1.0f;
+                if (wi == 0.0f) continue;
+                for (int64_t j = 0; j < nk; ++j) cs[j] += wi * S[i * ldS + j];
+              }
+            } else {
+              // The rows stay unnormalised and O's rows are scaled instead (the
+              // nq x M tile is not written a third time).
+              if (vis.masks())
+                softmax_rows<true>(S, nq, nk, ldS, L, acc ? cs : nullptr, Ri, w);
+              else
+                softmax_rows(S, nq, nk, ldS, L, acc ? cs : nullptr, Ri, w);
+              auto normalise = [&](float* rows, int64_t ld) {
+                for (int64_t i = 0; i < nq; ++i)
+                  for (int64_t e = 0; e < dv; ++e) rows[i * ld + e] *= Ri[i];
+              };
+              if (dirO) {  // fp32 output: written in place, rows i0.. of (b, hh)
+                float* orow = reinterpret_cast<float*>(o) + ((b * h + hh) * N + i0) * dv;
+                gemm_rm(false, false, nq, dv, nk, 1.0f, S, ldS, vr.p, vr.ld, 0.0f, orow, dv);
+                normalise(orow, dv);
+                float* lrow = l + (b * h + hh) * N + i0;
+                std::copy(L, L + nq, lrow);
+              } else {
+                gemm_rm(false, false, nq, dv, nk, 1.0f, S, ldS, vr.p, vr.ld, 0.0f, O, dvp);
+                normalise(O, dvp);
+                store_rows(a, o, l, b, hh, nullptr, i0, nq, O, L);
+              }
+            }
+            if (acc) {  // a tile's fp32 column sums, accumulated in double in a fixed order
+              for (int64_t j = 0; j < nk; ++j) acc[j] += cs[j];
+            }
           }
         }
       }
@@ -184,14 +265,17 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
   }
   if (need_imp) {
     float* dst = imp;
-    const double inv = 1.0 / (static_cast<double>(h) * static_cast<double>(N));
+    // the importance is a mean over heads and queries; per-head sums are raw
+    const double inv = cols.per_head ? 1.0 : 1.0 / (static_cast<double>(h) * static_cast<double>(N));
     // Each element sums its partials in the same order whoever runs it; small
     // reductions skip the extra parallel region (a barrier on a loaded machine).
-#pragma omp parallel for schedule(static) num_threads(nt) if (B * M * per_b > (int64_t(1) << 16))
-    for (int64_t bj = 0; bj < B * M; ++bj) {
-      const int64_t b = bj / M, j = bj % M;
+    const int64_t hm = cols.per_head ? h : 1;  // heads of the result
+#pragma omp parallel for schedule(static) num_threads(nt) if (B * hm * M * per_b > (int64_t(1) << 16))
+    for (int64_t bj = 0; bj < B * hm * M; ++bj) {
+      const int64_t b = bj / (hm * M), hh = bj / M % hm, j = bj % M;
+      const int64_t sl = cols.per_head ? hh / G : 0, lh = cols.per_head ? hh % G : 0;
       double s = 0;
-      for (int64_t c = 0; c < per_b; ++c) s += partial[(b * per_b + c) * M + j];
+      for (int64_t c = 0; c < per_b; ++c) s += partial[(((b * nhs + sl) * per_b + c) * hmt + lh) * M + j];
       dst[bj] = static_cast<float>(s * inv);
     }
   }
@@ -266,17 +350,13 @@ void attention_forward(const AttnCall& a, const View4<T>& Q, const View4<T>& K, 
     forward_global(a, Q, K, V, o, l, imp);
 }
 
-// The forward's lse of n query rows of (b, hh), rows tok[i] (or first + i), into L.
-inline void gather_lse(const AttnCall& a, const float* lse, int64_t b, int64_t hh, const int64_t* tok, int64_t first,
-                       int64_t n, float* L) {
-  for (int64_t i = 0; i < n; ++i) L[i] = lse[(b * a.h + hh) * a.N + (tok ? tok[i] : first + i)];
-}
-
 // Global backward.
+// Keys as `vis` gives them; a kv head's dK, dV sum its G query heads in order.
 template <typename T>
 void backward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, const View4<T>& V,
-                     const View4<T>& dO, const float* lsep, T* dqp, T* dkp, T* dvp_) {
-  const int64_t B = a.B, h = a.h, N = a.N, d = a.d, M = a.M, dv = a.dv, dp = pad16(d), dvp = pad16(dv);
+                     const View4<T>& dO, const float* lsep, T* dqp, T* dkp, T* dvp_, const Visibility& vis = {}) {
+  const int64_t B = a.B, N = a.N, d = a.d, M = a.M, dv = a.dv, dp = pad16(d), dvp = pad16(dv);
+  const int64_t G = vis.G, h = a.h / G;  // h: kv heads (items), G query heads each
   const float scale = a.scale;
   // Global mode: work items (b, h, c), c one of per_bh chunks of consecutive
   // query blocks; five BLAS GEMMs per block (see tile_backward_blas). An item
@@ -330,17 +410,37 @@ void backward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, co
       // The item's dK [Mp][dp] and dV [Mp][dvp]: its partial slice or the
       // thread's scratch, overwritten by its first block (every item has at
       // least one: per_bh <= nqb) and accumulated by the others. Only rows
-      // < M and columns < d (dv) are read back.
+      // < M and columns < d (dv) are read back. Masked: zeroed first (a
+      // causal block only adds to the keys it sees).
       float* dK = partial ? partial + task * slice : sc.get<float>(hdK);
       float* dV = partial ? dK + Mp * dp : sc.get<float>(hdV);
-      for (int64_t blk = blk0; blk < blk1; ++blk) {
-        const int64_t i0 = blk * nq_max, nq = std::min(nq_max, N - i0);
-        gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, dp, false);
-        gather_rows(dO, b, hh, nullptr, i0, nq, dv, 1.0f, dOs, dvp, false);
-        gather_lse(a, lsep, b, hh, nullptr, i0, nq, L);
-        tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kr.p, kr.ld, vr.p, vr.ld, dOs, L, P, dP, dQ, dK, dV,
-                           blk == blk0 ? 0.0f : 1.0f);
-        put_rows(dqp + bh * N * d, dQ, dp, nullptr, i0, nq, d);
+      if (vis.masks()) {
+        std::fill(dK, dK + Mp * dp, 0.0f);
+        std::fill(dV, dV + Mp * dvp, 0.0f);
+      }
+      for (int64_t hq = hh * G; hq < (hh + 1) * G; ++hq) {
+        T* dq_head = dqp + (b * a.h + hq) * N * d;
+        for (int64_t blk = blk0; blk < blk1; ++blk) {
+          const int64_t i0 = blk * nq_max, nq = std::min(nq_max, N - i0), nk = vis.key_end(a, i0, nq);
+          if (nk <= 0) {  // the block's rows see no key: dq 0
+            std::fill(dQ, dQ + nq * dp, 0.0f);
+            put_rows(dq_head, dQ, dp, nullptr, i0, nq, d);
+            continue;
+          }
+          gather_rows(Q, b, hq, nullptr, i0, nq, d, scale, Qs, dp, false);
+          gather_rows(dO, b, hq, nullptr, i0, nq, dv, 1.0f, dOs, dvp, false);
+          gather_lse(a, lsep, b, hq, nullptr, i0, nq, L);
+          const float beta = vis.masks() || hq > hh * G || blk > blk0 ? 1.0f : 0.0f;
+          if (vis.masks()) {
+            const int64_t ldP = pad16(nk);
+            tile_backward_blas(nq, nk, ldP, d, dp, dv, dvp, scale, Qs, kr.p, kr.ld, vr.p, vr.ld, dOs, L, P, dP, dQ,
+                               dK, dV, beta, [&](float* S) { vis.apply(a, b, i0, nq, nk, S, ldP); });
+          } else {
+            tile_backward_blas(nq, M, Mp, d, dp, dv, dvp, scale, Qs, kr.p, kr.ld, vr.p, vr.ld, dOs, L, P, dP, dQ,
+                               dK, dV, beta);
+          }
+          put_rows(dq_head, dQ, dp, nullptr, i0, nq, d);
+        }
       }
       if (!partial) {
         put_rows(dkp + bh * M * d, dK, dp, nullptr, 0, M, d);
