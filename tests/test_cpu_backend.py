@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import sgattn
-from sgattn import _native
+from sgattn import _native, reference
 from sgattn.backends import get_backend, select, use_backend
+from tolerance import assert_close_to_reference
 
 _WHY = sgattn.available_backends()["cpu"]
 if _WHY is not None and os.environ.get("SGATTN_REQUIRE_NATIVE") == "1":
@@ -20,6 +21,7 @@ if _WHY is not None and os.environ.get("SGATTN_REQUIRE_NATIVE") == "1":
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"cpu backend unavailable: {_WHY}")
 
 CPU = None if _WHY else get_backend("cpu")
+LOW = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def rand(*shape, dtype=torch.float64, spread=1.0):
