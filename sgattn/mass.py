@@ -35,14 +35,11 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from . import reference
 from .backends import select
+from .backends.mass_kernels import MASS_HEAD_REDUCTIONS, MASS_REDUCTIONS
 from .contract import check_dims as _check_tensor
 from .contract import fail as _fail
 from .ops import _autocast_dtype, _cast, _check_options, _check_same, _is_int
-
-MASS_REDUCTIONS = reference.MASS_REDUCTIONS
-MASS_HEAD_REDUCTIONS = reference.MASS_HEAD_REDUCTIONS
 
 
 # -------------------------------------------------------------- validation
