@@ -204,6 +204,8 @@ __global__ void attention_bwd_kv_reduce_kernel(AttnParams p, AttnPlan plan, Attn
   static_cast<T*>(g.dv)[i] = from_f<T>(sv);
 }
 
+// The prologue and shared-memory carving mirror attention_bwd_kv_kernel's on purpose, query-major
+// instead of key-major: the two tiles' shapes and strides differ, so each kernel keeps its own.
 template <typename T, int DP>
 __global__ void __launch_bounds__(128, 1) attention_bwd_dq_kernel(AttnParams p, AttnPlan plan, AttnBwdArgs g) {
   constexpr bool TC = !std::is_same<T, float>::value;

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.sgformer import SGFormer
-from .nn import HybridScaleAttention
+from .viz import importance_maps
 
 CANVAS = 64
 DIGIT = 24  # pixels: the 8x8 digits are upscaled to DIGIT x DIGIT
@@ -92,22 +92,10 @@ def importance_of(model, x):
     """The importance maps of every hybrid-scale block, each upsampled
     (nearest) to the image and scaled to mean 1 per image (blocks of coarser
     stages have larger raw values): [blocks, B, H_img, W_img]."""
-    maps = []
-
-    def hook(mod, inputs, output):
-        _, H, W = inputs[:3]
-        maps.append(output[1][0].detach().float().reshape(-1, 1, H, W))
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, HybridScaleAttention)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    maps = [block.importance[:, None] for block in importance_maps(model, x)]  # [B, 1, H, W] each
     size = x.shape[-2:]
     # a grid cell of the stage covers ~stride pixels; the stem pads, so scale the grid to the image
-    up = torch.stack([F.interpolate(m, size=size, mode="nearest")[:, 0] for m in maps]).cpu()
+    up = torch.stack([F.interpolate(m, size=size, mode="nearest")[:, 0] for m in maps])
     return up / up.mean(dim=(2, 3), keepdim=True)
 
 

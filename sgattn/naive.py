@@ -196,6 +196,7 @@ class Attention(nn.Module):
     def __init__(self, dim, mask, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
                  sr_ratio=1, linear=False, *, strict=True):
         super().__init__()
+        # Deliberately the same lines as sgattn.nn's constructor: a baseline shares no code with what it checks.
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.dim = dim

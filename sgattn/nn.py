@@ -69,12 +69,16 @@ class _AttentionBase(nn.Module):
     """What all three kinds share: locally-enhanced positional encoding (lepe),
     output projection, dropouts and the softmax scale."""
 
+    halves = ""  # the kind's name when its heads split into two halves (num_heads must be even)
+
     def __init__(self, dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear=False, device=None,
                  dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        if self.halves and num_heads % 2:
+            raise ValueError(f"{self.halves} splits heads in two halves; num_heads {num_heads} is odd")
         self.dim = dim
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
@@ -108,13 +112,12 @@ class HybridScaleAttention(_AttentionBase):
     inside 7x7 windows; returns the importance orderings as the mask."""
 
     window = 7
+    halves = "hybrid-scale attention"
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
                  sr_ratio=2, linear=False, device=None, dtype=None):
         super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear, device, dtype)
         dd = dict(device=device, dtype=dtype)
-        if num_heads % 2:
-            raise ValueError(f"hybrid-scale attention splits heads in two halves; num_heads {num_heads} is odd")
         if sr_ratio < 2:
             raise ValueError(f"hybrid-scale attention needs sr_ratio > 1, got {sr_ratio}")
         self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, **dd)
@@ -149,12 +152,12 @@ class HybridScaleAttention(_AttentionBase):
 class SelfGuidedAttention(_AttentionBase):
     """Self-guided attention: all heads attend to tokens merged by importance (the mask)."""
 
+    halves = "self-guided attention"
+
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0., proj_drop=0.,
                  sr_ratio=2, linear=False, device=None, dtype=None):
         super().__init__(dim, num_heads, qk_scale, attn_drop, proj_drop, sr_ratio, linear, device, dtype)
         dd = dict(device=device, dtype=dtype)
-        if num_heads % 2:
-            raise ValueError(f"self-guided attention splits heads in two halves; num_heads {num_heads} is odd")
         if sr_ratio not in REALLOCATION_GROUPS:
             raise ValueError(f"self-guided attention supports sr_ratio in {sorted(REALLOCATION_GROUPS)}, got {sr_ratio}")
         self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)

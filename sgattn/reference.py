@@ -166,6 +166,8 @@ def hybrid_scale_attention(q_global, k_global, v_global, q_local, k_local, v_loc
     return torch.cat([out_g, out_l], dim=1), hybrid_importance(imp_g, imp_l, hw, reduced_hw)
 
 
+# The reallocation plan below is deliberately written again in sgattn.composition (production):
+# the oracle shares no code with the backends it checks.
 def reallocation_parts(n: int, num_parts: int) -> list[int]:
     """Sizes of the parts of n importance-sorted tokens (self-guided attention): quarters
     [n//4, 2*(n//4), rest] for three parts, halves [n//2, rest] for two."""

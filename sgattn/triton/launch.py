@@ -202,13 +202,17 @@ def reduce_importance(part, weight: float, part_g=None, weight_g: float = 0.0, h
     return out
 
 
+def _aggregate_sizes(x, index, group_sizes):
+    """(G orderings, B, N, C, merged length, kernel plan scalars, part sizes, groups per part)."""
+    G, B, N = index.shape
+    p, parts, groups = reallocation_plan(N, group_sizes)
+    return G, B, N, x.shape[2], sum(groups), p, parts, groups
+
+
 def aggregate_forward(x, index, w_cat, b_cat, group_sizes):
     """x [B, N, C], index [G, B, N] int64, w_cat [sum r_p], b_cat [P] -> [G, B, M, C]."""
     import torch
-    G, B, N = index.shape
-    C = x.shape[2]
-    p, _, groups = reallocation_plan(N, group_sizes)
-    MT = sum(groups)
+    G, B, N, C, MT, p, _, _ = _aggregate_sizes(x, index, group_sizes)
     out = torch.empty(G, B, MT, C, device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
@@ -226,10 +230,7 @@ def aggregate_forward(x, index, w_cat, b_cat, group_sizes):
 def aggregate_backward(dout, x, index, w_cat, group_sizes):
     """(dx [B, N, C], d w_cat, d b_cat) in the parameters' dtype."""
     import torch
-    G, B, N = index.shape
-    C = x.shape[2]
-    p, parts, groups = reallocation_plan(N, group_sizes)
-    MT = sum(groups)
+    G, B, N, C, MT, p, parts, groups = _aggregate_sizes(x, index, group_sizes)
     if tuple(dout.shape) != (G, B, MT, C):
         raise ValueError(f"aggregate backward: dout must be {(G, B, MT, C)}, got {tuple(dout.shape)}")
     # inverse permutation: sorted position of every source token, per ordering
