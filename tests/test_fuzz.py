@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sgattn
-from sgattn.testing import aggregate_case, attention_case
+from sgattn.testing import aggregate_case, assert_close_to_reference, attention_case
 from test_backend_agreement import check_row
 
 SEED = int(os.environ.get("SGATTN_FUZZ_SEED", "20261125"))
@@ -105,3 +105,123 @@ def _rows(kind):
 @pytest.mark.parametrize("case", _rows("attention") + _rows("reallocation"), ids=lambda c: c.name)
 def test_fuzz(backend, case, poison):
     check_row(backend, case, case.dtypes[0], poison)
+
+
+# ------------------------------------------------------------------ attention mass
+# Random draws of sgattn.attention_with_mass (dense or packed) through every backend that
+# runs the op here, against the float64 oracle: causal or not, grouped-query heads, key
+# padding (sometimes a batch entry padded whole), lengths at tile edges with Lq above and
+# below Lk, every mass option, out, mass and lse, and dq, dk, dv (dense draws).
+MASS_HEADS = ((1, 1), (2, 2), (4, 2), (6, 3), (8, 1))
+MASS_EDGES = (1, 2, 7, 15, 16, 17, 31, 63, 64, 65, 127, 129)
+
+
+def _mass_draw(rng, i):
+    Hq, Hkv = rng.choice(MASS_HEADS)
+    Lq, Lk = rng.choice(MASS_EDGES), rng.choice(MASS_EDGES)
+    kind = rng.choice(("all", "last", "index"))
+    mass_queries = {"all": None, "last": rng.randint(1, Lq), "index": tuple(rng.randrange(Lq) for _ in range(3))}[kind]
+    return dict(i=i, B=rng.choice((1, 2)), Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=rng.choice((16, 24, 64)),
+                causal=rng.random() < 0.6, padded=rng.choice((None, "some", "whole_row")),
+                mass_queries=mass_queries, mass_reduce=rng.choice(("sum", "mean", "causal_mean")),
+                mass_heads=rng.choice(("none", "group_sum", "group_mean", "mean")),
+                scale=rng.choice((0.3, 1.0, 2.0)), dtype=rng.choice(DTYPES), varlen=i % 4 == 3)
+
+
+MASS_DRAWS = [_mass_draw(random.Random(f"{SEED}-mass-{i}"), i) for i in range(CASES)]
+
+
+def _mass_options(c, Lq):
+    mq = c["mass_queries"]
+    if isinstance(mq, tuple):  # indices past a packed batch's queries wrap into it
+        mq = torch.tensor(mq) % Lq
+    elif mq is not None:
+        mq = min(mq, Lq)
+    return dict(causal=c["causal"], mass_queries=mq, mass_reduce=c["mass_reduce"], mass_heads=c["mass_heads"])
+
+
+def _mass_inputs(c):
+    g = torch.Generator().manual_seed(1000 + c["i"])
+    scale = c["scale"]
+    q, k, v = (torch.randn(c["B"], H, L, c["D"], generator=g, dtype=torch.float64) * scale
+               for H, L in ((c["Hq"], c["Lq"]), (c["Hkv"], c["Lk"]), (c["Hkv"], c["Lk"])))
+    mask = None
+    if c["padded"]:
+        mask = torch.rand(c["B"], c["Lk"], generator=g) < 0.3
+        if c["padded"] == "whole_row":
+            mask[0] = True
+    dout = torch.randn(c["B"], c["Hq"], c["Lq"], c["D"], generator=g, dtype=torch.float64)
+    return q, k, v, mask, dout
+
+
+def _mass_run(backend, q, k, v, mask, dout, options):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with sgattn.use_backend(backend):
+        out, mass, lse = sgattn.attention_with_mass(q, k, v, key_padding_mask=mask, return_lse=True, **options)
+    return (out, mass, lse) + torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
+
+
+def _packed(c, q, k, v):
+    """The draw's batch as packed sequences: batch entry b's first len_b queries and
+    keys (lengths drawn; the later sequences may be empty on either side)."""
+    g = torch.Generator().manual_seed(2000 + c["i"])
+    lq = torch.randint(0, c["Lq"] + 1, (c["B"],), generator=g)
+    lk = torch.randint(0, c["Lk"] + 1, (c["B"],), generator=g)
+    lq[0], lk[0] = max(int(lq[0]), 1), max(int(lk[0]), 1)  # one non-empty sequence; others may be empty
+    cu = [torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)]).int() for n in (lq, lk)]
+    pack = [torch.cat([t[b, :, :int(n[b])].transpose(0, 1) for b in range(c["B"])])
+            for t, n in ((q, lq), (k, lk), (v, lk))]
+    return pack, cu, int(lq.max()), int(lk.max())
+
+
+def _mass_backends():
+    names = []
+    for name in BACKENDS:
+        backend = sgattn.backends.get_backend(name)
+        q = torch.zeros(1, 2, 4, 16)
+        if backend.unsupported("attention_with_mass", (q, q[:, :1], q[:, :1]), scale=None, causal=True,
+                               key_padding_mask=None, mass_queries=2, mass_reduce="sum", mass_heads="none",
+                               return_lse=True) is None:
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("backend", _mass_backends())
+@pytest.mark.parametrize("c", MASS_DRAWS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()
+                                                                   if k not in ("dtype", "mass_queries"))
+                         + f"-{str(c['dtype'])[6:]}")
+def test_fuzz_attention_mass(backend, c):
+    caps = sgattn.backends.get_backend(backend).capabilities()
+    device = caps.devices[0] if caps.devices else "cpu"
+    q64, k64, v64, mask, dout = _mass_inputs(c)
+    low = [t.to(c["dtype"]) for t in (q64, k64, v64)]
+    what = f"{backend} {c}"
+    if c["varlen"]:
+        (qp, kp, vp), (cu_q, cu_k), mq, mk = _packed(c, *low)
+        options = _mass_options(c, qp.shape[0])
+
+        def run(name, *qkv):
+            with sgattn.use_backend(name):
+                return sgattn.attention_with_mass_varlen(*qkv, cu_q.to(qkv[0].device), cu_k.to(qkv[0].device),
+                                                         mq, mk, return_lse=True, **{
+                                                             k: (v.to(qkv[0].device) if torch.is_tensor(v) else v)
+                                                             for k, v in options.items()})
+        got = run(backend, *(t.to(device) for t in (qp, kp, vp)))
+        want = run("reference", qp, kp, vp)
+        want64 = run("reference", *(t.double() for t in (qp, kp, vp)))
+        names = ("out", "mass", "lse")
+    else:
+        options = _mass_options(c, c["Lq"])
+        dev = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in options.items()}
+        got = _mass_run(backend, *(t.to(device) for t in low), None if mask is None else mask.to(device), dout, dev)
+        want = _mass_run("reference", *low, mask, dout, options)
+        want64 = _mass_run("reference", q64, k64, v64, mask, dout, options)
+        names = ("out", "mass", "lse", "dq", "dk", "dv")
+    for name, g, w, w64 in zip(names, got, want, want64):
+        g = g.cpu()
+        assert g.shape == w64.shape, (name, what)
+        assert torch.isfinite(g).all() or name == "lse", (name, what)
+        if name == "lse":  # -inf exactly where the query sees no key
+            assert torch.equal(g.isinf(), w64.isinf()), what
+            g, w, w64 = (t.nan_to_num(0, 0, 0) for t in (g, w, w64))
+        assert_close_to_reference(g, w, w64, what=f"{name} {what}")
