@@ -168,22 +168,30 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
   // item reuses its keys and values (in cache) for G heads and all its blocks.
   const int64_t hs = cols.per_head ? 1 : h / G, nhs = h / G / hs;  // kv heads per slice, slices
   const int64_t hmt = cols.per_head ? G : 1;                        // column sums per item
-  // Query blocks: S tiles of about 16K floats (L2-resident), 64 to 256 rows;
-  // for the importance smaller when B*N is small, so that every thread gets work.
+  // Per-head column sums with G > 1 (grouped-query heads): a tile holds the
+  // same query block of all G heads (G * nq rows), so the kv head's K and V
+  // are read once per block instead of once per head: a decode step (N = 1)
+  // streams its cache once, and small blocks make larger GEMMs.
+  const int64_t F = cols.per_head ? G : 1;  // heads folded into one tile
+  // Query blocks: S tiles of about 16K floats (L2-resident), 64 to 256 rows
+  // (with F heads folded, 1/F as many queries each); for the importance
+  // smaller when B*N is small, so that every thread gets work.
   const int64_t Mp = pad16(M);
   int64_t QB = 64;
   while (QB < 256 && 2 * QB * Mp <= 16384) QB *= 2;
   if (!cols.per_head) QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
+  QB = std::max<int64_t>(1, QB / F);
+  const int64_t RB = QB * F;  // tile rows
   const int64_t nqb = (N + QB - 1) / QB;
   const int64_t per_b = std::min(nqb, (kChunks + B * nhs - 1) / (B * nhs)), ntask = B * nhs * per_b;
   // fp32 K, V with unit-stride rows feed the GEMMs in place (blas_rows); an
   // fp32 output is written in place too.
   const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv),
-             dirO = std::is_same_v<T, float> && dv <= std::numeric_limits<int>::max();
+             dirO = std::is_same_v<T, float> && dv <= std::numeric_limits<int>::max() && F == 1;
   Scratch sc;
-  const int64_t hK = sc.reserve<float>(Mp, d), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(QB, d),
-                hS = sc.reserve<float>(QB, Mp), hO = sc.reserve<float>(QB, dvp), hL = sc.reserve<float>(QB, 1),
-                hC = sc.reserve<float>(Mp, 1), hR = sc.reserve<float>(QB, 1);
+  const int64_t hK = sc.reserve<float>(Mp, d), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(RB, d),
+                hS = sc.reserve<float>(RB, Mp), hO = sc.reserve<float>(RB, dvp), hL = sc.reserve<float>(RB, 1),
+                hC = sc.reserve<float>(F * Mp, 1), hR = sc.reserve<float>(RB, 1);
   if (sc.too_big())
     too_large("M=", M, " keys with d=", d, ", dv=", dv, " need more than ",
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
@@ -203,10 +211,9 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
       for (int64_t hk = sl * hs; hk < (sl + 1) * hs; ++hk) {
         const Rows kr = blas_rows(K, dirK, b, hk, M, d, Kr, d);
         const Rows vr = from_lse ? Rows{} : blas_rows(V, dirV, b, hk, M, dv, Vf, dvp);
-        for (int64_t hh = hk * G; hh < (hk + 1) * G; ++hh) {
-          double* acc = need_imp ? partial + (task * hmt + (cols.per_head ? hh % G : 0)) * M : nullptr;
+        for (int64_t h0 = hk * G; h0 < (hk + 1) * G; h0 += F) {  // F heads h0 .. h0 + F - 1 per tile
           for (int64_t blk = blk0; blk < blk1; ++blk) {
-            const int64_t i0 = blk * QB, nq = std::min(QB, N - i0), nk = vis.key_end(a, i0, nq);
+            const int64_t i0 = blk * QB, nq = std::min(QB, N - i0), nk = vis.key_end(a, i0, nq), R = F * nq;
             const float* w = cols.weight ? cols.weight + i0 : nullptr;
             // from an lse, only the mass: blocks of unchosen queries are skipped
             if (from_lse && w && std::all_of(w, w + nq, [](float x) { return x == 0.0f; })) continue;
@@ -214,49 +221,61 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
               if (from_lse) continue;
               std::fill(O, O + nq * dvp, 0.0f);
               std::fill(L, L + nq, -INFINITY);
-              store_rows(a, o, l, b, hh, nullptr, i0, nq, O, L);
+              for (int64_t f = 0; f < F; ++f) store_rows(a, o, l, b, h0 + f, nullptr, i0, nq, O, L);
               continue;
             }
-            const int64_t ldS = pad16(nk);  // the block's score rows (Mp unless causal)
-            gather_rows(Q, b, hh, nullptr, i0, nq, d, scale, Qs, d, false);
-            if (acc) std::fill(cs, cs + ldS, 0.0f);
+            const int64_t ldS = pad16(nk);  // the tile's score rows (Mp unless causal)
+            // head h0 + f's rows are f * nq .. (f + 1) * nq - 1 of Qs, S, O, L, Ri; its column sums cs + f * ldS
+            for (int64_t f = 0; f < F; ++f)
+              gather_rows(Q, b, h0 + f, nullptr, i0, nq, d, scale, Qs + f * nq * d, d, false);
+            if (need_imp) std::fill(cs, cs + F * ldS, 0.0f);
             // S = Qs K^T over the keys the block sees, masked, softmax rows
             // (and their column sums), O = P V.
-            gemm_rm(false, true, nq, nk, d, 1.0f, Qs, d, kr.p, kr.ld, 0.0f, S, ldS);
-            if (vis.masks()) vis.apply(a, b, i0, nq, nk, S, ldS);
+            gemm_rm(false, true, R, nk, d, 1.0f, Qs, d, kr.p, kr.ld, 0.0f, S, ldS);
+            if (vis.masks())
+              for (int64_t f = 0; f < F; ++f) vis.apply(a, b, i0, nq, nk, S + f * nq * ldS, ldS);
             if (from_lse) {  // P = exp(s - lse); only the column sums
-              gather_lse(a, cols.lse, b, hh, nullptr, i0, nq, L);
-              probs_from_lse<true>(S, nq, nk, ldS, L);
-              for (int64_t i = 0; i < nq; ++i) {
-                const float wi = w ? w[i] : 1.0f;
+              for (int64_t f = 0; f < F; ++f) gather_lse(a, cols.lse, b, h0 + f, nullptr, i0, nq, L + f * nq);
+              probs_from_lse<true>(S, R, nk, ldS, L);
+              for (int64_t r = 0; r < R; ++r) {
+                const float wi = w ? w[r % nq] : 1.0f;
                 if (wi == 0.0f) continue;
-                for (int64_t j = 0; j < nk; ++j) cs[j] += wi * S[i * ldS + j];
+                float* c = cs + r / nq * ldS;
+                for (int64_t j = 0; j < nk; ++j) c[j] += wi * S[r * ldS + j];
               }
             } else {
               // The rows stay unnormalised and O's rows are scaled instead (the
-              // nq x M tile is not written a third time).
-              if (vis.masks())
-                softmax_rows<true>(S, nq, nk, ldS, L, acc ? cs : nullptr, Ri, w);
-              else
-                softmax_rows(S, nq, nk, ldS, L, acc ? cs : nullptr, Ri, w);
+              // tile is not written a third time).
+              for (int64_t f = 0; f < F; ++f) {
+                float *Sf = S + f * nq * ldS, *csf = need_imp ? cs + f * ldS : nullptr;
+                if (vis.masks())
+                  softmax_rows<true>(Sf, nq, nk, ldS, L + f * nq, csf, Ri + f * nq, w);
+                else
+                  softmax_rows(Sf, nq, nk, ldS, L + f * nq, csf, Ri + f * nq, w);
+              }
               auto normalise = [&](float* rows, int64_t ld) {
-                for (int64_t i = 0; i < nq; ++i)
-                  for (int64_t e = 0; e < dv; ++e) rows[i * ld + e] *= Ri[i];
+                for (int64_t r = 0; r < R; ++r)
+                  for (int64_t e = 0; e < dv; ++e) rows[r * ld + e] *= Ri[r];
               };
-              if (dirO) {  // fp32 output: written in place, rows i0.. of (b, hh)
-                float* orow = reinterpret_cast<float*>(o) + ((b * h + hh) * N + i0) * dv;
+              if (dirO) {  // fp32 output (one head per tile): written in place, rows i0.. of (b, h0)
+                float* orow = reinterpret_cast<float*>(o) + ((b * h + h0) * N + i0) * dv;
                 gemm_rm(false, false, nq, dv, nk, 1.0f, S, ldS, vr.p, vr.ld, 0.0f, orow, dv);
                 normalise(orow, dv);
-                float* lrow = l + (b * h + hh) * N + i0;
+                float* lrow = l + (b * h + h0) * N + i0;
                 std::copy(L, L + nq, lrow);
               } else {
-                gemm_rm(false, false, nq, dv, nk, 1.0f, S, ldS, vr.p, vr.ld, 0.0f, O, dvp);
+                gemm_rm(false, false, R, dv, nk, 1.0f, S, ldS, vr.p, vr.ld, 0.0f, O, dvp);
                 normalise(O, dvp);
-                store_rows(a, o, l, b, hh, nullptr, i0, nq, O, L);
+                for (int64_t f = 0; f < F; ++f)
+                  store_rows(a, o, l, b, h0 + f, nullptr, i0, nq, O + f * nq * dvp, L + f * nq);
               }
             }
-            if (acc) {  // a tile's fp32 column sums, accumulated in double in a fixed order
-              for (int64_t j = 0; j < nk; ++j) acc[j] += cs[j];
+            if (need_imp) {  // a tile's fp32 column sums, accumulated in double in a fixed order
+              for (int64_t f = 0; f < F; ++f) {
+                double* acc = partial + (task * hmt + (cols.per_head ? (h0 + f) % G : 0)) * M;
+                const float* c = cs + f * ldS;
+                for (int64_t j = 0; j < nk; ++j) acc[j] += c[j];
+              }
             }
           }
         }
