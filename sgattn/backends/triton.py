@@ -80,7 +80,7 @@ class TritonBackend(KernelMass, Backend):
             win = int(window or 0)
             bd = _plans.head_block(q.shape[-1], v.shape[-1])
             programs = max(_plans.grid_programs(_plans.PLANS[(kind, bd)], B, h, N, M, win,
-                                               tuple(hw) if (win and hw) else None)
+                                               tuple(hw) if (win and hw) else None, mass=op == "attention_with_mass")
                            for kind in _plans.kinds_of(q.dtype))
             if programs > _ops.INT32_MAX:
                 reasons.append(f"{programs} programs in one launch exceed the grid limit 2**31-1 (B*h*tiles)")
@@ -147,7 +147,7 @@ class TritonBackend(KernelMass, Backend):
         if op == "attention_mass" and not reasons:
             B, Hq, N, M = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
             bd = _plans.head_block(q.shape[-1], q.shape[-1])
-            programs = max(_plans.grid_programs(_plans.PLANS[(kind, bd)], B, Hq, N, M, 0, None)
+            programs = max(_plans.grid_programs(_plans.PLANS[(kind, bd)], B, Hq, N, M, 0, None, mass=True)
                            for kind in _plans.kinds_of(q.dtype))
             if programs > _ops.INT32_MAX:
                 reasons.append(f"{programs} programs in one launch exceed the grid limit 2**31-1 (B*h*tiles)")

@@ -386,16 +386,23 @@ def _attn_key_major(Q, K, V, DO, LSE, DELTA, DK, DVp, PART, PAD, W,
     if HAS_WEIGHT:
         lo = tl.maximum(lo, FIRST // BLOCK_M * BLOCK_M)
     if GQA:
+        # one flat loop over (query head g, query tile): the head's base pointers
+        # and rows advance when its tiles are done
         tiles = tl.maximum(N - lo + BLOCK_M - 1, 0) // BLOCK_M  # query tiles of one head from lo
+        q_h = Q + b * sqb + (ph * QG) * sqh
+        do_h = DO + b * sdb + (ph * QG) * sdh
+        row0 = b * H * QG + ph * QG
+        start = lo
         for t in range(0, QG * tiles):
-            g = t // tiles
-            qh = ph * QG + g
-            dk, dv, imp = _key_major_tile(Q + b * sqb + qh * sqh, DO + b * sdb + qh * sdh, LSE, DELTA, W, k, v,
-                                          dk, dv, imp, offs_n, key_ok, offs_d, b * H * QG + qh,
-                                          lo + (t - g * tiles) * BLOCK_M, sqn, sdn, N, M, D, DV, scale_log2,
+            dk, dv, imp = _key_major_tile(q_h, do_h, LSE, DELTA, W, k, v, dk, dv, imp, offs_n, key_ok, offs_d, row0,
+                                          start, sqn, sdn, N, M, D, DV, scale_log2,
                                           BLOCK_M, GRADS, NEED_IMP, CAUSAL, CAUSAL or (HAS_PAD and SPLIT_DS),
-                                          HAS_WEIGHT,
-                                          UPCAST, PREC, SPLIT_DS)
+                                          HAS_WEIGHT, UPCAST, PREC, SPLIT_DS)
+            nxt = start + BLOCK_M >= N  # this head's tiles done: the next query head
+            start = tl.where(nxt, lo, start + BLOCK_M)
+            q_h += tl.where(nxt, sqh, 0)
+            do_h += tl.where(nxt, sdh, 0)
+            row0 += nxt.to(tl.int64)
     else:
         for start in range(lo, N, BLOCK_M):
             dk, dv, imp = _key_major_tile(Q + b * sqb + ph * sqh, DO + b * sdb + ph * sdh, LSE, DELTA, W, k, v,

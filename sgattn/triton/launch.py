@@ -14,7 +14,8 @@ import triton
 from .attention_kernels import _attn_bwd_q, _attn_fwd, _attn_key_major, _window_attn
 from .importance_kernels import _importance_reduce
 from .plans import (IMPORTANCE_BLOCK, PLANS, REALLOCATION_BWD_BLOCKS, global_config, head_block, kind_of,
-                    partial_rows, plan_for, reallocation_blocks, reallocation_plan, window_config, window_grid)
+                    mass_config, partial_rows, plan_for, reallocation_blocks, reallocation_plan, window_config,
+                    window_grid)
 from .reallocation_kernels import _aggregate_bwd, _aggregate_fwd
 
 # Kernels are interpreted when TRITON_INTERPRET=1 was set before they were defined.
@@ -87,12 +88,13 @@ def forward_launches(q, k, v, out, lse, part, scale, window, hw, need_importance
                  dict(BLOCK_L=L, BLOCK_S=S, BLOCK_C=C, BLOCK_D=plan.bd, MODE=0, NEED_IMP=need_importance,
                       SPLIT_DS=False, **fl), plan.warps)]
     single, block_n = (False, plan.block_n) if mass else global_config(plan, M)
-    qt = triton.cdiv(N, plan.block_m)
+    mc = mass_config(plan, bool(causal) or pad is not None or G > 1)
+    qt = triton.cdiv(N, mc["fwd_block_m"])
     out_l = [(_attn_fwd, qt * B * h,
               [q, k, v, out, lse, part, q if pad is None else pad, *strides, h, N, M, D, DV, qt, G, scale_log2],
-              dict(BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_D=plan.bd, SINGLE_TILE=single,
+              dict(BLOCK_M=mc["fwd_block_m"], BLOCK_N=block_n, BLOCK_D=plan.bd, SINGLE_TILE=single,
                    NEED_IMP=need_importance and single, **_mask_flags(causal, pad, G), **fl),
-              8 if block_n >= 256 else plan.warps)]
+              8 if block_n >= 256 else mc["fwd_warps"])]
     if need_importance and not single:
         # Long key rows (and the mass): recompute P key-major from the stored lse (O(N) memory).
         out_l += colsum_launches(q, k, lse, part, scale, causal=causal, pad=pad, weight=weight, first=first, dv=DV)
@@ -142,18 +144,19 @@ def backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, h
                  dict(BLOCK_L=L, BLOCK_S=S, BLOCK_C=C, BLOCK_D=plan.bd, MODE=mode, NEED_IMP=False, **fl),
                  plan.warps) for mode in modes]
     masks = _mask_flags(causal, pad, G)
+    mc = mass_config(plan, bool(causal) or pad is not None or G > 1)
     padp = q if pad is None else pad
-    blk = plan.bwd
-    qt, kt = triton.cdiv(N, blk), triton.cdiv(M, blk)
+    blk, kblk = plan.bwd, mc["grads_block_n"]
+    qt, kt = triton.cdiv(N, blk), triton.cdiv(M, kblk)
     return [(_attn_bwd_q, qt * B * h,
              [q, k, v, out, do, lse, delta, dq, padp, *qkv, *out.stride()[:3], *do.stride()[:3],
               h, N, M, D, DV, qt, G, scale, scale_log2],
-             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, **masks, **fl), plan.warps),
+             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, **masks, **fl), mc["bwd_q_warps"]),
             (_attn_key_major, kt * B * hkv,
              [q, k, v, do, lse, delta, dk, dv, q, padp, q, *qkv, *do.stride()[:3],
               hkv, N, M, D, DV, kt, G, G, 0, scale, scale_log2],
-             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, GRADS=True, NEED_IMP=False, HAS_WEIGHT=False,
-                  **masks, **fl), plan.km_warps)]
+             dict(BLOCK_M=blk, BLOCK_N=kblk, BLOCK_D=plan.bd, GRADS=True, NEED_IMP=False, HAS_WEIGHT=False,
+                  **masks, **fl), mc["grads_warps"])]
 
 
 def _run(launches, t):

@@ -313,7 +313,7 @@ def _check_mass(op, q, k, v, scale, key_padding_mask, query_weight, first_query)
         _fail(op, f"first_query must lie in [0, N] = [0, {N}], got {first_query}")
     _device_ok(op, named)
     plan = _plans.plan_for(q.dtype, d, dv)
-    programs = _plans.grid_programs(plan, B, Hq, N, M, 0, None)
+    programs = _plans.grid_programs(plan, B, Hq, N, M, 0, None, mass=True)
     if programs > INT32_MAX:
         _fail(op, f"the launch needs {programs} programs, more than a grid's 2**31-1")
     return B, Hq, N, M, d, dv
