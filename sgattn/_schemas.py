@@ -34,7 +34,8 @@ SCHEMAS = {
                      "int[] group_sizes) -> (Tensor, Tensor, Tensor)",
 }
 
-# Attention mass (sgattn.mass), implemented by the cpu extension only. q [B,Hq,N,d],
+# Attention mass (sgattn.mass) of the cpu extension (the Triton backend registers its own
+# ops, sgattn.triton.ops). q [B,Hq,N,d],
 # k [B,Hkv,M,d], v [B,Hkv,M,dv], Hq a multiple of Hkv (query head h reads kv head
 # h // (Hq // Hkv)); causal: query i sees keys j <= i + M - N; key_padding_mask
 # [B,M] bool, True for keys no query sees; query_weight [N] fp32, how often each

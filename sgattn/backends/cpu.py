@@ -66,11 +66,11 @@ class CpuBackend(KernelMass, Backend):
     # heads and key padding (mass_attention_fwd / _bwd, mass_from_lse); they return
     # each query head's weighted column sums of P, which KernelMass reduces.
 
-    def mass_forward(self, q, k, v, *, scale, causal, key_padding_mask, query_weight):
+    def mass_forward(self, q, k, v, *, scale, causal, key_padding_mask, query_weight, first_query=0):
         return _native.mass_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
                                       query_weight=query_weight)
 
-    def mass_from_lse(self, q, k, lse, *, scale, causal, key_padding_mask, query_weight):
+    def mass_from_lse(self, q, k, lse, *, scale, causal, key_padding_mask, query_weight, first_query=0):
         return _native.mass_from_lse(q, k, lse, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
                                      query_weight=query_weight)
 

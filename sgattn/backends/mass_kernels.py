@@ -2,16 +2,17 @@
 
 A kernel backend implements two primitives (``KernelMass``):
 
-- ``mass_forward(q, k, v, scale, causal, key_padding_mask, query_weight)`` ->
+- ``mass_forward(q, k, v, scale, causal, key_padding_mask, query_weight, first_query)`` ->
   (out [B, Hq, Lq, Dv], lse [B, Hq, Lq] natural log, colsum [B, Hq, Lk] fp32),
   out differentiable in q, k, v;
-- ``mass_from_lse(q, k, lse, scale, causal, key_padding_mask, query_weight)`` ->
+- ``mass_from_lse(q, k, lse, scale, causal, key_padding_mask, query_weight, first_query)`` ->
   colsum [B, Hq, Lk] fp32,
 
 where colsum[b, h, j] = sum_i w_i P[b, h, i, j] (w = query_weight [Lq] fp32,
-None for all ones) over the keys each query sees (causal bottom-right, key
-padding True for padding keys; a query that sees no key has out 0, lse -inf
-and adds nothing). Everything the mass options add on top (which queries
+None for all ones; every weight before query ``first_query`` is 0, which a
+kernel may use to skip those queries) over the keys each query sees (causal
+bottom-right, key padding True for padding keys; a query that sees no key has
+out 0, lse -inf and adds nothing). Everything the mass options add on top (which queries
 count, the division over queries, the reduction over heads, packed
 sequences) is done here once, in O(B * Hq * Lk), for every kernel backend.
 ``sgattn.reference`` defines the same quantities on its own (the oracle).
@@ -34,6 +35,12 @@ def query_weight(mass_queries, Lq: int, device):
         index = mass_queries.reshape(-1).long()
         return torch.zeros(Lq, device=device).index_add_(0, index, torch.ones(index.shape[0], device=device))
     return (torch.arange(Lq, device=device) >= Lq - mass_queries).float()
+
+
+def first_query(mass_queries, Lq: int) -> int:
+    """The first query with a nonzero weight where it is known without reading
+    device memory (the last n of an int n), else 0."""
+    return 0 if mass_queries is None or isinstance(mass_queries, torch.Tensor) else max(Lq - int(mass_queries), 0)
 
 
 def reduce_column_sums(colsum, Lq: int, Hkv: int, weight, causal: bool, key_padding_mask, mass_reduce: str,
@@ -96,10 +103,10 @@ class KernelMass:
     of the packed tensors (eagerly: the sequence lengths are read on the host,
     so ``mass_limits`` declines them under torch.compile and on fake tensors)."""
 
-    def mass_forward(self, q, k, v, *, scale, causal, key_padding_mask, query_weight):
+    def mass_forward(self, q, k, v, *, scale, causal, key_padding_mask, query_weight, first_query=0):
         raise NotImplementedError
 
-    def mass_from_lse(self, q, k, lse, *, scale, causal, key_padding_mask, query_weight):
+    def mass_from_lse(self, q, k, lse, *, scale, causal, key_padding_mask, query_weight, first_query=0):
         raise NotImplementedError
 
     def mass_limits(self, op, tensors, options):
@@ -114,7 +121,8 @@ class KernelMass:
                             mass_heads, return_lse):
         weight = query_weight(mass_queries, q.shape[2], q.device)
         out, lse, colsum = self.mass_forward(q, k, v, scale=_scale(scale, q), causal=causal,
-                                             key_padding_mask=key_padding_mask, query_weight=weight)
+                                             key_padding_mask=key_padding_mask, query_weight=weight,
+                                             first_query=first_query(mass_queries, q.shape[2]))
         mass = reduce_column_sums(colsum, q.shape[2], k.shape[1], weight, causal, key_padding_mask, mass_reduce,
                                   mass_heads)
         return out, mass, lse
@@ -123,7 +131,7 @@ class KernelMass:
         weight = query_weight(mass_queries, q.shape[2], q.device)
         colsum = self.mass_from_lse(q.detach(), k.detach(), lse.detach().float(),  # the mass has no gradient
                                     scale=_scale(scale, q), causal=causal, key_padding_mask=key_padding_mask,
-                                    query_weight=weight)
+                                    query_weight=weight, first_query=first_query(mass_queries, q.shape[2]))
         return reduce_column_sums(colsum, q.shape[2], k.shape[1], weight, causal, key_padding_mask, mass_reduce,
                                   mass_heads)
 

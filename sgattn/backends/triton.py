@@ -8,6 +8,17 @@ fp32 matmul setting allows it). The head dims and windows it runs are those of
 the kernels' tile plans (``sgattn.triton.plans``); ``launch_limits`` asks
 the plans about grid size and shared memory per call; automatic dispatch then
 falls back to another backend.
+
+Attention mass (``sgattn.attention_with_mass``, ``attention_mass`` and their
+varlen forms) runs on the same global-attention kernels, configured by
+compile-time flags for causal masking (bottom-right; key tiles past a query
+tile's last visible key are skipped, and query tiles before a key tile's
+first viewer), key padding, query-weighted column sums and grouped-query
+heads (``sgattn.triton.ops``: ``triton_mass_attention_fwd`` / ``_bwd``,
+``triton_mass_from_lse``). They return each query head's weighted column sums
+of P, which ``KernelMass`` reduces; the backward sums each kv head's dK, dV
+over its query heads in a fixed order (no atomics: run-to-run deterministic).
+The varlen forms run them once per sequence on views of the packed tensors.
 """
 from __future__ import annotations
 
@@ -16,6 +27,7 @@ import os
 import torch
 
 from . import Backend, BackendError, Capabilities, attention_calls
+from .mass_kernels import KernelMass
 
 try:
     from ..triton import launch as _launch
@@ -39,7 +51,7 @@ CAPABILITIES = None if _ops is None else Capabilities(
     launch_limits="the tile plans: programs in one launch (2**31-1), shared memory per block of the GPU")
 
 
-class TritonBackend(Backend):
+class TritonBackend(KernelMass, Backend):
     name = "triton"
     emulated = _INTERPRET  # the interpreter is for tests: only a forced "triton" uses it
 
@@ -68,7 +80,7 @@ class TritonBackend(Backend):
             win = int(window or 0)
             bd = _plans.head_block(q.shape[-1], v.shape[-1])
             programs = max(_plans.grid_programs(_plans.PLANS[(kind, bd)], B, h, N, M, win,
-                                               tuple(hw) if (win and hw) else None)
+                                               tuple(hw) if (win and hw) else None, mass=op == "attention_with_mass")
                            for kind in _plans.kinds_of(q.dtype))
             if programs > _ops.INT32_MAX:
                 reasons.append(f"{programs} programs in one launch exceed the grid limit 2**31-1 (B*h*tiles)")
@@ -117,6 +129,37 @@ class TritonBackend(Backend):
         imp = _ops.importance(part_l, 1.0 / hl, part_g, 1.0 / (hg * N), int(H), int(W),
                               int(reduced_hw[0]), int(reduced_hw[1]))
         return torch.cat([out_g, out_l], dim=1), imp.reshape(B, H, W)
+
+    # Attention mass: the global kernels with the mass flags; KernelMass reduces
+    # the per-head weighted column sums and runs the varlen forms per sequence.
+
+    def mass_limits(self, op, tensors, options):
+        """KernelMass's (the varlen forms are eager only), then what the
+        capabilities do not check for the mass ops without v or with packed
+        sequences: head dims of the plans; grid size of the from-lse pass."""
+        reasons = KernelMass.mass_limits(self, op, tensors, options)
+        q, k = tensors[:2]
+        v = tensors[2] if op in ("attention_with_mass", "attention_with_mass_varlen") else None
+        lo, hi = _plans.HEAD_DIM_RANGE
+        for what, n in (("head dim", q.shape[-1]), ("value head dim", None if v is None else v.shape[-1])):
+            if n is not None and not lo <= n <= hi:
+                reasons.append(f"{what} {n} is outside {lo}..{hi} (the tile plans)")
+        if op == "attention_mass" and not reasons:
+            B, Hq, N, M = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+            bd = _plans.head_block(q.shape[-1], q.shape[-1])
+            programs = max(_plans.grid_programs(_plans.PLANS[(kind, bd)], B, Hq, N, M, 0, None, mass=True)
+                           for kind in _plans.kinds_of(q.dtype))
+            if programs > _ops.INT32_MAX:
+                reasons.append(f"{programs} programs in one launch exceed the grid limit 2**31-1 (B*h*tiles)")
+        return list(dict.fromkeys(reasons))
+
+    def mass_forward(self, q, k, v, *, scale, causal, key_padding_mask, query_weight, first_query=0):
+        return _ops.mass_attention_fwd(q, k, v, float(scale), bool(causal), key_padding_mask, query_weight,
+                                       int(first_query))
+
+    def mass_from_lse(self, q, k, lse, *, scale, causal, key_padding_mask, query_weight, first_query=0):
+        return _ops.mass_from_lse(q, k, lse, float(scale), bool(causal), key_padding_mask, query_weight,
+                                  int(first_query))
 
 
 _OPTIN: dict = {}

@@ -12,9 +12,19 @@ run next to each other and share its K/V in L2):
                      the tile's exact probabilities to partials [B, h*q_tiles, M].
 - ``_attn_key_major`` one program per key tile, loops over query tiles and
                      recomputes P = exp2(S - lse): dK/dV (GRADS) and/or the
-                     per-head column sums [B, h, M] (IMPORTANCE) for long rows.
+                     per-head column sums [B, h, M] (NEED_IMP) for long rows.
 - ``_attn_bwd_q``    one program per query tile: delta = rowsum(dO*O) (stored
                      for ``_attn_key_major``) and dQ.
+The three global kernels also run attention mass (``sgattn.mass``), switched
+by constexpr flags that leave SG-Former's code unchanged when off: GQA (k, v
+with fewer heads: query head h reads kv head h // G; the dK/dV pass runs one
+program per kv head and sums its G query heads in order), CAUSAL (bottom-right:
+query i sees keys j <= i + M - N; key tiles past a query tile's last visible
+key, and query tiles before a key tile's first viewer, are skipped), HAS_PAD
+(a uint8 [B, M] key padding mask) and HAS_WEIGHT (column sums of w_i * P_ij,
+query weights w [N]; query tiles before FIRST, whose weights are 0, skipped).
+With CAUSAL or HAS_PAD a query may see no key: out 0, lse -inf, P = 0 (every
+-inf - -inf is guarded, so no NaN).
 - ``_window_attn``   one program per (window, query sub-block): forward (out,
                      lse, importance partials [B, h*sub-blocks, N]), or dQ, or
                      dK/dV of a sub-block, or the whole backward of a small window.
@@ -33,7 +43,7 @@ import triton.language as tl
 # Integer arguments that only bound loops and masks: not specialised on their
 # value (== 1, divisible by 16), so that the compiled variants are the plans
 # (``sgattn.triton.compile_check``), not every shape.
-_NOSPEC = ["H", "N", "M", "QT", "KT", "GH", "GW", "NWX", "WIN", "TILES"]
+_NOSPEC = ["H", "N", "M", "QT", "KT", "G", "QG", "FIRST", "GH", "GW", "NWX", "WIN", "TILES"]
 
 
 def _jit(fn):
@@ -95,28 +105,50 @@ def _ds_dot(ds, b, UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT_DS: tl.conste
         return _dot(ds.to(b.dtype), b, UPCAST, PREC)
 
 
+@triton.jit
+def _visible(offs_m, offs_n, col_ok, N, M, PAD_B, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] (or [1, BLOCK_N]): which keys each query sees. Real keys
+    (col_ok); CAUSAL (bottom-right): key j <= query i + M - N; HAS_PAD: the
+    key's padding flag (uint8, one per key of this batch row at PAD_B) is 0."""
+    ok = col_ok[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + (M - N))
+    if HAS_PAD:
+        pad = tl.load(PAD_B + offs_n, mask=col_ok, other=1)
+        ok = ok & (pad == 0)[None, :]
+    return ok
+
+
 @_jit
-def _attn_fwd(Q, K, V, O, LSE, PART,
+def _attn_fwd(Q, K, V, O, LSE, PART, PAD,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-              H, N, M, D, DV, QT, scale_log2,
+              H, N, M, D, DV, QT, G, scale_log2,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               SINGLE_TILE: tl.constexpr, NEED_IMP: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, GQA: tl.constexpr,
               UPCAST: tl.constexpr, PREC: tl.constexpr):
     # 1-D grid: program = bh * QT + query tile (no axis limit but 2**31 - 1;
-    # a head's tiles are neighbours, which share its K/V in L2).
+    # a head's tiles are neighbours, which share its K/V in L2). H counts
+    # query heads; GQA: query head h reads kv head h // G. CAUSAL / HAS_PAD: a
+    # query may see no key at all: its row keeps a zero output and lse -inf.
     pid = tl.program_id(0)
     pid_m = pid % QT
     bh = (pid // QT).to(tl.int64)
     b = bh // H
     h = bh % H
+    if GQA:
+        kh = h // G
+    else:
+        kh = h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
     rows = offs_m.to(tl.int64)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + kh * skh
+    v_base = V + b * svb + kh * svh
+    pad_b = PAD + b * M
     if SINGLE_TILE:
         # The whole key row is one tile: exact probabilities, no rescaling.
         offs_n = tl.arange(0, BLOCK_N)
@@ -124,6 +156,8 @@ def _attn_fwd(Q, K, V, O, LSE, PART,
         cols = offs_n.to(tl.int64)
         kt = tl.load(k_base + cols[None, :] * skn + offs_d[:, None],
                      mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        # (the masked forms take the key-tile loop: every row here sees a key)
+        tl.static_assert(not (CAUSAL or HAS_PAD), "causal / padded rows take the key-tile loop")
         s = _dot_d(q, kt, UPCAST, PREC) * scale_log2
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_i = tl.max(s, 1)
@@ -140,40 +174,60 @@ def _attn_fwd(Q, K, V, O, LSE, PART,
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(0, M, BLOCK_N):
+        hi = M
+        if CAUSAL:  # key tiles past this query tile's last visible key are skipped
+            hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + (M - N))
+        for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             col_ok = offs_n < M
             cols = offs_n.to(tl.int64)
             kt = tl.load(k_base + cols[None, :] * skn + offs_d[:, None],
                          mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
             s = _dot_d(q, kt, UPCAST, PREC) * scale_log2
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            # Every tile holds at least one real key, so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
+            if CAUSAL or HAS_PAD:
+                s = tl.where(_visible(offs_m, offs_n, col_ok, N, M, pad_b, CAUSAL, HAS_PAD), s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # no key seen yet: a finite reference (alpha = exp2(-inf) = 0, p = 0), not -inf - -inf
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                s = tl.where(col_ok[None, :], s, float("-inf"))
+                # Every tile holds at least one real key, so m_new is finite.
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = m_new
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :],
                         mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
             m_i = m_new
-    out = acc / l_i[:, None]
+    if CAUSAL or HAS_PAD:  # a row that saw no key (l = 0): out 0; its lse -inf + log2(0) = -inf
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    else:
+        out = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < DV))
     tl.store(LSE + bh * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
 @_jit
-def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ,
+def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ, PAD,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn,
-                H, N, M, D, DV, QT, scale, scale_log2,
+                H, N, M, D, DV, QT, G, scale, scale_log2,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, GQA: tl.constexpr,
                 UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT_DS: tl.constexpr):
+    # H counts query heads; GQA: query head h reads kv head h // G. A row with
+    # lse -inf (it sees no key) has every entry masked: p = 0, dq = 0.
     pid = tl.program_id(0)
     pid_m = pid % QT
     bh = (pid // QT).to(tl.int64)
     b = bh // H
     h = bh % H
+    if GQA:
+        kh = h // G
+    else:
+        kh = h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < N
@@ -184,15 +238,19 @@ def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ,
     do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=dvmask, other=0.0)
     o = tl.load(O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :], mask=dvmask, other=0.0)
     lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + kh * skh
+    v_base = V + b * svb + kh * svh
+    pad_b = PAD + b * M
+    hi = M
+    if CAUSAL:  # key tiles past this query tile's last visible key are skipped
+        hi = tl.minimum(M, (pid_m + 1) * BLOCK_M + (M - N))
     # delta_i = sum_j P_ij dP_ij; stored for the key-major pass. rowsum(dO * O)
     # equals it, but O rounded to fp16/bf16 makes dP - delta lose everything
     # when it cancels (saturated softmax, large dO): there (SPLIT_DS) it is
     # summed from P and dP in fp32, one more pass over the keys.
     if SPLIT_DS:
         delta = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(0, M, BLOCK_N):
+        for start in range(0, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             col_ok = offs_n < M
             cols = offs_n.to(tl.int64)
@@ -202,13 +260,17 @@ def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ,
                         mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
             s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
             p = tl.math.exp2(s - lse[:, None])
-            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+            if CAUSAL or HAS_PAD:
+                p = tl.where(row_ok[:, None] & _visible(offs_m, offs_n, col_ok, N, M, pad_b, CAUSAL, HAS_PAD),
+                             p, 0.0)
+            else:
+                p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
             delta += tl.sum(p * _dot_d(do, tl.trans(v), UPCAST, PREC), 1)
     else:
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh * N + offs_m, delta, mask=row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, M, BLOCK_N):
+    for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
         cols = offs_n.to(tl.int64)
@@ -218,7 +280,10 @@ def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ,
                     mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
         s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
         p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        if CAUSAL or HAS_PAD:
+            p = tl.where(row_ok[:, None] & _visible(offs_m, offs_n, col_ok, N, M, pad_b, CAUSAL, HAS_PAD), p, 0.0)
+        else:
+            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
         dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
         ds = p * (dp - delta[:, None])
         dq += _ds_dot(ds, k, UPCAST, PREC, SPLIT_DS)
@@ -226,53 +291,132 @@ def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ,
              mask=dmask)
 
 
+@triton.jit
+def _key_major_tile(Q, DO, LSE, DELTA, W, k, v, dk, dv, imp, offs_n, key_ok, offs_d, row0, start,
+                    sqn, sdn, N, M, D, DV, scale_log2,
+                    BLOCK_M: tl.constexpr, GRADS: tl.constexpr, NEED_IMP: tl.constexpr,
+                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT_DS: tl.constexpr):
+    """One query tile (rows start.. of the query head at Q / DO, its LSE/DELTA
+    rows at ``row0``) against a key tile: adds to dk, dv (GRADS) and to the
+    (query-weighted, HAS_WEIGHT) column sums imp (NEED_IMP). key_ok: the key
+    tile's real (and, with padding, unpadded) keys; MASKED: it or CAUSAL masks
+    (a row with lse -inf sees no key: every entry is masked)."""
+    offs_m = start + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    rows = offs_m.to(tl.int64)
+    q = tl.load(Q + rows[:, None] * sqn + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    lse = tl.load(LSE + row0 * N + offs_m, mask=row_ok, other=0.0)
+    s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(row_ok[:, None] & _visible(offs_m, offs_n, key_ok, N, M, Q, CAUSAL, False), p, 0.0)
+    else:
+        p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+    if NEED_IMP:
+        if HAS_WEIGHT:
+            w = tl.load(W + offs_m, mask=row_ok, other=0.0)
+            imp += tl.sum(p * w[:, None], 0)
+        else:
+            imp += tl.sum(p, 0)
+    if GRADS:
+        do = tl.load(DO + rows[:, None] * sdn + offs_d[None, :],
+                     mask=row_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
+        delta = tl.load(DELTA + row0 * N + offs_m, mask=row_ok, other=0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PREC)
+        dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
+        ds = p * (dp - delta[:, None])
+        dk += _ds_dot(tl.trans(ds), q, UPCAST, PREC, SPLIT_DS)
+    return dk, dv, imp
+
+
 @_jit
-def _attn_key_major(Q, K, V, DO, LSE, DELTA, DK, DVp, PART,
+def _attn_key_major(Q, K, V, DO, LSE, DELTA, DK, DVp, PART, PAD, W,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-                    H, N, M, D, DV, KT, scale, scale_log2,
+                    H, N, M, D, DV, KT, G, QG, FIRST, scale, scale_log2,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     GRADS: tl.constexpr, NEED_IMP: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, GQA: tl.constexpr,
                     UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT_DS: tl.constexpr):
+    # One program per (b, program head, key tile); H counts program heads. A
+    # program head visits the QG query heads ph * QG + g (H * QG query heads in
+    # all) and reads kv head (ph * QG) // G: the dK/dV pass (GRADS) runs one
+    # program per kv head (QG = G; dK/dV [B, H, M, *] summed over its query
+    # heads in the order g = 0..G-1, one flat loop over (g, query tile)), the
+    # column-sum pass (NEED_IMP) one per query head (QG = 1; PART [B, H, M]).
+    # Without GQA, QG = G = 1. Query tiles before the key tile's first viewer
+    # (CAUSAL) or before FIRST (HAS_WEIGHT: the weights before FIRST are 0) are
+    # skipped. The padding of the key tile is read once (key_ok).
+    tl.static_assert(not (NEED_IMP and GRADS and GQA), "per-head column sums need one query head a program")
     pid = tl.program_id(0)
     pid_n = pid % KT
     bh = (pid // KT).to(tl.int64)
     b = bh // H
-    h = bh % H
+    ph = bh % H
+    if GQA:
+        kh = ph * QG // G
+    else:
+        kh = ph
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < M
     cols = offs_n.to(tl.int64)
     kmask = col_ok[:, None] & (offs_d[None, :] < D)
     vmask = col_ok[:, None] & (offs_d[None, :] < DV)
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+    k = tl.load(K + b * skb + kh * skh + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     imp = tl.zeros([BLOCK_N], tl.float32)
     if GRADS:
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :], mask=vmask, other=0.0)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdb + h * sdh
-    for start in range(0, N, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < N
-        rows = offs_m.to(tl.int64)
-        q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :],
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
-        s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        if NEED_IMP:
-            imp += tl.sum(p, 0)
-        if GRADS:
-            do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :],
-                         mask=row_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
-            delta = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PREC)
-            dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
-            ds = p * (dp - delta[:, None])
-            dk += _ds_dot(tl.trans(ds), q, UPCAST, PREC, SPLIT_DS)
-    if NEED_IMP:
+        v = tl.load(V + b * svb + kh * svh + cols[:, None] * svn + offs_d[None, :], mask=vmask, other=0.0)
+    else:
+        v = k  # (unused)
+    # Key padding: a key's column of P enters only its own dk, dv, imp rows, so
+    # it is applied to them at the end (no mask live through the loop), except
+    # with SPLIT_DS, which scales each dS tile by its largest entry: there the
+    # padded columns (whose P may overflow) are masked in the loop.
+    if HAS_PAD and SPLIT_DS:
+        key_ok = col_ok & (tl.load(PAD + b * M + offs_n, mask=col_ok, other=1) == 0)
+    else:
+        key_ok = col_ok
+    lo = 0
+    if CAUSAL:  # key j is first seen by query j - (M - N)
+        lo = tl.maximum(pid_n * BLOCK_N - (M - N), 0) // BLOCK_M * BLOCK_M
+    if HAS_WEIGHT:
+        lo = tl.maximum(lo, FIRST // BLOCK_M * BLOCK_M)
+    if GQA:
+        # one flat loop over (query head g, query tile): the head's base pointers
+        # and rows advance when its tiles are done
+        tiles = tl.maximum(N - lo + BLOCK_M - 1, 0) // BLOCK_M  # query tiles of one head from lo
+        q_h = Q + b * sqb + (ph * QG) * sqh
+        do_h = DO + b * sdb + (ph * QG) * sdh
+        row0 = b * H * QG + ph * QG
+        start = lo
+        for t in range(0, QG * tiles):
+            dk, dv, imp = _key_major_tile(q_h, do_h, LSE, DELTA, W, k, v, dk, dv, imp, offs_n, key_ok, offs_d, row0,
+                                          start, sqn, sdn, N, M, D, DV, scale_log2,
+                                          BLOCK_M, GRADS, NEED_IMP, CAUSAL, CAUSAL or (HAS_PAD and SPLIT_DS),
+                                          HAS_WEIGHT, UPCAST, PREC, SPLIT_DS)
+            nxt = start + BLOCK_M >= N  # this head's tiles done: the next query head
+            start = tl.where(nxt, lo, start + BLOCK_M)
+            q_h += tl.where(nxt, sqh, 0)
+            do_h += tl.where(nxt, sdh, 0)
+            row0 += nxt.to(tl.int64)
+    else:
+        for start in range(lo, N, BLOCK_M):
+            dk, dv, imp = _key_major_tile(Q + b * sqb + ph * sqh, DO + b * sdb + ph * sdh, LSE, DELTA, W, k, v,
+                                          dk, dv, imp, offs_n, key_ok, offs_d, bh, start,
+                                          sqn, sdn, N, M, D, DV, scale_log2,
+                                          BLOCK_M, GRADS, NEED_IMP, CAUSAL, CAUSAL or (HAS_PAD and SPLIT_DS),
+                                          HAS_WEIGHT,
+                                          UPCAST, PREC, SPLIT_DS)
+    if HAS_PAD and not SPLIT_DS:
+        pad_ok = tl.load(PAD + b * M + offs_n, mask=col_ok, other=1) == 0
+        imp = tl.where(pad_ok, imp, 0.0)
+        dk = tl.where(pad_ok[:, None], dk, 0.0)
+        dv = tl.where(pad_ok[:, None], dv, 0.0)
+    if NEED_IMP:  # (QG = 1 with GQA: the one query head ph)
         tl.store(PART + bh * M + offs_n, imp, mask=col_ok)
     if GRADS:
         tl.store(DK + bh * M * D + cols[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),

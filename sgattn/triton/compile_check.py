@@ -14,7 +14,9 @@ alignment) are derived by Triton's own launcher code
 Configurations: kinds fp16, bf16, fp32-tf32, fp32-ieee (fp32 follows torch's
 matmul precision setting, so both are reachable) x padded head dims 32, 64,
 128 (d in 16..128) x every key-tile path (single tiles of 64/128/256 keys with
-and without importance, multi-tile rows, key-major importance pass) x window
+and without importance, multi-tile rows, key-major importance pass), the
+attention-mass flags (grouped-query heads x causal x key padding x query
+weights, forward and backward) x window
 blocks 64, 128, 256 (w 1..8, 9..11, 12..16) x forward/backward (every mode),
 plus the importance and reallocation kernels. Head dims reach the kernels as
 multiples of 16 (the ops pad the others), the specialisation compiled here.
@@ -101,6 +103,29 @@ def _attention_specs(kind, bd, d):
                 delta = torch.empty(B, h, N, dtype=torch.float32)
                 for spec in A.backward_launches(do, q, k, v, out, lse, dq, dk, dk, delta, 0.1, 0, None):
                     specs.append(("bwd", spec))
+        # attention mass: every flag combination (grouped-query heads, causal,
+        # key padding, query weights); its rows always take the key-tile loop
+        N, M = 97, plan.single_max + 5
+        for G in (1, 2):
+            q, _, _ = _qkv(B, h * G, N, M, d, dtype)
+            _, k, v = _qkv(B, h, N, M, d, dtype)
+            out = A.new_out(q, d)
+            lse = torch.empty(B, h * G, N, dtype=torch.float32)
+            colsum = torch.empty(B, h * G, M, dtype=torch.float32)
+            for causal in (False, True):
+                for pad in (None, torch.empty(B, M, dtype=torch.uint8)):
+                    for weight in (None, torch.empty(N, dtype=torch.float32)):
+                        tag = f"mass gqa={int(G > 1)} causal={int(causal)} pad={int(pad is not None)}"
+                        for spec in A.forward_launches(q, k, v, out, lse, colsum, 0.1, 0, None, True, mass=True,
+                                                       causal=causal, pad=pad, weight=weight, first=5):
+                            specs.append((f"{tag} weight={int(weight is not None)} fwd", spec))
+                    do = torch.empty(B, N, h * G, d, dtype=dtype).transpose(1, 2)
+                    dq = torch.empty(B, h * G, N, d, dtype=dtype)
+                    dk = torch.empty(B, h, M, d, dtype=dtype)
+                    delta = torch.empty(B, h * G, N, dtype=torch.float32)
+                    for spec in A.backward_launches(do, q, k, v, out, lse, dq, dk, dk, delta, 0.1, 0, None,
+                                                    causal=causal, pad=pad):
+                        specs.append((f"{tag} bwd", spec))
         # windows: one per padded window size
         for w in (7, 11, 16):
             hw = (w + 3, w + 2)

@@ -14,13 +14,15 @@ import triton
 from .attention_kernels import _attn_bwd_q, _attn_fwd, _attn_key_major, _window_attn
 from .importance_kernels import _importance_reduce
 from .plans import (IMPORTANCE_BLOCK, PLANS, REALLOCATION_BWD_BLOCKS, global_config, head_block, kind_of,
-                    partial_rows, plan_for, reallocation_blocks, reallocation_plan, window_config, window_grid)
+                    mass_config, partial_rows, plan_for, reallocation_blocks, reallocation_plan, window_config,
+                    window_grid)
 from .reallocation_kernels import _aggregate_bwd, _aggregate_fwd
 
 # Kernels are interpreted when TRITON_INTERPRET=1 was set before they were defined.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 def _flags(kind):
@@ -54,9 +56,22 @@ def _rows(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def forward_launches(q, k, v, out, lse, part, scale, window, hw, need_importance):
+def _mask_flags(causal, pad, G):
+    return dict(CAUSAL=bool(causal), HAS_PAD=pad is not None, GQA=G > 1)
+
+
+def forward_launches(q, k, v, out, lse, part, scale, window, hw, need_importance, *, mass=False, causal=False,
+                     pad=None, weight=None, first=0):
+    """Launch specs of the forward. ``mass`` (global mode only): attention
+    mass's forward: k, v may have fewer heads than q (grouped-query, query head
+    h reads kv head h // G), ``causal`` (bottom-right), ``pad`` (uint8 [B, M],
+    nonzero for padding keys), and ``part`` is the per-query-head column sums
+    [B, h, M] weighted by ``weight`` ([N] fp32 or None; the weights before query
+    ``first`` are 0), from the key-major pass; rows always take the key-tile
+    loop (no single-tile variants of the mass flags)."""
     B, h, N, D = q.shape
     M, DV = k.shape[2], v.shape[3]
+    G = h // k.shape[1] if k.shape[1] else 1
     kind = kind_of(q.dtype)
     plan = PLANS[(kind, head_block(D, DV))]
     fl = _flags(kind)
@@ -72,26 +87,48 @@ def forward_launches(q, k, v, out, lse, part, scale, window, hw, need_importance
                   h, N, hw[0], hw[1], nwx, window, tiles, D, DV, scale, scale_log2],
                  dict(BLOCK_L=L, BLOCK_S=S, BLOCK_C=C, BLOCK_D=plan.bd, MODE=0, NEED_IMP=need_importance,
                       SPLIT_DS=False, **fl), plan.warps)]
-    single, block_n = global_config(plan, M)
-    qt = triton.cdiv(N, plan.block_m)
+    single, block_n = (False, plan.block_n) if mass else global_config(plan, M)
+    mc = mass_config(plan, bool(causal) or pad is not None or G > 1)
+    qt = triton.cdiv(N, mc["fwd_block_m"])
     out_l = [(_attn_fwd, qt * B * h,
-              [q, k, v, out, lse, part, *strides, h, N, M, D, DV, qt, scale_log2],
-              dict(BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_D=plan.bd, SINGLE_TILE=single,
-                   NEED_IMP=need_importance and single, **fl), 8 if block_n >= 256 else plan.warps)]
+              [q, k, v, out, lse, part, q if pad is None else pad, *strides, h, N, M, D, DV, qt, G, scale_log2],
+              dict(BLOCK_M=mc["fwd_block_m"], BLOCK_N=block_n, BLOCK_D=plan.bd, SINGLE_TILE=single,
+                   NEED_IMP=need_importance and single, **_mask_flags(causal, pad, G), **fl),
+              8 if block_n >= 256 else mc["fwd_warps"])]
     if need_importance and not single:
-        # Long key rows: recompute P key-major from the stored lse (O(N) memory).
-        kt = triton.cdiv(M, plan.bwd)
-        out_l.append((_attn_key_major, kt * B * h,
-                      [q, k, v, q, lse, lse, q, q, part, *strides[:9], 0, 0, 0,
-                       h, N, M, D, DV, kt, scale, scale_log2],
-                      dict(BLOCK_M=plan.bwd, BLOCK_N=plan.bwd, BLOCK_D=plan.bd, GRADS=False, NEED_IMP=True,
-                           SPLIT_DS=False, **fl), plan.km_warps))
+        # Long key rows (and the mass): recompute P key-major from the stored lse (O(N) memory).
+        out_l += colsum_launches(q, k, lse, part, scale, causal=causal, pad=pad, weight=weight, first=first, dv=DV)
     return out_l
 
 
-def backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, hw):
+def colsum_launches(q, k, lse, part, scale, *, causal=False, pad=None, weight=None, first=0, dv=None):
+    """The key-major column-sum pass: part [B, h, M] = per query head, sum over
+    queries of weight * P, P = exp2(S - lse) recomputed from the row
+    log-sum-exp (log2 units), O(N) memory. One program per (b, query head, key
+    tile), with the tiles of the plan of head dims (d, ``dv``; default d)."""
+    B, h, N, D = q.shape
+    M = k.shape[2]
+    G = h // k.shape[1] if k.shape[1] else 1
+    kind = kind_of(q.dtype)
+    plan = PLANS[(kind, head_block(D, D if dv is None else dv))]
+    kt = triton.cdiv(M, plan.bwd)
+    strides = (*q.stride()[:3], *k.stride()[:3], *k.stride()[:3])
+    return [(_attn_key_major, kt * B * h,
+             [q, k, k, q, lse, lse, q, q, part, q if pad is None else pad, q if weight is None else weight,
+              *strides, 0, 0, 0, h, N, M, D, D, kt, G, 1, int(first), scale, scale * LOG2E],
+             dict(BLOCK_M=plan.bwd, BLOCK_N=plan.bwd, BLOCK_D=plan.bd, GRADS=False, NEED_IMP=True,
+                  HAS_WEIGHT=weight is not None, SPLIT_DS=False, **_mask_flags(causal, pad, G), **_flags(kind)),
+             plan.km_warps)]
+
+
+def backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, hw, *, causal=False, pad=None):
+    """Launch specs of the backward. Global mode takes the mass options of
+    ``forward_launches``: dk, dv [B, Hkv, M, *] are summed over each kv
+    head's query heads, in a fixed order (one program per kv head and key tile)."""
     B, h, N, D = q.shape
     M, DV = k.shape[2], v.shape[3]
+    hkv = k.shape[1]
+    G = h // hkv if hkv else 1
     kind = kind_of(q.dtype)
     plan = PLANS[(kind, head_block(D, DV))]
     fl = dict(_flags(kind), SPLIT_DS=_ds_flag(kind))
@@ -106,16 +143,20 @@ def backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, h
                   h, N, hw[0], hw[1], nwx, window, tiles, D, DV, scale, scale_log2],
                  dict(BLOCK_L=L, BLOCK_S=S, BLOCK_C=C, BLOCK_D=plan.bd, MODE=mode, NEED_IMP=False, **fl),
                  plan.warps) for mode in modes]
-    blk = plan.bwd
-    qt, kt = triton.cdiv(N, blk), triton.cdiv(M, blk)
+    masks = _mask_flags(causal, pad, G)
+    mc = mass_config(plan, bool(causal) or pad is not None or G > 1)
+    padp = q if pad is None else pad
+    blk, kblk = plan.bwd, mc["grads_block_n"]
+    qt, kt = triton.cdiv(N, blk), triton.cdiv(M, kblk)
     return [(_attn_bwd_q, qt * B * h,
-             [q, k, v, out, do, lse, delta, dq, *qkv, *out.stride()[:3], *do.stride()[:3],
-              h, N, M, D, DV, qt, scale, scale_log2],
-             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, **fl), plan.warps),
-            (_attn_key_major, kt * B * h,
-             [q, k, v, do, lse, delta, dk, dv, q, *qkv, *do.stride()[:3],
-              h, N, M, D, DV, kt, scale, scale_log2],
-             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, GRADS=True, NEED_IMP=False, **fl), plan.km_warps)]
+             [q, k, v, out, do, lse, delta, dq, padp, *qkv, *out.stride()[:3], *do.stride()[:3],
+              h, N, M, D, DV, qt, G, scale, scale_log2],
+             dict(BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=plan.bd, **masks, **fl), mc["bwd_q_warps"]),
+            (_attn_key_major, kt * B * hkv,
+             [q, k, v, do, lse, delta, dk, dv, q, padp, q, *qkv, *do.stride()[:3],
+              hkv, N, M, D, DV, kt, G, G, 0, scale, scale_log2],
+             dict(BLOCK_M=blk, BLOCK_N=kblk, BLOCK_D=plan.bd, GRADS=True, NEED_IMP=False, HAS_WEIGHT=False,
+                  **masks, **fl), mc["grads_warps"])]
 
 
 def _run(launches, t):
@@ -159,6 +200,65 @@ def attention_backward(do, q, k, v, out, lse, scale: float, window: int, hw):
         return dq, dk, dv
     delta = torch.empty(B, h, N, device=q.device, dtype=torch.float32)
     _run(backward_launches(do, q, k, v, out, lse, dq, dk, dv, delta, scale, window, hw), q)
+    return dq, dk, dv
+
+
+def _pad_u8(key_padding_mask):
+    """The key padding mask as uint8 [B, M] (a free view of the bool tensor)."""
+    import torch
+    return None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
+
+
+def mass_forward(q, k, v, scale: float, causal: bool, key_padding_mask, query_weight, first: int = 0):
+    """Attention with the mass options: (out [B, Hq, N, dv], lse [B, Hq, N] fp32
+    natural log (-inf for a query that sees no key), colsum [B, Hq, M] fp32).
+    The kernels keep lse in log2 units; it is converted once at the end."""
+    import torch
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    B, h, N, D = q.shape
+    M, DV = k.shape[2], v.shape[3]
+    out = new_out(q, DV)
+    lse = torch.empty(B, h, N, device=q.device, dtype=torch.float32)
+    colsum = torch.empty(B, h, M, device=q.device, dtype=torch.float32)
+    if B * h == 0:
+        return out, lse, colsum
+    weight = None if query_weight is None else query_weight.contiguous()
+    _run(forward_launches(q, k, v, out, lse, colsum, scale, 0, None, True, mass=True, causal=causal,
+                          pad=_pad_u8(key_padding_mask), weight=weight, first=first), q)
+    return out, lse.mul_(LN2), colsum
+
+
+def mass_colsum(q, k, lse, scale: float, causal: bool, key_padding_mask, query_weight, first: int = 0):
+    """colsum [B, Hq, M] fp32 from a row log-sum-exp [B, Hq, N] (natural log)."""
+    import torch
+    q, k = _rows(q), _rows(k)
+    B, h, N, _ = q.shape
+    colsum = torch.empty(B, h, k.shape[2], device=q.device, dtype=torch.float32)
+    if B * h == 0:
+        return colsum
+    weight = None if query_weight is None else query_weight.contiguous()
+    lse2 = (lse * LOG2E).contiguous()
+    _run(colsum_launches(q, k, lse2, colsum, scale, causal=causal, pad=_pad_u8(key_padding_mask), weight=weight,
+                         first=first), q)
+    return colsum
+
+
+def mass_backward(do, q, k, v, out, lse, scale: float, causal: bool, key_padding_mask):
+    """(dq [B, Hq, N, d], dk [B, Hkv, M, d], dv [B, Hkv, M, dv]) contiguous, in the
+    inputs' dtype, from the forward's out and lse (natural log)."""
+    import torch
+    do, q, k, v, out = _rows(do), _rows(q), _rows(k), _rows(v), _rows(out)
+    B, h, N, D = q.shape
+    M, DV = k.shape[2], v.shape[3]
+    dq = torch.empty(B, h, N, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape[0], k.shape[1], M, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(v.shape[0], v.shape[1], M, DV, device=q.device, dtype=v.dtype)
+    if B * h == 0:
+        return dq, dk, dv
+    delta = torch.empty(B, h, N, device=q.device, dtype=torch.float32)
+    lse2 = (lse * LOG2E).contiguous()
+    _run(backward_launches(do, q, k, v, out, lse2, dq, dk, dv, delta, scale, 0, None, causal=causal,
+                           pad=_pad_u8(key_padding_mask)), q)
     return dq, dk, dv
 
 

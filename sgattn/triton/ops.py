@@ -9,6 +9,11 @@ Ops:
 - ``sgattn::triton_importance(part, weight, part_g, weight_g, H, W, Hr, Wr) -> [B, N]``
 - ``sgattn::triton_aggregate_fwd(x, index, w_cat, b_cat, group_sizes) -> [G, B, M, C]``
 - ``sgattn::triton_aggregate_bwd(dout, x, index, w_cat, group_sizes) -> (dx, dw, db)``
+- ``sgattn::triton_mass_attention_fwd(q, k, v, scale, causal, key_padding_mask, query_weight, first_query)
+  -> (out, lse, colsum)``: global attention with grouped-query heads, causal
+  masking, key padding and per-query weighted column sums (``sgattn.mass``);
+- ``sgattn::triton_mass_attention_bwd(dout, q, k, v, out, lse, scale, causal, key_padding_mask) -> (dq, dk, dv)``
+- ``sgattn::triton_mass_from_lse(q, k, lse, scale, causal, key_padding_mask, query_weight, first_query) -> colsum``
 
 Every op validates its arguments itself, through the Python contract the
 public ops use (``sgattn.contract``, the twin of the native bindings'), then
@@ -258,3 +263,164 @@ def _aggregate_backward(ctx, dout):
 
 
 aggregate_fwd.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+
+
+# ------------------------------------------------------------ attention mass
+# Global attention generalised for ``sgattn.mass``: grouped-query heads (k, v
+# with Hkv heads, Hq a multiple; query head h reads kv head h // (Hq // Hkv)),
+# bottom-right causal masking (query i sees keys j <= i + M - N), a key padding
+# mask (bool [B, M], True for padding), and per-query weights of the column
+# sums (fp32 [N]; None: 1 each). A query that sees no key has out 0, lse -inf,
+# no column mass and zero gradients. lse is the natural log here.
+
+def _check_mass(op, q, k, v, scale, key_padding_mask, query_weight, first_query):
+    """The mass ops' contract, then the kernels' limits. v None: no values (from lse)."""
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in named:
+        _dims(op, name, t, 4)
+    contract.check_dtypes(op, named, FLOATS)
+    contract.check_devices(op, named)
+    B, Hq, N, d = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != d:
+        _fail(op, f"k must be [B, Hkv, M, d] = [{B}, Hkv, M, {d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v is not None and tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        _fail(op, f"v must be [B, Hkv, M, dv] matching k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Hkv < 1 or Hq % Hkv:
+        _fail(op, f"the query heads must be a multiple of the key/value heads, got Hq={Hq} and Hkv={Hkv}")
+    if N < 1 or M < 1:
+        _fail(op, f"need at least one query and one key, got N={N}, M={M}")
+    dv = v.shape[3] if v is not None else d
+    lo, hi = _plans.HEAD_DIM_RANGE
+    for name, n in (("head dim d", d), ("value head dim dv", dv)):
+        if not lo <= n <= hi:
+            _fail(op, f"{name} = {n} is outside {lo}..{hi}")
+    if N > INT32_MAX or M > INT32_MAX:
+        _fail(op, f"token counts must fit int32, got N={N}, M={M}")
+    contract.check_scale(op, scale)
+    if key_padding_mask is not None:
+        if (key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2
+                or tuple(key_padding_mask.shape) != (B, M)):
+            _fail(op, f"key_padding_mask must be bool [B, M] = [{B}, {M}], got {key_padding_mask.dtype} "
+                      f"{tuple(key_padding_mask.shape)}")
+        named.append(("key_padding_mask", key_padding_mask))
+    if query_weight is not None:
+        if query_weight.dtype != torch.float32 or query_weight.dim() != 1 or query_weight.shape[0] != N:
+            _fail(op, f"query_weight must be float32 [N] = [{N}], got {query_weight.dtype} "
+                      f"{tuple(query_weight.shape)}")
+        named.append(("query_weight", query_weight))
+    if not 0 <= first_query <= N:
+        _fail(op, f"first_query must lie in [0, N] = [0, {N}], got {first_query}")
+    _device_ok(op, named)
+    plan = _plans.plan_for(q.dtype, d, dv)
+    programs = _plans.grid_programs(plan, B, Hq, N, M, 0, None, mass=True)
+    if programs > INT32_MAX:
+        _fail(op, f"the launch needs {programs} programs, more than a grid's 2**31-1")
+    return B, Hq, N, M, d, dv
+
+
+def _check_mass_lse(op, q, lse):
+    B, Hq, N = q.shape[:3]
+    _dims(op, "lse", lse, 3)
+    if tuple(lse.shape) != (B, Hq, N) or lse.dtype != torch.float32:
+        _fail(op, f"lse must be float32 [B, Hq, N] = [{B}, {Hq}, {N}], got {lse.dtype} {tuple(lse.shape)}")
+    _device_ok(op, (("q", q), ("lse", lse)))
+
+
+@torch.library.custom_op("sgattn::triton_mass_attention_fwd", mutates_args=())
+def mass_attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
+                       key_padding_mask: Optional[Tensor], query_weight: Optional[Tensor],
+                       first_query: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out [B, Hq, N, dv] in q's dtype, laid out as [B, N, Hq, dv]; lse [B, Hq, N]
+    fp32; colsum [B, Hq, M] fp32: sum_i query_weight[i] * P[i, j]). ``first_query``:
+    the caller's promise that the weights of the queries before it are 0 (their
+    query tiles are skipped); 0 promises nothing."""
+    _check_mass("triton_mass_attention_fwd", q, k, v, scale, key_padding_mask, query_weight, first_query)
+    d, dv = q.shape[-1], v.shape[-1]
+    args = (scale, causal, key_padding_mask, query_weight, first_query)
+    if _aligned(d) == d and _aligned(dv) == dv:
+        return _launch.mass_forward(q, k, v, *args)
+    out, lse, colsum = _launch.mass_forward(_pad_last(q), _pad_last(k), _pad_last(v), *args)
+    res = _launch.new_out(q, dv)  # the layout the fake declares
+    res.copy_(out[..., :dv])
+    return res, lse, colsum
+
+
+@mass_attention_fwd.register_fake
+def _(q, k, v, scale, causal, key_padding_mask, query_weight, first_query):
+    B, Hq, N, M, _, dv = _check_mass("triton_mass_attention_fwd", q, k, v, scale, key_padding_mask, query_weight,
+                                     first_query)
+    return (_launch.new_out(q, dv), q.new_empty((B, Hq, N), dtype=torch.float32),
+            q.new_empty((B, Hq, M), dtype=torch.float32))
+
+
+def _check_mass_backward(op, dout, q, k, v, out, lse, scale, key_padding_mask):
+    _check_mass(op, q, k, v, scale, key_padding_mask, None, 0)
+    B, Hq, N = q.shape[:3]
+    want = (B, Hq, N, v.shape[3])
+    for name, t in (("dout", dout), ("out", out)):
+        _dims(op, name, t, 4)
+        if tuple(t.shape) != want:
+            _fail(op, f"{name} must be [B, Hq, N, dv] = {list(want)}, got {tuple(t.shape)}")
+    contract.check_dtypes(op, (("q", q), ("dout", dout), ("out", out)), (q.dtype,))
+    _check_mass_lse(op, q, lse)
+    _device_ok(op, (("q", q), ("dout", dout), ("out", out)))
+
+
+@torch.library.custom_op("sgattn::triton_mass_attention_bwd", mutates_args=())
+def mass_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                       causal: bool, key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), contiguous, shaped as q, k, v; dk, dv of a kv head summed
+    over its query heads in a fixed order."""
+    _check_mass_backward("triton_mass_attention_bwd", dout, q, k, v, out, lse, scale, key_padding_mask)
+    d, dv = q.shape[-1], v.shape[-1]
+    if _aligned(d) == d and _aligned(dv) == dv:
+        return _launch.mass_backward(dout, q, k, v, out, lse, scale, causal, key_padding_mask)
+    grads = _launch.mass_backward(*map(_pad_last, (dout, q, k, v, out)), lse, scale, causal, key_padding_mask)
+    return tuple(g[..., :n].contiguous() for g, n in zip(grads, (d, d, dv)))
+
+
+@mass_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, scale, causal, key_padding_mask):
+    _check_mass_backward("triton_mass_attention_bwd", dout, q, k, v, out, lse, scale, key_padding_mask)
+    return (torch.empty(q.shape, device=q.device, dtype=q.dtype),
+            torch.empty(k.shape, device=k.device, dtype=k.dtype),
+            torch.empty(v.shape, device=v.device, dtype=v.dtype))
+
+
+def _mass_setup(ctx, inputs, output):
+    q, k, v, scale, causal, key_padding_mask, _, _ = inputs
+    out, lse, colsum = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.args = (scale, causal)
+    ctx.mark_non_differentiable(lse, colsum)
+
+
+def _mass_backward(ctx, dout, _dlse, _dcolsum):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = mass_attention_bwd(dout, q, k, v, out, lse, *ctx.args, key_padding_mask)
+    return dq, dk, dv, None, None, None, None, None
+
+
+mass_attention_fwd.register_autograd(_mass_backward, setup_context=_mass_setup)
+
+
+@torch.library.custom_op("sgattn::triton_mass_from_lse", mutates_args=())
+def mass_from_lse(q: Tensor, k: Tensor, lse: Tensor, scale: float, causal: bool,
+                  key_padding_mask: Optional[Tensor], query_weight: Optional[Tensor], first_query: int) -> Tensor:
+    """colsum [B, Hq, M] fp32 as ``triton_mass_attention_fwd``'s, with P = exp(scale
+    q k^T - lse) from a given row log-sum-exp lse [B, Hq, N] (natural log)."""
+    _check_mass("triton_mass_from_lse", q, k, None, scale, key_padding_mask, query_weight, first_query)
+    _check_mass_lse("triton_mass_from_lse", q, lse)
+    args = (scale, causal, key_padding_mask, query_weight, first_query)
+    if _aligned(q.shape[-1]) == q.shape[-1]:
+        return _launch.mass_colsum(q, k, lse, *args)
+    return _launch.mass_colsum(_pad_last(q), _pad_last(k), lse, *args)
+
+
+@mass_from_lse.register_fake
+def _(q, k, lse, scale, causal, key_padding_mask, query_weight, first_query):
+    B, Hq, _, M, _, _ = _check_mass("triton_mass_from_lse", q, k, None, scale, key_padding_mask, query_weight,
+                                    first_query)
+    _check_mass_lse("triton_mass_from_lse", q, lse)
+    return q.new_empty((B, Hq, M), dtype=torch.float32)

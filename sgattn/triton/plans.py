@@ -31,21 +31,25 @@ class Plan:
     backward program up to ``win_whole`` positions). ``warps``: num_warps of
     the kernels; ``km_warps``: of ``_attn_key_major`` (default ``warps``);
     ``win_fc``: key chunks of the window forward (default ``win_c``, which is
-    then the backward's only)."""
+    then the backward's only). ``mass``: overrides for the attention-mass
+    variants (causal, key padding or grouped-query heads on; see ``mass_config``)."""
 
     def __init__(self, kind, bd, block_m, block_n, single_max, bwd, win_s, win_c, win_whole, warps=4,
-                 km_warps=None, win_fc=None):
+                 km_warps=None, win_fc=None, mass=None):
         self.kind, self.bd = kind, bd
         self.block_m, self.block_n, self.single_max = block_m, block_n, single_max
         self.bwd, self.win_s, self.win_c, self.win_whole, self.warps = bwd, win_s, win_c, win_whole, warps
         self.km_warps = warps if km_warps is None else km_warps
         self.win_fc = win_c if win_fc is None else win_fc
+        self.mass = dict(mass or {})
 
     def single_blocks(self):
         return [n for n in (64, 128, 256) if n <= self.single_max]
 
 
 def _make_plan(kind, bd):
+    # mass=...: the attention-mass variants' overrides (sm_80 / sm_90 compile
+    # check: the plan's own tiles and warps spilled a few bytes there)
     if kind in ("fp16", "bf16"):
         if bd <= 32:
             return Plan(kind, bd, 64, 64, 128, 64, 64, 64, 64)  # 256-key tiles spill on sm_80
@@ -54,10 +58,10 @@ def _make_plan(kind, bd):
         return Plan(kind, bd, 64, 64, 64, 32, 32, 32, 0)
     if kind == "tf32":
         if bd <= 32:  # window forward key chunks of 32 (64: windows of 12..16 spilled 8 B on sm_80)
-            return Plan(kind, bd, 64, 64, 128, 64, 32, 64, 0, win_fc=32)
+            return Plan(kind, bd, 64, 64, 128, 64, 32, 64, 0, win_fc=32, mass=dict(fwd_block_m=32, fwd_warps=8))
         if bd <= 64:
-            return Plan(kind, bd, 64, 32, 64, 32, 32, 32, 0)
-        return Plan(kind, bd, 32, 32, 64, 32, 16, 16, 0)
+            return Plan(kind, bd, 64, 32, 64, 32, 32, 32, 0, mass=dict(fwd_block_m=32, grads_block_n=16))
+        return Plan(kind, bd, 32, 32, 64, 32, 16, 16, 0, mass=dict(bwd_q_warps=8, grads_block_n=16))
     # ieee: fp32 FMA dots keep both operands in registers (a whole head-dim
     # row per thread): small tiles.
     if bd <= 32:  # backward window key chunks of 16 (32: window bwd mode 3 spilled 8 B on sm_80);
@@ -67,7 +71,7 @@ def _make_plan(kind, bd):
         return Plan(kind, bd, 16, 32, 64, 16, 16, 16, 0, warps=8)
     # d > 64: no single-tile rows (importance from the key-major pass), 8 warps;
     # the key-major pass 4 (8: dK/dV spilled 4 B on sm_90)
-    return Plan(kind, bd, 16, 32, 0, 16, 16, 16, 0, warps=8, km_warps=4)
+    return Plan(kind, bd, 16, 32, 0, 16, 16, 16, 0, warps=8, km_warps=4, mass=dict(bwd_q_warps=4))
 
 
 PLANS = {(kind, bd): _make_plan(kind, bd) for kind in KINDS for bd in HEAD_BLOCKS}
@@ -121,6 +125,18 @@ def global_config(plan: Plan, M: int):
     return False, plan.block_n
 
 
+def mass_config(plan: Plan, masked: bool) -> dict:
+    """Tiles and warps of the attention-mass launches: the plan's, with its
+    ``mass`` overrides where ``masked`` (causal, key padding or grouped-query
+    heads on; without them the kernels are SG-Former's and keep its plan).
+    fwd_block_m/_warps: the forward (key tiles of ``block_n``); bwd_q_warps: dQ;
+    grads_block_n/_warps: the key-major dK/dV pass (query tiles of ``bwd``)."""
+    o = plan.mass if masked else {}
+    return dict(fwd_block_m=o.get("fwd_block_m", plan.block_m), fwd_warps=o.get("fwd_warps", plan.warps),
+                bwd_q_warps=o.get("bwd_q_warps", plan.warps), grads_block_n=o.get("grads_block_n", plan.bwd),
+                grads_warps=o.get("grads_warps", plan.km_warps))
+
+
 def window_config(plan: Plan, window: int):
     """(BLOCK_L, BLOCK_S, BLOCK_C, backward modes) of a w x w window."""
     L = window_block(window)
@@ -145,15 +161,17 @@ def window_grid(hw, window):
     return triton.cdiv(H, window), triton.cdiv(W, window)
 
 
-def grid_programs(plan: Plan, B, h, N, M, window, hw, backward=True) -> int:
-    """The largest 1-D grid the forward (and backward) launches for this input."""
+def grid_programs(plan: Plan, B, h, N, M, window, hw, backward=True, mass=False) -> int:
+    """The largest 1-D grid the forward (and backward) launches for this input
+    (``mass``: of the attention-mass launches, whose tiles may be smaller)."""
     if window:
         L, S, _, _ = window_config(plan, window)
         nwy, nwx = window_grid(hw, window) if hw else (N, 1)
         return nwy * nwx * (L // S) * B * h
-    tiles = [triton.cdiv(N, plan.block_m), triton.cdiv(M, plan.block_n)]
+    mc = mass_config(plan, mass)
+    tiles = [triton.cdiv(N, mc["fwd_block_m"]), triton.cdiv(M, plan.block_n)]
     if backward:
-        tiles += [triton.cdiv(N, plan.bwd), triton.cdiv(M, plan.bwd)]
+        tiles += [triton.cdiv(N, plan.bwd), triton.cdiv(M, mc["grads_block_n"])]
     return max(tiles) * B * h
 
 
