@@ -106,6 +106,48 @@ def _ds_dot(ds, b, UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT_DS: tl.conste
 
 
 @triton.jit
+def _load_rows(base, rows, stride, offs_d, ok, width):
+    """Rows ``rows`` (int64) of a tile at ``base`` (row stride ``stride``, unit
+    column stride) as [len(rows), BLOCK_D]: zero where ``ok`` is False and in
+    the columns at and past ``width``."""
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :],
+                   mask=ok[:, None] & (offs_d[None, :] < width), other=0.0)
+
+
+@triton.jit
+def _tile_rows(start, BLOCK: tl.constexpr, N):
+    """The BLOCK indices of a tile from ``start``, which are real (< N), and
+    the same as int64 (for offsets past 2**31 elements)."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < N, offs.to(tl.int64)
+
+
+@triton.jit
+def _probs(q, k, lse, ok, scale_log2, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """P = exp2(q k^T * scale_log2 - lse) from the row log-sum-exp (log2 units),
+    0 where ``ok`` is False (masked entries, padded rows, rows of lse -inf)."""
+    p = tl.math.exp2(_dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2 - lse[:, None])
+    return tl.where(ok, p, 0.0)
+
+
+@triton.jit
+def _program_tile(TILES, H, QG, G, GQA: tl.constexpr):
+    """This program's tile of a global kernel (1-D grid, program = (b * H + h)
+    * TILES + tile; H program heads, each visiting QG query heads from h * QG):
+    (tile, b * H + h, b, h, the kv head (h * QG) // G)."""
+    pid = tl.program_id(0)
+    tile = pid % TILES
+    bh = (pid // TILES).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    if GQA:
+        kh = h * QG // G
+    else:
+        kh = h
+    return tile, bh, b, h, kh
+
+
+@triton.jit
 def _visible(offs_m, offs_n, col_ok, N, M, PAD_B, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
     """[BLOCK_M, BLOCK_N] (or [1, BLOCK_N]): which keys each query sees. Real keys
     (col_ok); CAUSAL (bottom-right): key j <= query i + M - N; HAS_PAD: the
@@ -131,21 +173,10 @@ def _attn_fwd(Q, K, V, O, LSE, PART, PAD,
     # a head's tiles are neighbours, which share its K/V in L2). H counts
     # query heads; GQA: query head h reads kv head h // G. CAUSAL / HAS_PAD: a
     # query may see no key at all: its row keeps a zero output and lse -inf.
-    pid = tl.program_id(0)
-    pid_m = pid % QT
-    bh = (pid // QT).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    if GQA:
-        kh = h // G
-    else:
-        kh = h
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h, kh = _program_tile(QT, H, 1, G, GQA)
+    offs_m, row_ok, rows = _tile_rows(pid_m * BLOCK_M, BLOCK_M, N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N
-    rows = offs_m.to(tl.int64)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_rows(Q + b * sqb + h * sqh, rows, sqn, offs_d, row_ok, D)
     k_base = K + b * skb + kh * skh
     v_base = V + b * svb + kh * svh
     pad_b = PAD + b * M
@@ -163,8 +194,7 @@ def _attn_fwd(Q, K, V, O, LSE, PART, PAD,
         m_i = tl.max(s, 1)
         p = tl.math.exp2(s - m_i[:, None])
         l_i = tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :],
-                    mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
+        v = _load_rows(v_base, cols, svn, offs_d, col_ok, DV)
         acc = _dot(p.to(v.dtype), v, UPCAST, PREC)
         if NEED_IMP:
             probs = tl.where(row_ok[:, None], p / l_i[:, None], 0.0)
@@ -197,8 +227,7 @@ def _attn_fwd(Q, K, V, O, LSE, PART, PAD,
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :],
-                        mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
+            v = _load_rows(v_base, cols, svn, offs_d, col_ok, DV)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
             m_i = m_new
     if CAUSAL or HAS_PAD:  # a row that saw no key (l = 0): out 0; its lse -inf + log2(0) = -inf
@@ -210,6 +239,22 @@ def _attn_fwd(Q, K, V, O, LSE, PART, PAD,
     tl.store(LSE + bh * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
+@triton.jit
+def _probs_dp(q, do, lse, k_base, v_base, pad_b, offs_m, row_ok, offs_d, start, skn, svn,
+              N, M, D, DV, scale_log2, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+              UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """A query tile of the global backward against the key tile at ``start``:
+    its keys, P (from the row lse; 0 where masked) and dP = dO V^T."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < M
+    cols = offs_n.to(tl.int64)
+    k = _load_rows(k_base, cols, skn, offs_d, col_ok, D)
+    v = _load_rows(v_base, cols, svn, offs_d, col_ok, DV)
+    p = _probs(q, k, lse, row_ok[:, None] & _visible(offs_m, offs_n, col_ok, N, M, pad_b, CAUSAL, HAS_PAD),
+               scale_log2, UPCAST, PREC)
+    return k, p, _dot_d(do, tl.trans(v), UPCAST, PREC)
+
+
 @_jit
 def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ, PAD,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn,
@@ -219,24 +264,12 @@ def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ, PAD,
                 UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT_DS: tl.constexpr):
     # H counts query heads; GQA: query head h reads kv head h // G. A row with
     # lse -inf (it sees no key) has every entry masked: p = 0, dq = 0.
-    pid = tl.program_id(0)
-    pid_m = pid % QT
-    bh = (pid // QT).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    if GQA:
-        kh = h // G
-    else:
-        kh = h
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h, kh = _program_tile(QT, H, 1, G, GQA)
+    offs_m, row_ok, rows = _tile_rows(pid_m * BLOCK_M, BLOCK_M, N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N
-    rows = offs_m.to(tl.int64)
-    dmask = row_ok[:, None] & (offs_d[None, :] < D)
-    dvmask = row_ok[:, None] & (offs_d[None, :] < DV)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :], mask=dmask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :], mask=dvmask, other=0.0)
-    o = tl.load(O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :], mask=dvmask, other=0.0)
+    q = _load_rows(Q + b * sqb + h * sqh, rows, sqn, offs_d, row_ok, D)
+    do = _load_rows(DO + b * sdb + h * sdh, rows, sdn, offs_d, row_ok, DV)
+    o = _load_rows(O + b * sob + h * soh, rows, son, offs_d, row_ok, DV)
     lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + kh * skh
     v_base = V + b * svb + kh * svh
@@ -251,69 +284,38 @@ def _attn_bwd_q(Q, K, V, O, DO, LSE, DELTA, DQ, PAD,
     if SPLIT_DS:
         delta = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < M
-            cols = offs_n.to(tl.int64)
-            k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :],
-                        mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :],
-                        mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
-            s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
-            p = tl.math.exp2(s - lse[:, None])
-            if CAUSAL or HAS_PAD:
-                p = tl.where(row_ok[:, None] & _visible(offs_m, offs_n, col_ok, N, M, pad_b, CAUSAL, HAS_PAD),
-                             p, 0.0)
-            else:
-                p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-            delta += tl.sum(p * _dot_d(do, tl.trans(v), UPCAST, PREC), 1)
+            _, p, dp = _probs_dp(q, do, lse, k_base, v_base, pad_b, offs_m, row_ok, offs_d, start, skn, svn,
+                                 N, M, D, DV, scale_log2, BLOCK_N, CAUSAL, HAS_PAD, UPCAST, PREC)
+            delta += tl.sum(p * dp, 1)
     else:
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh * N + offs_m, delta, mask=row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < M
-        cols = offs_n.to(tl.int64)
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :],
-                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :],
-                    mask=col_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
-        s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
-        p = tl.math.exp2(s - lse[:, None])
-        if CAUSAL or HAS_PAD:
-            p = tl.where(row_ok[:, None] & _visible(offs_m, offs_n, col_ok, N, M, pad_b, CAUSAL, HAS_PAD), p, 0.0)
-        else:
-            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
-        dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
+        k, p, dp = _probs_dp(q, do, lse, k_base, v_base, pad_b, offs_m, row_ok, offs_d, start, skn, svn,
+                             N, M, D, DV, scale_log2, BLOCK_N, CAUSAL, HAS_PAD, UPCAST, PREC)
         ds = p * (dp - delta[:, None])
         dq += _ds_dot(ds, k, UPCAST, PREC, SPLIT_DS)
     tl.store(DQ + bh * N * D + rows[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=dmask)
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
 def _key_major_tile(Q, DO, LSE, DELTA, W, k, v, dk, dv, imp, offs_n, key_ok, offs_d, row0, start,
                     sqn, sdn, N, M, D, DV, scale_log2,
                     BLOCK_M: tl.constexpr, GRADS: tl.constexpr, NEED_IMP: tl.constexpr,
-                    CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT_DS: tl.constexpr):
     """One query tile (rows start.. of the query head at Q / DO, its LSE/DELTA
     rows at ``row0``) against a key tile: adds to dk, dv (GRADS) and to the
     (query-weighted, HAS_WEIGHT) column sums imp (NEED_IMP). key_ok: the key
-    tile's real (and, with padding, unpadded) keys; MASKED: it or CAUSAL masks
-    (a row with lse -inf sees no key: every entry is masked)."""
-    offs_m = start + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N
-    rows = offs_m.to(tl.int64)
-    q = tl.load(Q + rows[:, None] * sqn + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    tile's real keys (with padding in the loop: its unpadded ones); CAUSAL
+    masks too (a row with lse -inf sees no key: every entry is masked)."""
+    offs_m, row_ok, rows = _tile_rows(start, BLOCK_M, N)
+    q = _load_rows(Q, rows, sqn, offs_d, row_ok, D)
     lse = tl.load(LSE + row0 * N + offs_m, mask=row_ok, other=0.0)
-    s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
-    p = tl.math.exp2(s - lse[:, None])
-    if MASKED:
-        p = tl.where(row_ok[:, None] & _visible(offs_m, offs_n, key_ok, N, M, Q, CAUSAL, False), p, 0.0)
-    else:
-        p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+    p = _probs(q, k, lse, row_ok[:, None] & _visible(offs_m, offs_n, key_ok, N, M, Q, CAUSAL, False),
+               scale_log2, UPCAST, PREC)
     if NEED_IMP:
         if HAS_WEIGHT:
             w = tl.load(W + offs_m, mask=row_ok, other=0.0)
@@ -321,8 +323,7 @@ def _key_major_tile(Q, DO, LSE, DELTA, W, k, v, dk, dv, imp, offs_n, key_ok, off
         else:
             imp += tl.sum(p, 0)
     if GRADS:
-        do = tl.load(DO + rows[:, None] * sdn + offs_d[None, :],
-                     mask=row_ok[:, None] & (offs_d[None, :] < DV), other=0.0)
+        do = _load_rows(DO, rows, sdn, offs_d, row_ok, DV)
         delta = tl.load(DELTA + row0 * N + offs_m, mask=row_ok, other=0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PREC)
         dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
@@ -349,27 +350,19 @@ def _attn_key_major(Q, K, V, DO, LSE, DELTA, DK, DVp, PART, PAD, W,
     # (CAUSAL) or before FIRST (HAS_WEIGHT: the weights before FIRST are 0) are
     # skipped. The padding of the key tile is read once (key_ok).
     tl.static_assert(not (NEED_IMP and GRADS and GQA), "per-head column sums need one query head a program")
-    pid = tl.program_id(0)
-    pid_n = pid % KT
-    bh = (pid // KT).to(tl.int64)
-    b = bh // H
-    ph = bh % H
-    if GQA:
-        kh = ph * QG // G
-    else:
-        kh = ph
+    pid_n, bh, b, ph, kh = _program_tile(KT, H, QG, G, GQA)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < M
     cols = offs_n.to(tl.int64)
     kmask = col_ok[:, None] & (offs_d[None, :] < D)
     vmask = col_ok[:, None] & (offs_d[None, :] < DV)
-    k = tl.load(K + b * skb + kh * skh + cols[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+    k = _load_rows(K + b * skb + kh * skh, cols, skn, offs_d, col_ok, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     imp = tl.zeros([BLOCK_N], tl.float32)
     if GRADS:
-        v = tl.load(V + b * svb + kh * svh + cols[:, None] * svn + offs_d[None, :], mask=vmask, other=0.0)
+        v = _load_rows(V + b * svb + kh * svh, cols, svn, offs_d, col_ok, DV)
     else:
         v = k  # (unused)
     # Key padding: a key's column of P enters only its own dk, dv, imp rows, so
@@ -396,8 +389,7 @@ def _attn_key_major(Q, K, V, DO, LSE, DELTA, DK, DVp, PART, PAD, W,
         for t in range(0, QG * tiles):
             dk, dv, imp = _key_major_tile(q_h, do_h, LSE, DELTA, W, k, v, dk, dv, imp, offs_n, key_ok, offs_d, row0,
                                           start, sqn, sdn, N, M, D, DV, scale_log2,
-                                          BLOCK_M, GRADS, NEED_IMP, CAUSAL, CAUSAL or (HAS_PAD and SPLIT_DS),
-                                          HAS_WEIGHT, UPCAST, PREC, SPLIT_DS)
+                                          BLOCK_M, GRADS, NEED_IMP, CAUSAL, HAS_WEIGHT, UPCAST, PREC, SPLIT_DS)
             nxt = start + BLOCK_M >= N  # this head's tiles done: the next query head
             start = tl.where(nxt, lo, start + BLOCK_M)
             q_h += tl.where(nxt, sqh, 0)
@@ -408,9 +400,7 @@ def _attn_key_major(Q, K, V, DO, LSE, DELTA, DK, DVp, PART, PAD, W,
             dk, dv, imp = _key_major_tile(Q + b * sqb + ph * sqh, DO + b * sdb + ph * sdh, LSE, DELTA, W, k, v,
                                           dk, dv, imp, offs_n, key_ok, offs_d, bh, start,
                                           sqn, sdn, N, M, D, DV, scale_log2,
-                                          BLOCK_M, GRADS, NEED_IMP, CAUSAL, CAUSAL or (HAS_PAD and SPLIT_DS),
-                                          HAS_WEIGHT,
-                                          UPCAST, PREC, SPLIT_DS)
+                                          BLOCK_M, GRADS, NEED_IMP, CAUSAL, HAS_WEIGHT, UPCAST, PREC, SPLIT_DS)
     if HAS_PAD and not SPLIT_DS:
         pad_ok = tl.load(PAD + b * M + offs_n, mask=col_ok, other=1) == 0
         imp = tl.where(pad_ok, imp, 0.0)
@@ -479,15 +469,13 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
     dmask_s = real_s[:, None] & (offs_d[None, :] < D)
     dvmask_s = real_s[:, None] & (offs_d[None, :] < DV)
     if MODE == 0:
-        q = tl.load(q_base + tok_s[:, None] * sqn + offs_d[None, :], mask=dmask_s, other=0.0)
+        q = _load_rows(q_base, tok_s, sqn, offs_d, real_s, D)
         # real queries of the window (importance is a mean over them)
         n_real = (tl.minimum(WIN, GH - wy * WIN) * tl.minimum(WIN, GW - wx * WIN)).to(tl.float32)
         if BLOCK_C == BLOCK_L:
             tok_c, real_c = _window_tokens(tl.arange(0, BLOCK_C), wy, wx, GH, GW, WIN)
-            k = tl.load(k_base + tok_c[:, None] * skn + offs_d[None, :],
-                        mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(v_base + tok_c[:, None] * svn + offs_d[None, :],
-                        mask=real_c[:, None] & (offs_d[None, :] < DV), other=0.0)
+            k = _load_rows(k_base, tok_c, skn, offs_d, real_c, D)
+            v = _load_rows(v_base, tok_c, svn, offs_d, real_c, DV)
             s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
             s = tl.where(real_c[None, :], s, float("-inf"))
             # Each window holds at least one real token, so every row has a finite max.
@@ -507,8 +495,7 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
             l = tl.zeros([BLOCK_S], tl.float32)
             for c0 in range(0, BLOCK_L, BLOCK_C):
                 tok_c, real_c = _window_tokens(c0 + tl.arange(0, BLOCK_C), wy, wx, GH, GW, WIN)
-                k = tl.load(k_base + tok_c[:, None] * skn + offs_d[None, :],
-                            mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
+                k = _load_rows(k_base, tok_c, skn, offs_d, real_c, D)
                 s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
                 s = tl.where(real_c[None, :], s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))
@@ -518,10 +505,8 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
             acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
             for c0 in range(0, BLOCK_L, BLOCK_C):
                 tok_c, real_c = _window_tokens(c0 + tl.arange(0, BLOCK_C), wy, wx, GH, GW, WIN)
-                k = tl.load(k_base + tok_c[:, None] * skn + offs_d[None, :],
-                            mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
-                v = tl.load(v_base + tok_c[:, None] * svn + offs_d[None, :],
-                            mask=real_c[:, None] & (offs_d[None, :] < DV), other=0.0)
+                k = _load_rows(k_base, tok_c, skn, offs_d, real_c, D)
+                v = _load_rows(v_base, tok_c, svn, offs_d, real_c, DV)
                 s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
                 p = tl.math.exp2(s - m[:, None]) / l[:, None]
                 p = tl.where(real_s[:, None] & real_c[None, :], p, 0.0)
@@ -533,14 +518,12 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
         tl.store(lse_base + tok_s, m + tl.math.log2(l), mask=real_s)
     elif MODE == 1:
         # whole window: queries = keys = the sub-block
-        q = tl.load(q_base + tok_s[:, None] * sqn + offs_d[None, :], mask=dmask_s, other=0.0)
-        k = tl.load(k_base + tok_s[:, None] * skn + offs_d[None, :], mask=dmask_s, other=0.0)
-        v = tl.load(v_base + tok_s[:, None] * svn + offs_d[None, :], mask=dvmask_s, other=0.0)
-        do = tl.load(do_base + tok_s[:, None] * sdn + offs_d[None, :], mask=dvmask_s, other=0.0)
+        q = _load_rows(q_base, tok_s, sqn, offs_d, real_s, D)
+        k = _load_rows(k_base, tok_s, skn, offs_d, real_s, D)
+        v = _load_rows(v_base, tok_s, svn, offs_d, real_s, DV)
+        do = _load_rows(do_base, tok_s, sdn, offs_d, real_s, DV)
         lse = tl.load(lse_base + tok_s, mask=real_s, other=0.0)
-        s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(real_s[:, None] & real_s[None, :], p, 0.0)
+        p = _probs(q, k, lse, real_s[:, None] & real_s[None, :], scale_log2, UPCAST, PREC)
         dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
         delta = tl.sum(p * dp, 1)  # in fp32 from P and dP (see _attn_bwd_q)
         ds = p * (dp - delta[:, None])
@@ -551,21 +534,17 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
         tl.store(dk_base + tok_s[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=dmask_s)
         tl.store(dv_base + tok_s[:, None] * DV + offs_d[None, :], dv.to(DVp.dtype.element_ty), mask=dvmask_s)
     elif MODE == 2:
-        q = tl.load(q_base + tok_s[:, None] * sqn + offs_d[None, :], mask=dmask_s, other=0.0)
-        do = tl.load(do_base + tok_s[:, None] * sdn + offs_d[None, :], mask=dvmask_s, other=0.0)
-        o = tl.load(o_base + tok_s[:, None] * son + offs_d[None, :], mask=dvmask_s, other=0.0)
+        q = _load_rows(q_base, tok_s, sqn, offs_d, real_s, D)
+        do = _load_rows(do_base, tok_s, sdn, offs_d, real_s, DV)
+        o = _load_rows(o_base, tok_s, son, offs_d, real_s, DV)
         lse = tl.load(lse_base + tok_s, mask=real_s, other=0.0)
         if SPLIT_DS:  # delta from P and dP in fp32 (see _attn_bwd_q); stored for MODE 3
             delta = tl.zeros([BLOCK_S], tl.float32)
             for c0 in range(0, BLOCK_L, BLOCK_C):
                 tok_c, real_c = _window_tokens(c0 + tl.arange(0, BLOCK_C), wy, wx, GH, GW, WIN)
-                k = tl.load(k_base + tok_c[:, None] * skn + offs_d[None, :],
-                            mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
-                v = tl.load(v_base + tok_c[:, None] * svn + offs_d[None, :],
-                            mask=real_c[:, None] & (offs_d[None, :] < DV), other=0.0)
-                s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
-                p = tl.math.exp2(s - lse[:, None])
-                p = tl.where(real_s[:, None] & real_c[None, :], p, 0.0)
+                k = _load_rows(k_base, tok_c, skn, offs_d, real_c, D)
+                v = _load_rows(v_base, tok_c, svn, offs_d, real_c, DV)
+                p = _probs(q, k, lse, real_s[:, None] & real_c[None, :], scale_log2, UPCAST, PREC)
                 delta += tl.sum(p * _dot_d(do, tl.trans(v), UPCAST, PREC), 1)
             tl.store(PART + bh * N + tok_s, delta, mask=real_s)
         else:
@@ -573,13 +552,9 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
         dq = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         for c0 in range(0, BLOCK_L, BLOCK_C):
             tok_c, real_c = _window_tokens(c0 + tl.arange(0, BLOCK_C), wy, wx, GH, GW, WIN)
-            k = tl.load(k_base + tok_c[:, None] * skn + offs_d[None, :],
-                        mask=real_c[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(v_base + tok_c[:, None] * svn + offs_d[None, :],
-                        mask=real_c[:, None] & (offs_d[None, :] < DV), other=0.0)
-            s = _dot_d(q, tl.trans(k), UPCAST, PREC) * scale_log2
-            p = tl.math.exp2(s - lse[:, None])
-            p = tl.where(real_s[:, None] & real_c[None, :], p, 0.0)
+            k = _load_rows(k_base, tok_c, skn, offs_d, real_c, D)
+            v = _load_rows(v_base, tok_c, svn, offs_d, real_c, DV)
+            p = _probs(q, k, lse, real_s[:, None] & real_c[None, :], scale_log2, UPCAST, PREC)
             dp = _dot_d(do, tl.trans(v), UPCAST, PREC)
             ds = p * (dp - delta[:, None])
             dq += _ds_dot(ds, k, UPCAST, PREC, SPLIT_DS)
@@ -587,25 +562,21 @@ def _window_attn(Q, K, V, O, LSE, PART, DO, DQ, DK, DVp,
                  mask=dmask_s)
     else:
         # keys of this sub-block; the window's queries visited chunk by chunk
-        ks = tl.load(k_base + tok_s[:, None] * skn + offs_d[None, :], mask=dmask_s, other=0.0)
-        vs = tl.load(v_base + tok_s[:, None] * svn + offs_d[None, :], mask=dvmask_s, other=0.0)
+        ks = _load_rows(k_base, tok_s, skn, offs_d, real_s, D)
+        vs = _load_rows(v_base, tok_s, svn, offs_d, real_s, DV)
         dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         for c0 in range(0, BLOCK_L, BLOCK_C):
             tok_q, real_q = _window_tokens(c0 + tl.arange(0, BLOCK_C), wy, wx, GH, GW, WIN)
-            q = tl.load(q_base + tok_q[:, None] * sqn + offs_d[None, :],
-                        mask=real_q[:, None] & (offs_d[None, :] < D), other=0.0)
-            qmask_v = real_q[:, None] & (offs_d[None, :] < DV)
-            do = tl.load(do_base + tok_q[:, None] * sdn + offs_d[None, :], mask=qmask_v, other=0.0)
-            o = tl.load(o_base + tok_q[:, None] * son + offs_d[None, :], mask=qmask_v, other=0.0)
+            q = _load_rows(q_base, tok_q, sqn, offs_d, real_q, D)
+            do = _load_rows(do_base, tok_q, sdn, offs_d, real_q, DV)
+            o = _load_rows(o_base, tok_q, son, offs_d, real_q, DV)
             lse = tl.load(lse_base + tok_q, mask=real_q, other=0.0)
             if SPLIT_DS:  # written by MODE 2
                 delta = tl.load(PART + bh * N + tok_q, mask=real_q, other=0.0)
             else:
                 delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            s = _dot_d(q, tl.trans(ks), UPCAST, PREC) * scale_log2
-            p = tl.math.exp2(s - lse[:, None])
-            p = tl.where(real_q[:, None] & real_s[None, :], p, 0.0)
+            p = _probs(q, ks, lse, real_q[:, None] & real_s[None, :], scale_log2, UPCAST, PREC)
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PREC)
             dp = _dot_d(do, tl.trans(vs), UPCAST, PREC)
             ds = p * (dp - delta[:, None])

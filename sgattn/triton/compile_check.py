@@ -325,21 +325,17 @@ def _sampled(index, every):
 def main(argv):
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the JIT functions")
-    jobs = os.cpu_count() or 1
-    only = None
-    sample = 1
-    archs = []
-    it = iter(argv)
-    for a in it:
-        if a == "-j":
-            jobs = int(next(it))
-        elif a == "--only":
-            only = next(it)
-        elif a == "--sample":
-            sample = int(next(it))
-        else:
-            archs.append(int(a))
-    archs = archs or [80, 90]
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="python -m sgattn.triton.compile_check",
+        description="Compile every Triton kernel configuration the backend accepts for the given "
+                    "architectures (no GPU needed) and check registers, spills, stack and shared memory.")
+    parser.add_argument("archs", nargs="*", type=int, default=[80, 90], help="compute capabilities (80 90)")
+    parser.add_argument("-j", dest="jobs", type=int, default=os.cpu_count() or 1, help="processes")
+    parser.add_argument("--only", help="a regular expression the configuration labels must match")
+    parser.add_argument("--sample", type=int, default=1, help="compile every K-th unique configuration")
+    args = parser.parse_args(argv)
+    jobs, only, sample, archs = args.jobs, args.only, args.sample, args.archs
     global _UNIQUE
     _UNIQUE = unique_configurations()
     items = [(label, arch, i) for arch in archs for i, (label, _) in enumerate(_UNIQUE)

@@ -130,12 +130,15 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return tuple(g[..., :n].contiguous() for g, n in zip(grads, (d, d, dv)))
 
 
+def _grads_like(q, k, v):
+    """The fake backward's dq, dk, dv: shaped, typed and placed as q, k, v."""
+    return tuple(torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
+
+
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, scale, window, H, W):
     _check_backward("triton_attention_bwd", dout, q, k, v, out, lse, scale, window, H, W)
-    return (torch.empty(q.shape, device=q.device, dtype=q.dtype),
-            torch.empty(k.shape, device=k.device, dtype=k.dtype),
-            torch.empty(v.shape, device=v.device, dtype=v.dtype))
+    return _grads_like(q, k, v)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -383,9 +386,7 @@ def mass_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 @mass_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, scale, causal, key_padding_mask):
     _check_mass_backward("triton_mass_attention_bwd", dout, q, k, v, out, lse, scale, key_padding_mask)
-    return (torch.empty(q.shape, device=q.device, dtype=q.dtype),
-            torch.empty(k.shape, device=k.device, dtype=k.dtype),
-            torch.empty(v.shape, device=v.device, dtype=v.dtype))
+    return _grads_like(q, k, v)
 
 
 def _mass_setup(ctx, inputs, output):
