@@ -180,7 +180,7 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
   int64_t QB = 64;
   while (QB < 256 && 2 * QB * Mp <= 16384) QB *= 2;
   if (!cols.per_head) QB = std::min(QB, std::clamp<int64_t>((B * N / 64 + 3) / 4 * 4, 16, 256));
-  QB = std::max<int64_t>(1, QB / F);
+  QB = std::max<int64_t>(1, std::min(QB / F, N));  // (a decode step's N = 1: a tile of F rows)
   const int64_t RB = QB * F;  // tile rows
   const int64_t nqb = (N + QB - 1) / QB;
   const int64_t per_b = std::min(nqb, (kChunks + B * nhs - 1) / (B * nhs)), ntask = B * nhs * per_b;
@@ -188,8 +188,12 @@ void forward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, con
   // fp32 output is written in place too.
   const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv),
              dirO = std::is_same_v<T, float> && dv <= std::numeric_limits<int>::max() && F == 1;
+  // Scratch is zero-filled on every call: K and V copies only where the
+  // GEMMs cannot read the inputs in place (128 MiB a thread for a 128k-key
+  // fp32 cache otherwise), no V for the column sums from an lse.
   Scratch sc;
-  const int64_t hK = sc.reserve<float>(Mp, d), hV = sc.reserve<float>(Mp, dvp), hQ = sc.reserve<float>(RB, d),
+  const int64_t hK = sc.reserve<float>(dirK ? 0 : Mp, d), hV = sc.reserve<float>(dirV || from_lse ? 0 : Mp, dvp),
+                hQ = sc.reserve<float>(RB, d),
                 hS = sc.reserve<float>(RB, Mp), hO = sc.reserve<float>(RB, dvp), hL = sc.reserve<float>(RB, 1),
                 hC = sc.reserve<float>(F * Mp, 1), hR = sc.reserve<float>(RB, 1);
   if (sc.too_big())
@@ -396,9 +400,9 @@ void backward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, co
   while (QB < 256 && Mp <= kBwdTileFloats / (2 * QB) && (N + 2 * QB - 1) / (2 * QB) >= target) QB *= 2;
   const int64_t nq_max = std::min(QB, N), nqb = (N + nq_max - 1) / nq_max;
   const bool dirK = blas_in_place(K, d), dirV = blas_in_place(V, dv);
-  Scratch sc;
-  const int64_t hQs = sc.reserve<float>(nq_max, dp), hKr = sc.reserve<float>(Mp, dp),
-                hVr = sc.reserve<float>(Mp, dvp), hdO = sc.reserve<float>(nq_max, dvp),
+  Scratch sc;  // (K, V copies only where they cannot be read in place, as in the forward)
+  const int64_t hQs = sc.reserve<float>(nq_max, dp), hKr = sc.reserve<float>(dirK ? 0 : Mp, dp),
+                hVr = sc.reserve<float>(dirV ? 0 : Mp, dvp), hdO = sc.reserve<float>(nq_max, dvp),
                 hP = sc.reserve<float>(nq_max, Mp), hdP = sc.reserve<float>(nq_max, Mp),
                 hdQ = sc.reserve<float>(nq_max, dp), hdK = sc.reserve<float>(Mp, dp),
                 hdV = sc.reserve<float>(Mp, dvp), hAcc = sc.reserve<float>(kRB, dp + dvp),
