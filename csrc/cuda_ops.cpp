@@ -202,6 +202,10 @@ sgattn::ReallocArgs realloc_args(const at::Tensor& x, const at::Tensor& index, c
   return a;
 }
 
+// The aggregation bindings follow the cpu binding's (csrc/cpu_ops.cpp) steps on
+// purpose (contract checks, contiguous inputs, an empty result early, one
+// kernel call); what differs is the dispatch: a DType enum across the nvcc
+// boundary here, dtype templates there.
 at::Tensor aggregate_fwd_cuda(const at::Tensor& x_in, const at::Tensor& index_in, const at::Tensor& weights,
                               const at::Tensor& biases, c10::IntArrayRef group_sizes) {
   const char* op = "aggregate_fwd";
