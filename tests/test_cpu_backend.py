@@ -207,6 +207,29 @@ def test_attention_with_mass_is_bitwise_independent_of_the_thread_count():
             assert torch.equal(a, b)
 
 
+def test_a_decode_step_reads_the_cache_in_place():
+    """One query against a long fp32 cache: the kernel reads K and V where they are, so its memory
+    beyond the inputs is the outputs and a few MiB of score tiles (it used to zero-fill a cache-sized
+    copy of K and of V, and a 64-row score tile, per thread on every call: ~190 MiB here)."""
+    from sgattn._report import peak_memory
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 1, 64, generator=g)
+    k, v = (torch.randn(1, 2, 1 << 17, 64, generator=g) for _ in range(2))  # 32 MiB each
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with use_backend("cpu"):
+            call = lambda: sgattn.attention_with_mass(q, k, v, causal=True)  # noqa: E731
+            call()
+            peak = peak_memory(call, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    if peak is None:
+        pytest.skip("no resident-set high-water mark here (/proc/self/clear_refs)")
+    # mass [1, 8, 2**17] fp32 (4 MiB), its fp64 per-head partials (8 MiB), 2 threads x 2 MiB of scores
+    assert peak < 48 << 20, f"{peak / 2 ** 20:.0f} MiB"
+
+
 def test_mass_ops_pass_torch_library_opcheck():
     q, k, v, mask = mass_inputs(2, 4, 2, 19, 23, 8, torch.float32, padded=True)
     weight = torch.arange(19, dtype=torch.float32) % 3
