@@ -412,7 +412,7 @@ void backward_global(const AttnCall& a, const View4<T>& Q, const View4<T>& K, co
               kMaxThreadScratch >> 30, " GiB of scratch per thread; such sizes are not supported");
   // Partials: per_bh slices of Mp * (dp + dvp) floats per head, at most
   // kMaxBwdPartials bytes in all (fewer chunks per head beyond that).
-  const int64_t slice = Mp * (dp + dvp);  // no overflow: the scratch (Kr, Vr) holds as much
+  const int64_t slice = Mp * (dp + dvp);  // no overflow: the scratch (dK, dV) holds as much
   int64_t per_bh = std::min(nqb, target);
   if (per_bh > 1) per_bh = std::min(per_bh, kMaxBwdPartials / static_cast<int64_t>(sizeof(float)) / slice / BH);
   per_bh = std::max<int64_t>(per_bh, 1);
