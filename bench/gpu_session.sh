@@ -16,10 +16,12 @@
 #      CUDA kernels (test_cuda_build), the agreement table of every backend
 #      (shapes, layouts, windows, compositions, modules, and its numerics rows:
 #      large dS, saturated rows, tiny-probability key tiles, padded windows:
-#      the split-dS backward of both backends), the seeded fuzz, the Triton ops and modules, autocast;
+#      the split-dS backward of both backends), the seeded fuzz, the Triton ops and modules
+#      (the attention-mass kernels: causal, GQA, padding, gradients), autocast;
 #   3. time and peak memory of SG-Former-S at 224 and 1024x1024 (op suites fwd
 #      and fwd+bwd, whole model inference and training) against naive,
-#      torch.compile(naive) and the SDPA compositions;
+#      torch.compile(naive) and the SDPA compositions; the attention-mass cases
+#      (prefill, SnapKV, decode; kvpress presses) as far as the budget goes;
 #   4. no memcheck error in any kernel (bench/sanitize_ops.py).
 #
 # Stages, in this order, each under its own SIGINT timeout (pytest then stops,
@@ -50,7 +52,7 @@ SESSION_S=${SESSION_S:-400}
 OUT=${OUT:-bench/results/gpu-session}
 PY=${PYTHON:-python3}
 GPU_TESTS="tests/test_cuda_build.py tests/test_backend_agreement.py tests/test_fuzz.py tests/test_triton.py
-  tests/test_triton_modules.py tests/test_autocast.py"
+  tests/test_triton_mass.py tests/test_triton_modules.py tests/test_autocast.py"
 SAN_S=60  # kept for the sanitizer after the benchmarks
 END_S=10  # kept for the summary
 mkdir -p "$OUT/bench"

@@ -12,7 +12,9 @@ CUDA backend kernels covered: attention forward with one and several key
 tiles (global, window with padded windows, windows of more than 64 keys),
 importance pass and reduction, fused backward (forward rerun, delta, dK/dV
 with and without query splits and their reduction, dQ), reallocation
-forward, inverse, dx, row sums and reduction (3 and 2 parts). racecheck is slow: pass --backends cuda.
+forward, inverse, dx, row sums and reduction (3 and 2 parts). Triton also: the
+attention-mass kernels (causal, GQA/MQA, key padding, query subsets, from an lse).
+racecheck is slow: pass --backends cuda.
 """
 import argparse
 import sys
@@ -51,6 +53,22 @@ def calls(device, dtype):
     yield "self_guided 7x7", lambda: (sgattn.self_guided_attention(
         r(B, 4, 49, C // 4), r(B, 49, C), imp2, r(C, C, scale=C ** -0.5), r(C), r(C, C, scale=C ** -0.5), r(C),
         [r(2), r(1)], [r(1), r(1)], hw=(7, 7)),)
+    # attention mass (causal, grouped-query heads, key padding with a wholly padded batch row,
+    # weighted query subsets, a decode step, the mass from a given lse)
+    pad = torch.rand(B, 45, generator=g) < 0.3
+    pad[0] = True
+    pad = pad.to(device)
+    yield "mass causal GQA padded", lambda: sgattn.attention_with_mass(
+        r(B, 4, 37, d), r(B, 2, 45, d), r(B, 2, 45, d), causal=True, key_padding_mask=pad, mass_queries=8,
+        mass_reduce="causal_mean", mass_heads="group_sum")
+    yield "mass decode 3 queries, 300 keys", lambda: sgattn.attention_with_mass(
+        r(1, 8, 3, 40), r(1, 2, 300, 40), r(1, 2, 300, 40), causal=True, mass_heads="mean")
+
+    def from_lse():
+        q, k = r(B, 4, 70, d), r(B, 1, 70, d)
+        out, _, lse = sgattn.attention_with_mass(q, k, r(B, 1, 70, d), causal=True, return_lse=True)
+        return out, sgattn.attention_mass(q, k, lse, causal=True, mass_queries=torch.tensor([3, 69], device=device))
+    yield "mass from lse (MQA, index queries)", from_lse
 
 
 def main():
