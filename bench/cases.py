@@ -444,7 +444,8 @@ def model_flops(variant, resolution):
 # ------------------------------------------------------- attention mass ----
 # attention_with_mass (output + per-key mass in one pass) at a Llama-style GQA layout, against the
 # attention alone (SDPA) and what KV-cache eviction does today: eager attention (the [B, Hq, Lq, Lk]
-# matrix), SDPA plus a second pass from its log-sum-exp, or SDPA plus a window recompute (SnapKV).
+# matrix), SDPA plus a second pass from its log-sum-exp, SDPA plus a window recompute (SnapKV), or
+# two FlexAttention calls (GPU: compiled FlexAttention is not a CPU performance path).
 # Kinds: "prefill" (every query, kvpress ObservedAttention's causal_mean over the GQA group),
 # "snapkv" (the last `window` queries' mean, group mean), "decode" (Lq new queries against an Lk
 # cache, H2O's per-head sum).
@@ -575,6 +576,47 @@ def second_pass_mass(q, k, lse, opts, max_block=1 << 26):
     return _reduce_mass(acc, counts, lq - first, opts, hkv)
 
 
+def _flex_two_calls(q, k, v, attn_mask, swapped_mask):
+    """The attention and its LSE, then a call with queries and keys swapped: key j's row of scores
+    q_i . k_j * scale minus query i's LSE has log(sum_i P[i, j]) as its own LSE."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+    out, aux = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=True, return_aux=AuxRequest(lse=True))
+    lse = aux.lse
+
+    def minus_lse(score, b, h, j, i):
+        return score - lse[b, h, i]
+
+    B, hq, lq, _ = q.shape
+    key_rows = k.repeat_interleave(hq // k.shape[1], 1)
+    _, swapped = flex_attention(key_rows, q, q.new_zeros(B, hq, lq, 16), score_mod=minus_lse,
+                                block_mask=swapped_mask, return_aux=AuxRequest(lse=True))
+    return out, swapped.lse
+
+
+def flex_two_calls_mass(q, k, v, opts, *, compile=True, _masks={}):
+    """The mass with FlexAttention as its users get it today (attention-gym#19): two calls, the second
+    with queries and keys swapped (`_flex_two_calls`), causal and chosen queries as block masks that
+    skip the blocks they exclude; compiled, as FlexAttention is meant to run."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    off, first = lk - lq, _first_chosen(lq, opts)
+    key = (lq, lk, first, str(q.device))
+    if key not in _masks:
+        def causal(b, h, i, j):
+            return j <= i + off
+
+        def chosen_seeing(b, h, j, i):
+            return (j <= i + off) & (i >= first)
+
+        _masks[key] = (create_block_mask(causal, None, None, lq, lk, device=q.device),
+                       create_block_mask(chosen_seeing, None, None, lk, lq, device=q.device))
+    fn = compiled(_flex_two_calls) if compile else _flex_two_calls
+    out, log_mass = fn(q, k, v, *_masks[key])
+    counts = (lq - torch.clamp(torch.arange(lk, device=q.device) - off, min=first)).clamp(min=0)
+    return out, _reduce_mass(log_mass.float().exp(), counts, lq - first, opts, hkv)
+
+
 def sdpa_causal(q, k, v):
     lq, lk = q.shape[2], k.shape[2]
     mask = None if lq == lk else _causal_allowed(lq, lk, 0, lq, q.device)
@@ -629,6 +671,8 @@ def mass_impls(shape, device):
         impls["sdpa+window"] = (functools.partial(sdpa_window_recompute, opts=opts), None)
     else:
         impls["sdpa+2pass"] = (functools.partial(sdpa_second_pass, opts=opts), None)
+    why = flex_available(device)
+    impls["flex+2call"] = (functools.partial(flex_two_calls_mass, opts=opts), None) if why is None else (None, why)
     return impls
 
 

@@ -1,9 +1,10 @@
 """Attention-mass benchmarks: sgattn.attention_with_mass (and SDPA's LSE +
 sgattn.attention_mass) against the attention alone (SDPA) and today's
 workarounds (eager attention, SDPA + a second pass, SDPA + SnapKV's window
-recompute) at B=1, Hq=32, Hkv=8, D=128, causal: prefill, SnapKV windows and
+recompute, two FlexAttention calls on a GPU) at B=1, Hq=32, Hkv=8, D=128, causal: prefill, SnapKV windows and
 decode steps, forward only (scoring runs at inference). Rows of one case run
 one after another, so a load change on a shared machine hits them alike."""
+import functools
 import os
 
 import pytest
@@ -38,6 +39,7 @@ def test_attention_mass(run_case, shape, impl):
     run_case("mass", case, "fwd", impl, call, shape=shape, flops=flops, bytes_moved=nbytes)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("shape", cases.mass_shapes("smoke"), ids=cases.mass_case_id)
 def test_mass_rows_agree(shape):
     """Every row of the smoke cases computes the same output and mass (float32 on the CPU; the
@@ -47,6 +49,9 @@ def test_mass_rows_agree(shape):
     with torch.no_grad():
         ref_out, ref_mass = impls["naive"][0](q, k, v)
         torch.testing.assert_close(impls["sdpa"][0](q, k, v), ref_out, rtol=1e-4, atol=1e-5)
+        # the GPU's FlexAttention row: its arithmetic, checked here uncompiled (flex's CPU reference path)
+        opts = cases.MASS_OPTIONS[shape["kind"]](shape)
+        impls["flex+2call"] = (functools.partial(cases.flex_two_calls_mass, opts=opts, compile=False), None)
         for name, (fn, _) in impls.items():
             if name in ("naive", "sdpa"):
                 continue
