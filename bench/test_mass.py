@@ -1,9 +1,10 @@
 """Attention-mass benchmarks: sgattn.attention_with_mass (and SDPA's LSE +
 sgattn.attention_mass) against the attention alone (SDPA) and today's
 workarounds (eager attention, SDPA + a second pass, SDPA + SnapKV's window
-recompute, two FlexAttention calls on a GPU) at B=1, Hq=32, Hkv=8, D=128, causal: prefill, SnapKV windows and
-decode steps, forward only (scoring runs at inference). Rows of one case run
-one after another, so a load change on a shared machine hits them alike."""
+recompute, two FlexAttention calls on a GPU) at B=1, Hq=32, Hkv=8, D=128,
+causal: prefill, SnapKV windows and decode steps, forward only (scoring runs
+at inference). Rows of one case run one after another, so a load change on a
+shared machine hits them alike."""
 import functools
 import os
 
